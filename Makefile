@@ -1,0 +1,34 @@
+# megarl developer entry points. Everything installs what it needs (idempotently) first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test test-fast test-dist demo lint bench lock clean
+
+setup:  ## create .venv with the pinned CPU stack (a no-op when requirements are unchanged)
+	@bash tools/setup_env.sh $(VENV)
+
+test: setup  ## the whole suite
+	$(PY) -m pytest -q
+
+test-fast: setup  ## everything but the multi-process distributed tests
+	$(PY) -m pytest -q -m "not dist"
+
+test-dist: setup  ## only the multi-process gloo tests
+	$(PY) -m pytest -q -m dist
+
+demo: setup  ## the main job that exists today (see README)
+	$(PY) examples/parallel_train_demo.py --out runs/demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup  ## benchmarks; each prints one JSON object on its last line
+	@set -e; found=0; for b in bench/*.py; do [ -e "$$b" ] || continue; found=1; \
+	  echo "== $$b"; $(PY) $$b; done; [ $$found = 1 ] || echo "no benchmarks yet"
+
+lock:  ## re-resolve requirements/cpu.in into requirements/cpu.txt
+	bash tools/lock_requirements.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

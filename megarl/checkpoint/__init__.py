@@ -1,0 +1,2 @@
+"""Checkpoints: megatron dist-checkpoint save/resume (any layout in, any layout out) and, later,
+HF <-> Megatron conversion."""

@@ -1,0 +1,62 @@
+"""GPT-family megatron-core models: layer-spec selection and construction of model chunks.
+
+The layer implementation is the only thing that differs between a GPU and a CPU run:
+`transformer_engine` (TE layers, required for FP8) on CUDA when TE imports, `local` (pure
+megatron-core modules) otherwise. Context parallelism with the local spec uses
+`AllGatherContextParallelAttention`, since stock megatron-core implements CP only in TE.
+"""
+
+from __future__ import annotations
+
+from megarl.models.impl import LOCAL, TE
+from megarl.runtime import cpu_compat
+
+cpu_compat.install()
+
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+
+
+def layer_spec(config: TransformerConfig, impl: str, qk_layernorm: bool = False) -> ModuleSpec:
+    """The transformer-layer spec for `impl` ("local" or "transformer_engine")."""
+    num_experts = config.num_moe_experts
+    if impl == TE:
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                    qk_layernorm=qk_layernorm, normalization=config.normalization)
+    if config.context_parallel_size > 1:
+        from megarl.models.attention import AllGatherContextParallelAttention
+
+        spec.submodules.self_attention.submodules.core_attention = AllGatherContextParallelAttention
+    return spec
+
+
+def build_gpt_chunks(config: TransformerConfig, vocab_size: int, max_sequence_length: int,
+                     impl: str = LOCAL, qk_layernorm: bool = False, tie_embeddings: bool = False,
+                     rotary_base: int = 10000) -> list[GPTModel]:
+    """This rank's model chunks: one GPTModel, or one per virtual pipeline stage (interleaved PP)."""
+    spec = layer_spec(config, impl, qk_layernorm)
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if vpp > 1 else None
+        chunks.append(GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=rotary_base,
+            vp_stage=stage,
+        ))
+    return chunks

@@ -1,0 +1,43 @@
+"""Which transformer-layer implementation a run uses: Transformer Engine or megatron-core local.
+
+Kept free of megatron imports so recipes can be validated (and this logic tested) anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from megarl.runtime.device import DeviceSpec
+
+LOCAL, TE = "local", "transformer_engine"
+TRANSFORMER_IMPLS = ("auto", LOCAL, TE)
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine's torch extension imports (it needs CUDA libraries)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - e.g. "cudnn shared object not found" on CPU machines
+        return False
+    return True
+
+
+def select_transformer_impl(requested: str, device: DeviceSpec, fp8: str | None = None,
+                            te_available: bool | None = None) -> str:
+    """Resolve "auto" | "local" | "transformer_engine" for this device; refuse impossible combos."""
+    if requested not in TRANSFORMER_IMPLS:
+        raise ValueError(f"model.transformer_impl must be one of {TRANSFORMER_IMPLS}, got {requested!r}")
+    if te_available is None:
+        te_available = device.is_cuda and transformer_engine_available()
+    impl = requested
+    if requested == "auto":
+        impl = TE if (device.is_cuda and te_available) else LOCAL
+    if impl == TE and not (device.is_cuda and te_available):
+        raise RuntimeError("model.transformer_impl=transformer_engine needs CUDA and an importable "
+                           "Transformer Engine (pip install megarl[gpu]); use 'local' or 'auto' on CPU")
+    if fp8 and impl != TE:
+        raise ValueError(f"model.fp8={fp8!r} needs model.transformer_impl=transformer_engine "
+                         f"(FP8 GEMMs are TE kernels); this run resolved to {impl!r}")
+    return impl

@@ -1,0 +1,124 @@
+"""Training plumbing shared by every megatron stage: DDP + (distributed) optimizer, one step
+through megatron's pipeline schedule, and the masked token-mean loss under context parallelism.
+
+Flow of one `train_step`: micro-batches -> get_forward_backward_func (1F1B / interleaved) ->
+finalize_model_grads (DP all-reduce, SP norm grads over TP, tied embeddings across PP) ->
+optimizer.step (clip, Adam on fp32 main params, param all-gather under the distributed optimizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megarl.runtime import cpu_compat
+
+cpu_compat.install()
+
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.distributed import (  # noqa: E402
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,  # noqa: E402
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+
+
+@dataclass
+class TrainState:
+    """A rank's model chunks (DDP-wrapped) and their optimizer."""
+
+    models: list[DistributedDataParallel]
+    optimizer: object
+    config: TransformerConfig
+
+
+def wrap_for_training(chunks: list[torch.nn.Module], config: TransformerConfig,
+                      optim: OptimizerConfig, distributed_optimizer: bool = True,
+                      overlap: bool = False) -> TrainState:
+    """Wrap chunks in megatron DDP and build the optimizer (torch AdamW without TE/Apex)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, overlap_param_gather=overlap,
+        use_distributed_optimizer=distributed_optimizer, bucket_size=None)
+    models = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                      disable_bucketing=(i > 0))
+              for i, chunk in enumerate(chunks)]
+    optim.use_distributed_optimizer = distributed_optimizer
+    optimizer = get_megatron_optimizer(optim, models)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in models] if len(models) > 1 else models[0].no_sync
+    config.grad_scale_func = optimizer.scale_loss
+    return TrainState(models, optimizer, config)
+
+
+def masked_token_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
+    """Mean over unmasked tokens of one micro-batch, correct under context parallelism.
+
+    With CP each rank holds a slice of every sequence, so the local loss sum is divided by the
+    micro-batch's *global* token count. (The schedule then multiplies by cp, since DDP averages
+    gradients over the dp×cp group, and divides by the number of micro-batches.)
+    Returns (loss for backward, {"loss": detached global token-mean}).
+    """
+    mask = loss_mask.float()
+    local_sum = (per_token_loss.float() * mask).sum()
+    counts = torch.stack([local_sum.detach(), mask.sum()])
+    if ps.get_context_parallel_world_size() > 1:
+        dist.all_reduce(counts, group=ps.get_context_parallel_group())
+    n_tokens = counts[1].clamp(min=1.0)
+    return local_sum / n_tokens, {"loss": counts[0] / n_tokens}
+
+
+def gpt_forward_step(data_iterator, model):
+    """forward_step_func for megatron's schedule: a GPT batch dict -> per-token CE + loss func."""
+    batch = next(data_iterator)
+    if ps.get_context_parallel_world_size() > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(dict(batch, cu_seqlens=None), is_hybrid_cp=False,
+                                          cp_group=ps.get_context_parallel_group())
+    per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                      labels=batch["labels"])
+    return per_token, partial(masked_token_mean_loss, loss_mask=batch["loss_mask"])
+
+
+def run_schedule(state: TrainState, microbatches: list[dict], seq_length: int,
+                 forward_only: bool = False,
+                 forward_step: Callable = gpt_forward_step) -> float:
+    """Forward (and backward) over this rank's micro-batches; returns the step's mean loss,
+    averaged over data-parallel ranks and identical on every rank."""
+    if not forward_only:
+        for m in state.models:
+            m.zero_grad_buffer()
+        state.optimizer.zero_grad()
+    n = len(state.models)
+    iterators = [iter(microbatches) for _ in range(n)] if n > 1 else iter(microbatches)
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators,
+        model=state.models if n > 1 else state.models[0], num_microbatches=len(microbatches),
+        seq_length=seq_length, micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=forward_only)
+    return _mean_loss_everywhere(outputs)
+
+
+def train_step(state: TrainState, microbatches: list[dict], seq_length: int,
+               forward_step: Callable = gpt_forward_step) -> dict[str, float]:
+    loss = run_schedule(state, microbatches, seq_length, forward_step=forward_step)
+    ok, grad_norm, _ = state.optimizer.step()
+    if not ok:
+        raise FloatingPointError("optimizer step skipped: non-finite gradients")
+    return {"loss": loss, "grad_norm": float(grad_norm)}
+
+
+def _mean_loss_everywhere(outputs: Iterable[dict]) -> float:
+    """Mean micro-batch loss on the last stage, averaged over DP and shared with all ranks."""
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    losses = [o["loss"] for o in outputs] if last else []
+    t = torch.tensor([sum(float(x) for x in losses), float(len(losses))], dtype=torch.float64)
+    dist.all_reduce(t)  # every last-stage rank of every DP (and TP/CP-replica) group contributes
+    return (t[0] / t[1]).item()

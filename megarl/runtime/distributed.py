@@ -1,0 +1,112 @@
+"""torch.distributed + megatron-core parallel state, initialised from a `ParallelConfig`.
+
+Works the same under torchrun, Ray workers (which export RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)
+and `run_local_group`: the device and backend come from `select_device`, the CPU compatibility
+layer is installed when there is no CUDA, and every RNG is seeded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megarl.config.parallel import ParallelConfig
+from megarl.runtime import cpu_compat
+from megarl.runtime.device import DeviceSpec, select_device
+
+cpu_compat.install()  # before any megatron.core import
+
+from megatron.core import parallel_state as ps  # noqa: E402
+
+from megarl.runtime.seed import seed_everything  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits: global rank, device, and its coordinates in each parallel group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: DeviceSpec
+    parallel: ParallelConfig
+    seed: int
+
+    @property
+    def tp_rank(self) -> int:
+        return ps.get_tensor_model_parallel_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return ps.get_pipeline_model_parallel_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return ps.get_data_parallel_rank()
+
+    @property
+    def cp_rank(self) -> int:
+        return ps.get_context_parallel_rank()
+
+    @property
+    def ep_rank(self) -> int:
+        return ps.get_expert_model_parallel_rank()
+
+    @property
+    def is_first_stage(self) -> bool:
+        return ps.is_pipeline_first_stage()
+
+    @property
+    def is_last_stage(self) -> bool:
+        return ps.is_pipeline_last_stage()
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self.device.torch_device(self.local_rank)
+
+
+def init_distributed(
+    parallel: ParallelConfig,
+    seed: int = 1234,
+    device: DeviceSpec | None = None,
+    num_experts: int | None = None,
+    timeout_s: float = 600.0,
+) -> ParallelContext:
+    """Initialise the process group (if needed) and megatron's parallel state; seed every RNG.
+
+    Rank and world come from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT) unless the default process group already exists. Re-initialising with another
+    layout in the same process (tests, converters) tears down the previous megatron groups first.
+    """
+    device = device or select_device()
+    if not dist.is_initialized():
+        dist.init_process_group(backend=device.backend, timeout=timedelta(seconds=timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device.is_cuda:
+        torch.cuda.set_device(local_rank)
+    parallel = parallel.resolve(world, num_experts=num_experts)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+    )
+    seed_everything(seed)
+    return ParallelContext(rank, world, local_rank, device, parallel, seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's groups and the default process group (idempotent)."""
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,150 @@
+"""Run one function on N local ranks joined in a torch.distributed group (gloo on CPU).
+
+Used by the distributed tests, the converter at TP/PP > 1 and benchmarks. Each rank is a fresh
+spawned process (no inherited OpenMP/thread state), gets one intra-op thread per core share,
+installs the CPU compatibility layer before importing the function's module, joins the group
+through a file store (no port races), and sends back its return value. The first failing rank's
+traceback is raised in the caller and the other ranks are stopped, so a failure never turns into
+a hang; a hang past `timeout` kills the group and reports which ranks were still running.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import io
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+
+class LocalGroupError(RuntimeError):
+    pass
+
+
+def _function_ref(fn: str | Callable) -> str:
+    if isinstance(fn, str):
+        return fn
+    if "<locals>" in fn.__qualname__:
+        raise ValueError(f"{fn.__qualname__} is not importable by name; define it at module level")
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def _resolve(ref: str) -> Callable:
+    module, _, name = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _to_bytes(value: Any) -> bytes:
+    # torch.save, not the queue's pickler: torch's multiprocessing reductions pass tensors as shared
+    # file descriptors that vanish when the rank exits before the parent reads them.
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _rank_entry(rank, world_size, store_path, fn_ref, args, kwargs, results, threads, env, timeout):
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    # A hung rank prints every thread's stack before the parent kills it.
+    faulthandler.dump_traceback_later(max(timeout - 3, 1), exit=False)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        import torch.distributed as dist
+
+        from megarl.runtime import cpu_compat
+        from megarl.runtime.device import select_device
+
+        cpu_compat.install()
+        dist.init_process_group(backend=select_device().backend, init_method=f"file://{store_path}",
+                                rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+        value = _resolve(fn_ref)(*args, **kwargs)
+        results.put((rank, "ok", _to_bytes(value)))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            from megarl.runtime.distributed import destroy_distributed
+
+            destroy_distributed()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def run_local_group(
+    fn: str | Callable,
+    world_size: int,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Call `fn(*args, **kwargs)` on ranks 0..world_size-1; return their results in rank order.
+
+    `fn` is a module-level function or a "module:function" string. Raises LocalGroupError with the
+    failing rank's traceback, or on timeout.
+    """
+    ref = _function_ref(fn)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    child_env = {"OMP_NUM_THREADS": str(threads), **(env or {})}
+    with tempfile.TemporaryDirectory(prefix="megarl-group-") as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_rank_entry, name=f"rank{r}", daemon=True,
+                             args=(r, world_size, store, ref, args, kwargs or {}, results, threads,
+                                   child_env, timeout))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        out: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(out) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(world_size)) - set(out))
+                    raise LocalGroupError(f"{ref}: timed out after {timeout:.0f}s; ranks {missing} "
+                                          "still running (their stacks are on stderr)")
+                try:
+                    rank, status, value = results.get(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    dead = [p for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
+                    if dead:
+                        time.sleep(0.5)  # its error report may still be in flight
+                        if results.empty():
+                            raise LocalGroupError(f"{ref}: {dead[0].name} died with exit code "
+                                                  f"{dead[0].exitcode} without reporting") from None
+                    continue
+                if status == "error":
+                    raise LocalGroupError(f"{ref} failed on rank {rank}:\n{value}")
+                out[rank] = _from_bytes(value)
+            for p in procs:
+                p.join(timeout=30)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+            results.close()
+        return [out[r] for r in range(world_size)]
