@@ -1,16 +1,85 @@
-"""`megarl` command line. Each subcommand imports its heavy dependencies only when it runs."""
+"""`megarl` command line. Each subcommand imports its heavy dependencies only when it runs.
+
+    megarl validate RECIPE [--set a.b=c ...]   check a recipe; exit 0 with a summary, 1 with every error
+    megarl plan RECIPE [--set ...]             GPU map, batch accounting, memory per GPU per role
+    megarl train RECIPE [--set ...]            validate, write the resolved recipe, run the stage
+    megarl env                                 device, backend, versions, CPU compatibility patches
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
+def _load(args: argparse.Namespace):
+    from megarl.config import ConfigError
+    from megarl.config.loader import load_recipe
+
+    try:
+        return load_recipe(args.recipe, overrides=args.set or [])
+    except ConfigError as e:
+        print(f"{args.recipe}: {e}", file=sys.stderr)
+        return None
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from megarl.config.validate import summary
+
+    recipe = _load(args)
+    if recipe is None:
+        return 1
+    print(f"OK {args.recipe}: {summary(recipe)}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from megarl.config.plan import render_plan
+
+    recipe = _load(args)
+    if recipe is None:
+        return 1
+    if args.gpu_type:
+        recipe.cluster.gpu_type = args.gpu_type
+    try:
+        text, fits = render_plan(recipe)
+    except ValueError as e:
+        print(f"{args.recipe}: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0 if fits else 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from megarl.config.loader import recipe_to_dict
+
+    recipe = _load(args)
+    if recipe is None:
+        return 1
+    out = recipe.trainer.output_dir
+    os.makedirs(out, exist_ok=True)
+    resolved = os.path.join(out, "recipe.resolved.yaml")
+    with open(resolved, "w") as f:
+        yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
+    print(f"resolved recipe written to {resolved}")
+    from megarl.trainers import TRAINERS
+
+    runner = TRAINERS.get(recipe.stage)
+    if runner is None:
+        print(f"stage {recipe.stage!r} has no trainer in this version of megarl "
+              f"(available: {', '.join(sorted(TRAINERS)) or 'none yet'})", file=sys.stderr)
+        return 3
+    return runner(recipe)
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
-    """Print what this machine will run on: device/backend, versions, CPU compatibility patches."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from megarl.runtime import cpu_compat
     from megarl.runtime.device import select_device
 
     spec = select_device()
@@ -20,16 +89,25 @@ def _cmd_env(args: argparse.Namespace) -> int:
             info[pkg] = version(pkg)
         except PackageNotFoundError:
             pass
-    from megarl.runtime import cpu_compat
-
     info["cpu_compat_patches"] = list(cpu_compat.install())
     print(json.dumps(info, indent=2))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megarl", description=__doc__)
+    parser = argparse.ArgumentParser(prog="megarl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (("validate", _cmd_validate, "check a recipe"),
+                             ("plan", _cmd_plan, "show the GPU map, batches and memory per role"),
+                             ("train", _cmd_train, "validate and run a recipe")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a recipe key (typed, e.g. --set rollout.n=8); repeatable")
+        p.set_defaults(func=func)
+        if name == "plan":
+            p.add_argument("--gpu-type", help="GPU type for the memory estimate (default: cluster.gpu_type)")
     env = sub.add_parser("env", help="show device, backend, versions and active CPU patches")
     env.set_defaults(func=_cmd_env)
     return parser

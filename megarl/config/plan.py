@@ -1,0 +1,214 @@
+"""`megarl plan`: what a resolved recipe means on the cluster: the GPU map, the batch accounting,
+and an estimate of memory per GPU for each role, with the formula behind every number.
+
+Memory model (bytes per GPU; P = parameters held by the GPU):
+- params: P × 2 (bf16/fp16) or 4 (fp32). P = dense params / (tp·pp) + expert params / (ep·etp·pp).
+- grads: P × 4 (megatron DDP keeps fp32 gradient buffers, grad_reduce_in_fp32).
+- optimizer: P × 12 (fp32 main params + Adam m + v) / dp with the distributed optimizer
+  (experts: / expert-dp), P × 12 without it.
+- activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+  Models", per layer, per micro-batch, TP with SP and CP): s·b·h·34/(tp·cp) with flash/selective
+  recompute, plus 5·a·s²·b/(tp·cp) without it; full recompute keeps 2·s·b·h/(tp·cp) per layer plus
+  one layer's working set. 1F1B keeps up to pp micro-batches in flight on the first stage, i.e. the
+  activations of all L layers; logits add s·b·V/tp × 4 (fp32 for the loss) on the last stage.
+- rollout engine: weights / engine_tp; the KV cache gets gpu_memory_utilization × GPU − weights;
+  one token of KV is 2 · L · kv_heads · head_dim · 2 bytes / engine_tp.
+- colocated placement time-shares the GPUs: training states are offloaded during rollout and the
+  engine sleeps during training, so the peak is the larger of the two phases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megarl.config.recipe import RL_STAGES, ModelShape, Recipe
+
+GiB = 1024**3
+GPU_TYPES = {"h100-80gb": 80, "h200-141gb": 141, "a100-80gb": 80, "a100-40gb": 40, "b200-192gb": 192,
+             "l40s-48gb": 48}
+OVERHEAD_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def param_counts(s: ModelShape, value_head: bool = False) -> tuple[int, int]:
+    """(dense params, expert params) of a Llama/Qwen-style decoder."""
+    head_dim = s.hidden_size // s.num_attention_heads
+    attn = s.hidden_size * (s.num_attention_heads + 2 * s.num_kv_heads) * head_dim \
+        + s.num_attention_heads * head_dim * s.hidden_size
+    norms = 2 * s.hidden_size
+    if s.num_experts:
+        ffn = s.moe_ffn_hidden_size or s.ffn_hidden_size
+        expert = s.num_layers * s.num_experts * 3 * s.hidden_size * ffn
+        dense_mlp = s.hidden_size * s.num_experts  # router
+    else:
+        expert = 0
+        dense_mlp = 3 * s.hidden_size * s.ffn_hidden_size
+    embed = s.vocab_size * s.hidden_size
+    head = s.hidden_size if value_head else (0 if s.tie_embeddings else embed)
+    dense = s.num_layers * (attn + norms + dense_mlp) + embed + head + s.hidden_size
+    return dense, expert
+
+
+@dataclass
+class RoleMemory:
+    role: str
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    kv_cache: float
+    note: str
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.kv_cache + OVERHEAD_GIB
+
+
+def _training_role(r: Recipe, role: str, trainable: bool, value_head: bool = False) -> RoleMemory:
+    s, p = r.model.shape, r.parallel
+    dense, expert = param_counts(s, value_head)
+    local = dense / (p.tp * p.pp) + expert / (p.ep * p.expert_tp * p.pp)
+    pbytes = DTYPE_BYTES[r.model.dtype]
+    params = local * pbytes / GiB
+    grads = optimizer = activations = 0.0
+    if trainable:
+        grads = local * 4 / GiB
+        if r.optim.distributed_optimizer:
+            optimizer = (dense / (p.tp * p.pp) / p.dp + expert / (p.ep * p.expert_tp * p.pp) / p.expert_dp) * 12 / GiB
+        else:
+            optimizer = local * 12 / GiB
+    seq = (r.rollout.max_prompt_length + r.rollout.max_response_length) if r.stage in RL_STAGES \
+        else (r.data.max_length or s.max_position_embeddings)
+    b, h, a, L = r.trainer.micro_batch_per_rank, s.hidden_size, s.num_attention_heads, s.num_layers
+    shard = p.tp * p.cp
+    per_layer_sel = seq * b * h * 34 / shard
+    if r.model.recompute == "full":
+        per_layer, flight_layers = 2 * seq * b * h / shard, L
+        working = per_layer_sel + 5 * a * seq * seq * b / shard
+        act = per_layer * flight_layers + working
+    else:
+        per_layer = per_layer_sel + (0 if r.model.recompute == "selective" else 5 * a * seq * seq * b / shard)
+        act = per_layer * L  # pp stages × L/pp layers in flight on the first stage (1F1B)
+    logits = seq * b * s.vocab_size / p.tp * 4 / p.cp
+    if not trainable:  # forward only: one layer's working set plus the logits
+        act = per_layer_sel
+    activations = (act + (logits if not value_head else 0)) / GiB
+    note = f"{local / 1e9:.2f}B params/GPU; seq {seq}, micro-batch {b}, recompute {r.model.recompute}"
+    return RoleMemory(role, params, grads, optimizer, activations, 0.0, note)
+
+
+def _rollout_role(r: Recipe, gpu_gib: float) -> RoleMemory:
+    s, ro = r.model.shape, r.rollout
+    dense, expert = param_counts(s)
+    weights = (dense + expert) * DTYPE_BYTES[r.model.dtype] / ro.engine_tp / GiB
+    head_dim = s.hidden_size // s.num_attention_heads
+    kv_per_token = 2 * s.num_layers * s.num_kv_heads * head_dim * 2 / ro.engine_tp
+    kv_budget = max(ro.gpu_memory_utilization * gpu_gib - weights, 0.0)
+    seq = ro.max_prompt_length + ro.max_response_length
+    concurrent = int(kv_budget * GiB / (kv_per_token * seq)) if kv_per_token else 0
+    per_engine = r.derived.samples_per_step / ro.engines
+    note = (f"KV cache {kv_budget:.1f} GiB holds {concurrent} full-length sequences per engine; "
+            f"{per_engine:.0f} samples per engine per step")
+    return RoleMemory("rollout", weights, 0, 0, 0, kv_budget, note)
+
+
+def memory_table(r: Recipe) -> tuple[list[RoleMemory], float]:
+    gpu_gib = GPU_TYPES.get(r.cluster.gpu_type)
+    if gpu_gib is None:
+        raise ValueError(f"cluster.gpu_type {r.cluster.gpu_type!r} unknown; known: {', '.join(GPU_TYPES)}")
+    roles = [_training_role(r, "actor", trainable=True)]
+    if r.derived.needs_reference:
+        roles.append(_training_role(r, "reference", trainable=False))
+    if r.derived.needs_critic:
+        roles.append(_training_role(r, "critic", trainable=True, value_head=True))
+    if r.stage in RL_STAGES:
+        roles.append(_rollout_role(r, gpu_gib))
+    return roles, gpu_gib
+
+
+def gpu_map(r: Recipe) -> list[str]:
+    c, p, d = r.cluster, r.parallel, r.derived
+    lines = []
+    trainers = "actor" + (" + reference" if d.needs_reference else "") + (" + critic" if d.needs_critic else "")
+    train_nodes = d.train_world_size // c.gpus_per_node if d.train_world_size % c.gpus_per_node == 0 else None
+    lines.append(f"training ranks 0-{d.train_world_size - 1} ({trainers}): {p.describe()}")
+    per_stage = d.train_world_size // p.pp
+    for stage in range(min(p.pp, 8)):
+        first, last = stage * per_stage, (stage + 1) * per_stage - 1
+        nodes = sorted({g // c.gpus_per_node for g in (first, last)})
+        lines.append(f"  pipeline stage {stage}: ranks {first}-{last} (nodes {'-'.join(map(str, nodes))}), "
+                     f"layers {stage * r.model.shape.num_layers // p.pp}-"
+                     f"{(stage + 1) * r.model.shape.num_layers // p.pp - 1}; tp groups of {p.tp} consecutive "
+                     f"ranks (inside a node{'' if p.tp <= c.gpus_per_node else ' — NO: tp spans nodes'})")
+    if p.pp > 8:
+        lines.append(f"  ... {p.pp - 8} more stages")
+    if r.rollout is not None:
+        ro = r.rollout
+        if c.placement.mode == "colocated":
+            lines.append(f"rollout: {ro.engines} vLLM engines × tp {ro.engine_tp} time-share GPUs 0-"
+                         f"{ro.engines * ro.engine_tp - 1} with training")
+        else:
+            start = d.train_world_size
+            lines.append(f"rollout: {ro.engines} vLLM engines × tp {ro.engine_tp} on GPUs {start}-"
+                         f"{start + ro.engines * ro.engine_tp - 1} (separate pool)")
+    if train_nodes is None and c.placement.mode == "separate":
+        lines.append("  note: training and rollout share a node")
+    return lines
+
+
+def batch_table(r: Recipe) -> list[tuple[str, str]]:
+    d, t = r.derived, r.trainer
+    rows = []
+    if r.stage in RL_STAGES:
+        rows.append(("prompts per step", str(t.prompts_per_step)))
+        rows.append(("samples per step", f"{d.samples_per_step} (= prompts × n {r.rollout.n})"))
+    else:
+        rows.append(("samples per step", str(d.samples_per_step)))
+    rows += [
+        ("optimizer updates per step", f"{d.minibatches_per_step}"
+         + (f" × ppo_epochs {r.algorithm.ppo_epochs}" if r.algorithm else "")),
+        ("samples per update", str(d.samples_per_minibatch)),
+        ("data-parallel ranks", str(d.dp)),
+        ("micro-batch per rank", str(t.micro_batch_per_rank)),
+        ("gradient accumulation", f"{d.grad_accumulation} (= samples per update / (micro-batch × dp))"),
+    ]
+    return rows
+
+
+def render_plan(r: Recipe) -> tuple[str, bool]:
+    """The plan as text, and whether every role fits."""
+    from megarl.config.validate import summary
+
+    roles, gpu_gib = memory_table(r)
+    dense, expert = param_counts(r.model.shape)
+    out = [summary(r), "",
+           f"model: {r.model.architecture or '?'} ({r.derived.shape_source}), "
+           f"{(dense + expert) / 1e9:.2f}B parameters"
+           + (f" ({expert / 1e9:.2f}B in experts)" if expert else ""),
+           "", f"GPU map ({r.cluster.nodes} nodes × {r.cluster.gpus_per_node} GPUs, "
+           f"{r.cluster.placement.mode} placement):"]
+    out += ["  " + line for line in gpu_map(r)]
+    out += ["", "batch accounting:"]
+    out += [f"  {k:<28} {v}" for k, v in batch_table(r)]
+    out += ["", f"memory per GPU on {r.cluster.gpu_type} ({gpu_gib} GiB), GiB "
+                f"(+{OVERHEAD_GIB:.0f} GiB runtime overhead in each total):",
+            f"  {'role':<10} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'kv':>7} {'total':>7}  fits"]
+    fits_all = True
+    for m in roles:
+        ok = m.total <= gpu_gib
+        fits_all &= ok
+        out.append(f"  {m.role:<10} {m.params:7.1f} {m.grads:7.1f} {m.optimizer:7.1f} {m.activations:7.1f} "
+                   f"{m.kv_cache:7.1f} {m.total:7.1f}  {'yes' if ok else 'NO'}   {m.note}")
+    if r.rollout is not None and r.cluster.placement.mode == "colocated":
+        train = [m for m in roles if m.role != "rollout"]
+        train_phase = sum(m.total - OVERHEAD_GIB for m in train) + OVERHEAD_GIB
+        roll = next(m for m in roles if m.role == "rollout")
+        peak = max(train_phase, roll.total)
+        ok = peak <= gpu_gib
+        fits_all &= ok
+        out.append(f"  colocated peak: training phase {train_phase:.1f} (all training roles resident), "
+                   f"rollout phase {roll.total:.1f} (training states offloaded) -> {peak:.1f} GiB  "
+                   f"{'fits' if ok else 'DOES NOT FIT'}")
+    out += ["", "how each number is computed:"] + ["  " + line for line in __doc__.split("Memory model")[1]
+                                                   .strip().splitlines()[1:]]
+    return "\n".join(out), fits_all

@@ -1,0 +1,313 @@
+"""The recipe: one typed dataclass tree for every stage (sft, rm, dpo, kto, ppo, grpo).
+
+YAML is parsed into these classes by `megarl.config.loader`, validated once by
+`megarl.config.validate`, and every derived size (world size, dp, gradient accumulation, samples
+and mini-batches per step) is computed there into `Recipe.derived`. Field docstrings are the
+reference documentation of each key. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megarl.config.parallel import ParallelConfig
+
+Stage = Literal["sft", "rm", "dpo", "kto", "ppo", "grpo"]
+RL_STAGES = ("ppo", "grpo")
+PREFERENCE_STAGES = ("dpo", "kto")
+
+
+@dataclass
+class ModelShape:
+    """Architecture facts validation and planning need. Read from the model's config.json when the
+    path is local; otherwise from `model.shape_preset` or given here."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    num_experts: int | None = None
+    moe_topk: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    tie_embeddings: bool = False
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """HF model directory/name or a converted megatron checkpoint directory."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to `path`."""
+    trust_remote_code: bool = False
+    architecture: Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"] | None = None
+    """Filled from config.json when available."""
+    shape_preset: str | None = None
+    """Name of a known shape (see megarl.config.shapes) when config.json is not reachable."""
+    shape: ModelShape | None = None
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation: TE on GPUs (required for FP8), megatron-core local on CPU."""
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    finetuning: Literal["full", "lora"] = "full"
+    lora_rank: int = 0
+    recompute: Literal["none", "selective", "full"] = "selective"
+    """Activation recomputation: trades compute for activation memory."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training dataset (jsonl or parquet)."""
+    eval: str | None = None
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    kind: Literal["sft", "prompts", "preference", "kto"] | None = None
+    """Row schema; defaults from the stage (sft/rm... see validate)."""
+    on_bad_row: Literal["reject", "fail"] = "reject"
+    """Rows that fail checks are written to `rejected_path` and reported, or stop the run."""
+    rejected_path: str | None = None
+    max_length: int | None = None
+    """Token budget of one training sequence for sft/rm/dpo/kto (prompt + response)."""
+    shuffle: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class MultiTurnConfig:
+    tools: str | None = None
+    """YAML file declaring the tools (OpenAI function schema + python callable)."""
+    max_turns: int = 4
+    tool_call_format: Literal["hermes"] = "hermes"
+    max_total_tokens: int | None = None
+    """Cap on prompt + all turns; defaults to max_prompt_length + max_response_length."""
+    max_tool_output_tokens: int = 512
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["vllm"] = "vllm"
+    engines: int = 1
+    """Number of vLLM engines in the fleet."""
+    engine_tp: int = 1
+    """Tensor-parallel size of each engine (GPUs per engine)."""
+    n: int = 1
+    """Samples per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_prompt_length: int = 1024
+    max_response_length: int = 1024
+    gpu_memory_utilization: float = 0.6
+    """Fraction of an engine GPU vLLM may use (weights + KV cache)."""
+    kv_cache_bytes: int | None = None
+    """Explicit KV-cache budget per engine (CPU engines need one)."""
+    multi_turn: MultiTurnConfig | None = None
+
+
+@dataclass
+class RewardFunctionConfig:
+    name: str
+    weight: float = 1.0
+    component: Literal["task", "format", "efficiency", "safety"] = "task"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardModelConfig:
+    path: str
+    type: Literal["full", "lora"] = "full"
+    weight: float = 1.0
+
+
+@dataclass
+class RemoteRewardConfig:
+    url: str
+    weight: float = 1.0
+    timeout_s: float = 30.0
+    retries: int = 2
+    max_concurrency: int = 16
+
+
+@dataclass
+class RewardConfig:
+    functions: list[RewardFunctionConfig] = field(default_factory=list)
+    reward_model: RewardModelConfig | None = None
+    remote: RemoteRewardConfig | None = None
+
+    @property
+    def has_source(self) -> bool:
+        return bool(self.functions or self.reward_model or self.remote)
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.0
+    """0 disables the KL term (and the reference model unless another consumer needs it)."""
+    placement: Literal["loss", "reward"] = "loss"
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+    clamp: float | None = 10.0
+    controller: Literal["fixed", "adaptive"] = "fixed"
+    target: float | None = None
+    """Adaptive controller: target KL per token."""
+    horizon: int = 10000
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    mode: Literal["none", "tis", "sequence_is", "token_mask", "sequence_mask"] = "tis"
+    """Train/rollout log-prob mismatch correction (on by default)."""
+    threshold: float = 2.0
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"] = "grpo"
+    norm_adv_by_std: bool = True
+    """GRPO: divide by the group std (false = Dr.GRPO)."""
+    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    """> clip_ratio_low is DAPO's clip-higher."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 for negative advantages (None = off)."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                           "seq-mean-token-sum-norm"] = "token-mean"
+    kl: KLConfig = field(default_factory=KLConfig)
+    entropy_coef: float = 0.0
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    gamma: float = 1.0
+    lam: float = 1.0
+    ppo_epochs: int = 1
+    value_clip: float | None = 0.2
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and refill."""
+
+
+@dataclass
+class PreferenceConfig:
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "orpo", "simpo", "kto"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    ftx: float = 0.0
+    """Weight of an SFT term on the chosen response."""
+    simpo_gamma: float = 0.5
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    reference: Literal["auto", "model", "precomputed", "none"] = "auto"
+    """auto: none for orpo/simpo, a frozen model copy otherwise."""
+    margin: bool = False
+    """Reward model: use the per-pair margin column in the Bradley-Terry loss."""
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adam"] = "adam"
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    distributed_optimizer: bool = True
+    critic_lr: float | None = None
+    """PPO critic learning rate (defaults to lr)."""
+
+
+@dataclass
+class TrainerConfig:
+    steps: int | None = None
+    """Optimizer steps (RL: one step = one batch of prompts); or give `epochs`."""
+    epochs: int | None = None
+    prompts_per_step: int | None = None
+    """RL: prompts sampled per step (each yields rollout.n samples)."""
+    samples_per_step: int | None = None
+    """sft/rm/dpo/kto: sequences (pairs for dpo/rm) per optimizer step."""
+    samples_per_minibatch: int | None = None
+    """RL: samples per optimizer update; a step has samples_per_step / samples_per_minibatch
+    updates per ppo epoch. Defaults to all samples of the step (one update)."""
+    micro_batch_per_rank: int = 1
+    """Sequences one data-parallel rank processes per forward/backward."""
+    save_freq: int = 0
+    eval_freq: int = 0
+    resume: str = "auto"
+    """auto (latest complete checkpoint in output_dir), never, or a checkpoint path."""
+    output_dir: str = "runs/default"
+    seed: int = 1234
+
+
+@dataclass
+class LoggingConfig:
+    sinks: list[Literal["jsonl", "wandb", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
+    project: str = "megarl"
+    run_name: str | None = None
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    samples_every: int = 10
+    """Write sample trajectories every N steps."""
+
+
+@dataclass
+class PlacementConfig:
+    mode: Literal["colocated", "separate"] = "colocated"
+    """colocated: training and rollout time-share every GPU; separate: disjoint GPU pools."""
+    rollout_gpus: int = 0
+    """GPUs reserved for rollout engines when mode=separate."""
+    reward_model_gpus: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_type: str = "h100-80gb"
+    """For `megarl plan` memory estimates (see megarl.config.plan.GPU_TYPES)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+
+    @property
+    def total_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Derived:
+    """Sizes computed once at load; never set in YAML."""
+
+    train_world_size: int = 0
+    rollout_gpus: int = 0
+    dp: int = 0
+    samples_per_step: int = 0
+    minibatches_per_step: int = 0
+    samples_per_minibatch: int = 0
+    grad_accumulation: int = 0
+    """Micro-batches per data-parallel rank per optimizer update."""
+    needs_reference: bool = False
+    needs_critic: bool = False
+    shape_source: str = ""
+
+
+@dataclass
+class Recipe:
+    stage: Stage
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig | None = None
+    reward: RewardConfig | None = None
+    algorithm: AlgorithmConfig | None = None
+    preference: PreferenceConfig | None = None
+    critic: ModelConfig | None = None
+    """PPO: the critic model (defaults to the actor's path with a value head)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    derived: Derived = field(default_factory=Derived)
+    source: str = ""
+    """The recipe file this came from."""

@@ -1,0 +1,375 @@
+"""Cross-field rules of a recipe and the derived sizes, computed once at load.
+
+`resolve_recipe` fills stage defaults, the model shape, the parallel world size and `Recipe.derived`,
+and returns every rule the recipe breaks (each naming its key). Rules, by group:
+- stage <-> groups: ppo needs a reward and a critic (GAE); grpo needs n > 1 and a reward; dpo/kto
+  need preference data; groups a stage does not use are refused rather than silently ignored
+- preference: label smoothing only with the sigmoid loss; orpo/simpo run without a reference model
+- reward model type lora only when the model is fine-tuned with lora
+- layout: tp·pp·cp·dp = training GPUs; heads and kv heads divisible by tp; layers by pp·vpp;
+  experts by ep; sequence parallel for MoE with tp > 1
+- batches: prompts per step × n divides into mini-batches, and each mini-batch into micro-batches
+  per data-parallel rank
+- lengths: max prompt + response <= the model's context
+- rollout: engines × engine tp fits the rollout GPUs; engine tp divides the heads
+- fp8 only with the Transformer Engine implementation (never on CPU)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+
+from megarl.config.errors import ConfigIssue
+from megarl.config.recipe import (
+    PREFERENCE_STAGES,
+    RL_STAGES,
+    AlgorithmConfig,
+    Derived,
+    PreferenceConfig,
+    Recipe,
+    RewardConfig,
+)
+from megarl.config.shapes import PRESETS, local_hf_config, shape_from_hf_config
+
+DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "kto": "kto", "ppo": "prompts",
+             "grpo": "prompts"}
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+
+
+class _Issues(list):
+    def add(self, key: str, message: str) -> None:
+        self.append(ConfigIssue(key, message))
+
+
+def resolve_recipe(r: Recipe) -> list[ConfigIssue]:
+    issues = _Issues()
+    _stage_groups(r, issues)
+    shape = _shape(r, issues)
+    _preference(r, issues)
+    _reward(r, issues)
+    train_gpus, rollout_gpus = _gpus(r, issues)
+    _layout(r, shape, train_gpus, issues)
+    _rollout(r, shape, rollout_gpus, issues)
+    _data(r, shape, issues)
+    _algorithm(r, issues)
+    _model_impl(r, issues)
+    if not issues:
+        _batches(r, issues)
+    if not issues:
+        r.derived.train_world_size, r.derived.rollout_gpus = train_gpus, rollout_gpus
+    return list(issues)
+
+
+def _stage_groups(r: Recipe, issues: _Issues) -> None:
+    s = r.stage
+    if not r.model.path:
+        issues.add("model.path", "required: an HF model directory/name or a converted checkpoint")
+    if not r.data.train:
+        issues.add("data.train", "required: the training dataset (jsonl or parquet)")
+    kind = DATA_KIND[s]
+    if r.data.kind is None:
+        r.data.kind = kind
+    elif r.data.kind != kind:
+        issues.add("data.kind", f"stage {s} trains on {kind!r} rows, not {r.data.kind!r}"
+                   + (" (dpo/kto need a preference dataset)" if s in PREFERENCE_STAGES else ""))
+    if s in RL_STAGES:
+        if r.rollout is None:
+            issues.add("rollout", f"stage {s} generates with a rollout fleet; add a rollout group")
+        if r.algorithm is None:
+            r.algorithm = AlgorithmConfig(advantage_estimator="gae" if s == "ppo" else "grpo")
+        if r.reward is None or not r.reward.has_source:
+            issues.add("reward", f"stage {s} needs a reward: functions, reward_model or remote")
+        if r.preference is not None:
+            issues.add("preference", f"not used by stage {s}; remove it")
+        if s == "ppo":
+            if r.critic is None:
+                issues.add("critic", "stage ppo trains a value model: add critic: {path: ...} "
+                                     "(often the actor's path or a reward model)")
+            if r.algorithm.advantage_estimator != "gae":
+                issues.add("algorithm.advantage_estimator", "ppo learns a critic and uses gae; "
+                           "for critic-free estimators use stage grpo")
+        else:
+            if r.critic is not None:
+                issues.add("critic", "stage grpo is critic-free; remove critic (or use stage ppo)")
+            if r.algorithm.advantage_estimator == "gae":
+                issues.add("algorithm.advantage_estimator", "gae needs a critic: use stage ppo")
+            if r.rollout is not None and r.rollout.n < 2:
+                issues.add("rollout.n", f"grpo normalises rewards within a group of samples per prompt; "
+                           f"needs n > 1, got {r.rollout.n}")
+        if not r.trainer.prompts_per_step:
+            issues.add("trainer.prompts_per_step", f"required for stage {s}")
+        if r.trainer.samples_per_step is not None:
+            issues.add("trainer.samples_per_step", f"stage {s} counts prompts_per_step × rollout.n; "
+                       "remove samples_per_step")
+    else:
+        for group in ("rollout", "algorithm", "critic"):
+            if getattr(r, group) is not None:
+                issues.add(group, f"not used by stage {s}; remove it")
+        if r.reward is not None and s != "sft":
+            issues.add("reward", f"not used by stage {s}; remove it")
+        if s in PREFERENCE_STAGES or s == "rm":
+            if r.preference is None:
+                r.preference = PreferenceConfig(loss_type="kto" if s == "kto" else "sigmoid")
+        elif r.preference is not None:
+            issues.add("preference", f"not used by stage {s}; remove it")
+        if not r.trainer.samples_per_step:
+            issues.add("trainer.samples_per_step", f"required for stage {s} (sequences per optimizer step"
+                       + (", pairs for dpo/rm)" if s in ("dpo", "rm") else ")"))
+        if r.trainer.prompts_per_step is not None:
+            issues.add("trainer.prompts_per_step", f"only RL stages sample prompts; stage {s} uses samples_per_step")
+    if r.trainer.steps is None and r.trainer.epochs is None:
+        issues.add("trainer.steps", "give trainer.steps or trainer.epochs")
+    elif r.trainer.steps is not None and r.trainer.epochs is not None:
+        issues.add("trainer.epochs", "give trainer.steps or trainer.epochs, not both")
+
+
+def _shape(r: Recipe, issues: _Issues):
+    m = r.model
+    if m.shape is not None:
+        r.derived.shape_source = "model.shape"
+        return m.shape
+    if local_hf_config(m.path):
+        try:
+            arch, shape = shape_from_hf_config(m.path)
+        except ValueError as e:
+            issues.add("model.path", str(e))
+            return None
+        m.architecture = m.architecture or arch
+        m.shape = shape
+        r.derived.shape_source = os.path.join(m.path, "config.json")
+        return shape
+    if m.shape_preset:
+        if m.shape_preset not in PRESETS:
+            hint = difflib.get_close_matches(m.shape_preset, list(PRESETS), n=1)
+            issues.add("model.shape_preset", f"unknown preset {m.shape_preset!r}; "
+                       + (f"did you mean {hint[0]!r}?" if hint else f"known: {', '.join(PRESETS)}"))
+            return None
+        arch, shape = PRESETS[m.shape_preset]
+        m.architecture = m.architecture or arch
+        m.shape = shape
+        r.derived.shape_source = f"preset {m.shape_preset}"
+        return shape
+    if m.path:
+        issues.add("model.path", f"no config.json at {m.path!r} on this machine; set model.shape_preset "
+                   f"(one of {', '.join(PRESETS)}) or model.shape")
+    return None
+
+
+def _preference(r: Recipe, issues: _Issues) -> None:
+    p = r.preference
+    if p is None:
+        return
+    if r.stage == "kto" and p.loss_type != "kto":
+        issues.add("preference.loss_type", f"stage kto uses loss_type kto, got {p.loss_type!r}")
+    if r.stage == "dpo" and p.loss_type == "kto":
+        issues.add("preference.loss_type", "loss_type kto needs unpaired data: use stage kto")
+    if r.stage == "dpo" and p.label_smoothing and p.loss_type != "sigmoid":
+        issues.add("preference.label_smoothing", f"label smoothing (conservative DPO) is defined for the "
+                   f"sigmoid loss only; loss_type is {p.loss_type!r}")
+    if not 0 <= p.label_smoothing < 0.5:
+        issues.add("preference.label_smoothing", f"expected 0 <= label_smoothing < 0.5, got {p.label_smoothing}")
+    if p.beta <= 0:
+        issues.add("preference.beta", f"expected beta > 0, got {p.beta}")
+    reference_free = p.loss_type in REFERENCE_FREE_LOSSES
+    if reference_free and p.reference in ("model", "precomputed"):
+        issues.add("preference.reference", f"{p.loss_type} is reference-free; set reference: none (or auto)")
+    if not reference_free and p.reference == "none" and r.stage in PREFERENCE_STAGES:
+        issues.add("preference.reference", f"loss_type {p.loss_type} needs a reference model "
+                   "(model or precomputed)")
+    r.derived.needs_reference = r.stage in PREFERENCE_STAGES and not reference_free
+
+
+def _reward(r: Recipe, issues: _Issues) -> None:
+    rw: RewardConfig | None = r.reward
+    if rw is None:
+        return
+    if rw.reward_model and rw.reward_model.type == "lora" and r.model.finetuning != "lora":
+        issues.add("reward.reward_model.type", "a lora reward model needs model.finetuning: lora "
+                   f"(it is {r.model.finetuning!r})")
+    names = [f.name for f in rw.functions]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        issues.add("reward.functions", f"reward function {dup!r} is listed twice")
+
+
+def _gpus(r: Recipe, issues: _Issues) -> tuple[int, int]:
+    c = r.cluster
+    total = c.total_gpus
+    if c.nodes < 1 or c.gpus_per_node < 1:
+        issues.add("cluster.nodes", f"expected nodes >= 1 and gpus_per_node >= 1, got {c.nodes}×{c.gpus_per_node}")
+        return 1, 0
+    pl = c.placement
+    if pl.mode == "colocated":
+        if pl.rollout_gpus:
+            issues.add("cluster.placement.rollout_gpus", "only used with mode: separate "
+                       "(colocated rollout time-shares every GPU)")
+        return total, (total if r.stage in RL_STAGES else 0)
+    if r.stage in RL_STAGES and pl.rollout_gpus < 1:
+        issues.add("cluster.placement.rollout_gpus", "mode separate needs GPUs reserved for rollout")
+    train = total - pl.rollout_gpus - pl.reward_model_gpus
+    if train < 1:
+        issues.add("cluster.placement.rollout_gpus", f"{pl.rollout_gpus} rollout + {pl.reward_model_gpus} "
+                   f"reward-model GPUs leave none of the {total} for training")
+        return 1, pl.rollout_gpus
+    return train, pl.rollout_gpus
+
+
+def _layout(r: Recipe, shape, train_gpus: int, issues: _Issues) -> None:
+    p = r.parallel
+    experts = shape.num_experts if shape else None
+    layout_issues = p.issues(num_experts=experts)
+    issues.extend(layout_issues)
+    if layout_issues:
+        return
+    world_issues = dataclasses.replace(p, world_size=train_gpus).issues(num_experts=experts)
+    for i in world_issues:  # name the GPUs in the message: that is what the user can change
+        issues.add(i.key, i.message.replace(f"world size {train_gpus}", f"{train_gpus} training GPUs"))
+    if world_issues:
+        return
+    r.parallel = p.resolve(train_gpus, num_experts=experts)
+    if shape is None:
+        return
+    if shape.num_attention_heads % p.tp:
+        issues.add("parallel.tp", f"{shape.num_attention_heads} attention heads are not divisible by tp={p.tp}")
+    if shape.num_kv_heads % p.tp:
+        issues.add("parallel.tp", f"{shape.num_kv_heads} kv heads are not divisible by tp={p.tp}")
+    stages = p.pp * (p.vpp or 1)
+    if shape.num_layers % stages:
+        issues.add("parallel.pp", f"{shape.num_layers} layers are not divisible by pp·vpp = {stages}")
+    if r.critic is not None and r.critic.shape is None:
+        r.critic.shape = shape
+
+
+def _rollout(r: Recipe, shape, rollout_gpus: int, issues: _Issues) -> None:
+    ro = r.rollout
+    if ro is None:
+        return
+    if ro.engines < 1 or ro.engine_tp < 1:
+        issues.add("rollout.engines", f"expected engines >= 1 and engine_tp >= 1, got {ro.engines}, {ro.engine_tp}")
+        return
+    need = ro.engines * ro.engine_tp
+    if r.cluster.device != "cpu" and need > rollout_gpus:
+        issues.add("rollout.engines", f"{ro.engines} engines × engine_tp {ro.engine_tp} = {need} GPUs, "
+                   f"but the rollout has {rollout_gpus} ({r.cluster.placement.mode} placement)")
+    if shape and shape.num_attention_heads % ro.engine_tp:
+        issues.add("rollout.engine_tp", f"{shape.num_attention_heads} attention heads are not divisible by "
+                   f"engine_tp={ro.engine_tp}")
+    if shape and ro.max_prompt_length + ro.max_response_length > shape.max_position_embeddings:
+        issues.add("rollout.max_response_length", f"max_prompt_length + max_response_length = "
+                   f"{ro.max_prompt_length + ro.max_response_length} exceeds the model context "
+                   f"({shape.max_position_embeddings})")
+    if ro.temperature <= 0:
+        issues.add("rollout.temperature", f"expected > 0 for sampling, got {ro.temperature}")
+    if not 0 < ro.top_p <= 1:
+        issues.add("rollout.top_p", f"expected 0 < top_p <= 1, got {ro.top_p}")
+    if ro.n < 1:
+        issues.add("rollout.n", f"expected n >= 1, got {ro.n}")
+    if not 0 < ro.gpu_memory_utilization <= 1:
+        issues.add("rollout.gpu_memory_utilization", f"expected a fraction in (0, 1], got {ro.gpu_memory_utilization}")
+    mt = ro.multi_turn
+    if mt is not None:
+        if mt.max_turns < 1:
+            issues.add("rollout.multi_turn.max_turns", f"expected >= 1, got {mt.max_turns}")
+        if mt.tools and not os.path.isfile(mt.tools):
+            issues.add("rollout.multi_turn.tools", f"tool declaration file not found: {mt.tools}")
+        budget = ro.max_prompt_length + ro.max_response_length
+        if mt.max_total_tokens is None:
+            mt.max_total_tokens = budget
+        elif shape and mt.max_total_tokens > shape.max_position_embeddings:
+            issues.add("rollout.multi_turn.max_total_tokens", f"{mt.max_total_tokens} exceeds the model context "
+                       f"({shape.max_position_embeddings})")
+
+
+def _data(r: Recipe, shape, issues: _Issues) -> None:
+    if shape and r.data.max_length and r.data.max_length > shape.max_position_embeddings:
+        issues.add("data.max_length",
+                   f"{r.data.max_length} exceeds the model context ({shape.max_position_embeddings})")
+    if r.data.max_length is not None and r.data.max_length < 1:
+        issues.add("data.max_length", f"expected >= 1, got {r.data.max_length}")
+
+
+def _algorithm(r: Recipe, issues: _Issues) -> None:
+    a = r.algorithm
+    if a is None:
+        return
+    if a.clip_ratio_low < 0 or a.clip_ratio_high < 0:
+        issues.add("algorithm.clip_ratio_low", "clip ratios must be >= 0")
+    if a.dual_clip is not None and a.dual_clip <= 1:
+        issues.add("algorithm.dual_clip", f"dual-clip constant must be > 1, got {a.dual_clip}")
+    for name in ("gamma", "lam"):
+        v = getattr(a, name)
+        if not 0 <= v <= 1:
+            issues.add(f"algorithm.{name}", f"expected 0 <= {name} <= 1, got {v}")
+    if a.ppo_epochs < 1:
+        issues.add("algorithm.ppo_epochs", f"expected >= 1, got {a.ppo_epochs}")
+    if a.kl.controller == "adaptive" and a.kl.target is None:
+        issues.add("algorithm.kl.target", "the adaptive KL controller needs a target KL")
+    if a.kl.coef < 0:
+        issues.add("algorithm.kl.coef", f"expected >= 0, got {a.kl.coef}")
+    r.derived.needs_reference = a.kl.coef > 0
+    r.derived.needs_critic = r.stage == "ppo"
+
+
+def _model_impl(r: Recipe, issues: _Issues) -> None:
+    m = r.model
+    if m.fp8:
+        if m.transformer_impl == "local":
+            issues.add("model.fp8", "FP8 GEMMs are Transformer Engine kernels: set model.transformer_impl "
+                       "to transformer_engine (or auto on GPUs)")
+        elif r.cluster.device == "cpu":
+            issues.add("model.fp8", "FP8 training needs GPUs with Transformer Engine; cluster.device is cpu")
+    if m.transformer_impl == "transformer_engine" and r.cluster.device == "cpu":
+        issues.add("model.transformer_impl", "Transformer Engine needs CUDA; use local or auto on cpu")
+    if m.finetuning == "lora" and m.lora_rank < 1:
+        issues.add("model.lora_rank", "lora finetuning needs lora_rank >= 1")
+    if r.optim.lr <= 0:
+        issues.add("optim.lr", f"expected lr > 0, got {r.optim.lr}")
+
+
+def _batches(r: Recipe, issues: _Issues) -> None:
+    t, d = r.trainer, r.derived
+    dp = r.parallel.dp
+    per_update_unit = t.micro_batch_per_rank * dp
+    if t.micro_batch_per_rank < 1:
+        issues.add("trainer.micro_batch_per_rank", f"expected >= 1, got {t.micro_batch_per_rank}")
+        return
+    if r.stage in RL_STAGES:
+        samples = t.prompts_per_step * r.rollout.n
+        mini = t.samples_per_minibatch or samples
+        if samples % mini:
+            issues.add("trainer.samples_per_minibatch", f"prompts_per_step × n = {t.prompts_per_step} × "
+                       f"{r.rollout.n} = {samples} samples do not split into mini-batches of {mini}")
+            return
+    else:
+        samples = t.samples_per_step
+        mini = samples
+        if t.samples_per_minibatch not in (None, samples):
+            issues.add("trainer.samples_per_minibatch", f"stage {r.stage} takes one optimizer update per step; "
+                       "remove samples_per_minibatch")
+            return
+    if mini % per_update_unit:
+        key = "trainer.samples_per_minibatch" if r.stage in RL_STAGES else "trainer.samples_per_step"
+        issues.add(key, f"{mini} samples per update do not split into micro-batches of "
+                   f"micro_batch_per_rank {t.micro_batch_per_rank} × dp {dp} = {per_update_unit}")
+        return
+    d.dp = dp
+    d.samples_per_step = samples
+    d.samples_per_minibatch = mini
+    d.minibatches_per_step = samples // mini
+    d.grad_accumulation = mini // per_update_unit
+
+
+def summary(r: Recipe) -> str:
+    """One line describing a resolved recipe."""
+    d, p = r.derived, r.parallel
+    what = (f"{r.trainer.prompts_per_step} prompts × n={r.rollout.n} = " if r.stage in RL_STAGES else "")
+    devices = "CPU ranks" if r.cluster.device == "cpu" else "GPUs"
+    rollout = f"; {d.rollout_gpus} rollout" if r.stage in RL_STAGES else ""
+    return (f"{r.stage}: {r.model.shape_preset or r.model.path} on {r.cluster.total_gpus} {devices} "
+            f"({d.train_world_size} training: {p.describe()}{rollout}); "
+            f"step = {what}{d.samples_per_step} samples, {d.minibatches_per_step} update(s) of "
+            f"{d.samples_per_minibatch}, grad accumulation {d.grad_accumulation}")
+
+
+__all__ = ["resolve_recipe", "summary", "Derived"]

@@ -1,0 +1,327 @@
+"""Recipe loading and validation: every rule is broken once and the error must name its key."""
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from megarl.cli import main as cli
+from megarl.config import ConfigError
+from megarl.config.loader import load_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GRPO = {
+    "stage": "grpo",
+    "model": {"path": "nowhere/llama", "shape_preset": "llama3-8b"},
+    "parallel": {"tp": 2},
+    "data": {"train": "train.jsonl"},
+    "rollout": {"engines": 2, "engine_tp": 2, "n": 4, "max_prompt_length": 512, "max_response_length": 512},
+    "reward": {"functions": [{"name": "numeric_match"}]},
+    "trainer": {"steps": 10, "prompts_per_step": 16, "samples_per_minibatch": 32, "micro_batch_per_rank": 2},
+    "cluster": {"nodes": 1, "gpus_per_node": 4},
+}
+DPO = {
+    "stage": "dpo",
+    "model": {"path": "nowhere/llama", "shape_preset": "llama3-8b"},
+    "data": {"train": "prefs.jsonl"},
+    "trainer": {"steps": 10, "samples_per_step": 16, "micro_batch_per_rank": 2},
+    "cluster": {"nodes": 1, "gpus_per_node": 8},
+}
+
+
+def merge(base, patch):
+    out = dict(base)
+    for k, v in patch.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write(tmp_path, data, name="recipe.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data, sort_keys=False) if isinstance(data, dict) else data)
+    return str(p)
+
+
+def errors(tmp_path, data, overrides=(), env=None):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, data), overrides=overrides, env=env or {})
+    return e.value.issues
+
+
+def keys(issues):
+    return [i.key for i in issues]
+
+
+def assert_error(tmp_path, data, key, fragment, overrides=()):
+    issues = errors(tmp_path, data, overrides)
+    match = [i for i in issues if i.key == key]
+    assert match, f"expected an error on {key}, got {[str(i) for i in issues]}"
+    assert any(fragment in i.message for i in match), [str(i) for i in match]
+
+
+# ---- valid recipes and derived sizes -----------------------------------------------------------
+def test_valid_grpo_and_derived_sizes(tmp_path):
+    r = load_recipe(write(tmp_path, GRPO))
+    d = r.derived
+    assert (d.train_world_size, d.rollout_gpus, d.dp) == (4, 4, 2)
+    assert (d.samples_per_step, d.samples_per_minibatch, d.minibatches_per_step) == (64, 32, 2)
+    assert d.grad_accumulation == 32 // (2 * 2)
+    assert r.parallel.world_size == 4 and r.model.architecture == "llama"
+    assert r.algorithm.advantage_estimator == "grpo" and r.data.kind == "prompts"
+
+
+def test_valid_dpo_fills_stage_defaults(tmp_path):
+    r = load_recipe(write(tmp_path, DPO))
+    assert r.preference.loss_type == "sigmoid" and r.derived.needs_reference
+    assert r.derived.grad_accumulation == 16 // (2 * 8)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+                                    + glob.glob(os.path.join(ROOT, "configs", "tiny", "*_cpu.yaml"))))
+def test_shipped_recipes_validate(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert cli(["validate", path]) == 0
+
+
+def test_shipped_recipes_cover_the_stages():
+    names = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)}
+    assert {"grpo_70b.yaml", "ppo_8b.yaml", "dpo_70b.yaml", "sft_8b.yaml"} <= names
+    assert {f"{s}_cpu.yaml" for s in ("sft", "grpo", "ppo", "dpo", "kto", "rm")} <= names
+
+
+# ---- loading: locations, typos, types, inheritance, overrides, env --------------------------------
+def test_unknown_key_suggests_nearest_and_names_file_line(tmp_path):
+    text = yaml.safe_dump(GRPO, sort_keys=False).replace("  n: 4", "  n: 4\n  temprature: 0.7")
+    [issue] = errors(tmp_path, text)
+    assert issue.key == "rollout.temprature" and "did you mean 'temperature'" in issue.message
+    line = text.splitlines().index("  temprature: 0.7") + 1
+    assert issue.location.endswith(f"recipe.yaml:{line}")
+
+
+def test_wrong_types_and_literals(tmp_path):
+    issues = errors(tmp_path, merge(GRPO, {"rollout": {"n": "four", "engine": "sglang"},
+                                           "model": {"trust_remote_code": "yes"}}))
+    msgs = {i.key: i.message for i in issues}
+    assert "expected int" in msgs["rollout.n"]
+    assert "one of 'vllm'" in msgs["rollout.engine"]
+    assert "expected bool" in msgs["model.trust_remote_code"]
+
+
+def test_missing_stage_and_duplicate_keys(tmp_path):
+    assert keys(errors(tmp_path, {"model": {"path": "x"}})) == ["stage"]
+    issues = errors(tmp_path, "stage: sft\nstage: dpo\n")
+    assert any(i.key == "stage" and "duplicate" in i.message for i in issues)
+
+
+def test_derived_keys_are_refused(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"parallel": {"dp": 2}}), "parallel.dp", "derived")
+    assert_error(tmp_path, merge(GRPO, {"parallel": {"world_size": 4}}), "parallel.world_size", "derived")
+
+
+def test_defaults_inheritance_and_child_wins(tmp_path):
+    (tmp_path / "base").mkdir()
+    write(tmp_path, {"rollout": {"temperature": 0.5, "top_p": 0.9}, "optim": {"lr": 3.0e-6}}, "base/rl.yaml")
+    child = merge(GRPO, {"defaults": ["base/rl.yaml"], "rollout": {"temperature": 0.7}})
+    r = load_recipe(write(tmp_path, child))
+    assert r.rollout.temperature == 0.7 and r.rollout.top_p == 0.9 and r.optim.lr == 3.0e-6
+
+
+def test_defaults_cycle_and_missing_base(tmp_path):
+    write(tmp_path, {"defaults": ["b.yaml"], "stage": "sft"}, "a.yaml")
+    write(tmp_path, {"defaults": ["a.yaml"]}, "b.yaml")
+    with pytest.raises(ConfigError, match="inheritance cycle"):
+        load_recipe(str(tmp_path / "a.yaml"))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_recipe(write(tmp_path, merge(GRPO, {"defaults": ["nope.yaml"]})))
+
+
+def test_set_overrides_are_typed(tmp_path):
+    r = load_recipe(write(tmp_path, GRPO), overrides=["rollout.n=8", "rollout.temperature=0.6",
+                                                      "trainer.prompts_per_step=8"])
+    assert r.rollout.n == 8 and r.rollout.temperature == 0.6 and r.derived.samples_per_step == 64
+    issues = errors(tmp_path, GRPO, overrides=["rollout.n=many"])
+    assert issues[0].key == "rollout.n" and issues[0].location == "--set rollout.n=many"
+    assert keys(errors(tmp_path, GRPO, overrides=["rollout.n"])) == ["rollout.n"]
+
+
+def test_env_interpolation_only_where_written(tmp_path):
+    data = merge(GRPO, {"model": {"path": "${env:MODEL_ROOT}/llama"}, "data": {"train": "${env:DATA:-d.jsonl}"}})
+    r = load_recipe(write(tmp_path, data), env={"MODEL_ROOT": "/models"})
+    assert r.model.path == "/models/llama" and r.data.train == "d.jsonl"
+    issues = errors(tmp_path, data)
+    assert keys(issues) == ["model.path"] and "MODEL_ROOT is not set" in issues[0].message
+
+
+def test_all_errors_reported_together(tmp_path):
+    bad = merge(GRPO, {"rollout": {"n": 1, "temperature": 0}, "parallel": {"tp": 3}})
+    got = set(keys(errors(tmp_path, bad)))
+    assert {"rollout.n", "rollout.temperature", "parallel.tp"} <= got
+
+
+# ---- cross-field rules (issue list) -----------------------------------------------------------
+def test_ppo_needs_reward_and_critic(tmp_path):
+    ppo = merge(GRPO, {"stage": "ppo", "rollout": {"n": 1}, "reward": None})
+    ppo.pop("reward")
+    issues = errors(tmp_path, ppo)
+    assert {"reward", "critic"} <= set(keys(issues))
+    assert_error(tmp_path, merge(ppo, {"critic": {"path": "c"}, "reward": {"functions": [{"name": "x"}]},
+                                       "algorithm": {"advantage_estimator": "grpo"}}),
+                 "algorithm.advantage_estimator", "gae")
+
+
+def test_grpo_needs_group_of_samples(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"rollout": {"n": 1}}), "rollout.n", "n > 1")
+    assert_error(tmp_path, merge(GRPO, {"algorithm": {"advantage_estimator": "gae"}}),
+                 "algorithm.advantage_estimator", "critic")
+
+
+def test_preference_stages_need_preference_data(tmp_path):
+    assert_error(tmp_path, merge(DPO, {"data": {"kind": "prompts"}}), "data.kind", "preference dataset")
+    assert_error(tmp_path, merge(DPO, {"stage": "kto", "data": {"kind": "preference"}}), "data.kind", "'kto'")
+
+
+def test_groups_a_stage_does_not_use_are_refused(tmp_path):
+    assert_error(tmp_path, merge(DPO, {"rollout": {"n": 2}}), "rollout", "not used by stage dpo")
+    assert_error(tmp_path, merge(GRPO, {"preference": {"beta": 0.1}}), "preference", "not used")
+
+
+def test_label_smoothing_only_with_sigmoid(tmp_path):
+    assert_error(tmp_path, merge(DPO, {"preference": {"loss_type": "hinge", "label_smoothing": 0.1}}),
+                 "preference.label_smoothing", "sigmoid")
+    load_recipe(write(tmp_path, merge(DPO, {"preference": {"loss_type": "sigmoid", "label_smoothing": 0.1}})))
+
+
+def test_orpo_simpo_run_without_reference(tmp_path):
+    for loss in ("orpo", "simpo"):
+        assert_error(tmp_path, merge(DPO, {"preference": {"loss_type": loss, "reference": "model"}}),
+                     "preference.reference", "reference-free")
+        r = load_recipe(write(tmp_path, merge(DPO, {"preference": {"loss_type": loss}})))
+        assert not r.derived.needs_reference
+
+
+def test_lora_reward_model_needs_lora_finetuning(tmp_path):
+    data = merge(GRPO, {"reward": {"reward_model": {"path": "rm", "type": "lora"}}})
+    assert_error(tmp_path, data, "reward.reward_model.type", "finetuning: lora")
+    load_recipe(write(tmp_path, merge(data, {"model": {"finetuning": "lora", "lora_rank": 8}})))
+
+
+def test_layout_must_match_gpus(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"parallel": {"tp": 2, "pp": 3}}), "parallel.tp", "4 training GPUs")
+    sep = merge(GRPO, {"cluster": {"gpus_per_node": 8, "placement": {"mode": "separate", "rollout_gpus": 4}},
+                       "parallel": {"tp": 8}})
+    assert_error(tmp_path, sep, "parallel.tp", "4 training GPUs")
+
+
+def test_heads_kv_heads_layers_experts(tmp_path):
+    custom = {"num_layers": 6, "hidden_size": 96, "num_attention_heads": 6, "num_kv_heads": 3,
+              "ffn_hidden_size": 256, "vocab_size": 100, "max_position_embeddings": 4096}
+    base = merge(GRPO, {"model": {"shape_preset": None, "shape": custom}, "rollout": {"engine_tp": 1}})
+    assert_error(tmp_path, merge(base, {"parallel": {"tp": 4}}), "parallel.tp", "6 attention heads")
+    issues = errors(tmp_path, merge(base, {"parallel": {"tp": 2}}))
+    assert any(i.key == "parallel.tp" and "3 kv heads" in i.message for i in issues)
+    assert_error(tmp_path, merge(base, {"parallel": {"tp": 1, "pp": 4}}), "parallel.pp", "6 layers")
+    assert_error(tmp_path, merge(base, {"parallel": {"tp": 1, "pp": 2, "vpp": 2}}), "parallel.pp", "pp·vpp = 4")
+    moe = merge(base, {"model": {"shape": {**custom, "num_experts": 6, "moe_topk": 2}}})
+    assert_error(tmp_path, merge(moe, {"parallel": {"tp": 1, "ep": 4}}), "parallel.ep", "6 experts")
+
+
+def test_moe_with_tp_needs_sequence_parallel(tmp_path):
+    data = merge(GRPO, {"model": {"shape_preset": "qwen3-30b-a3b"}, "parallel": {"tp": 2, "ep": 2}})
+    assert_error(tmp_path, data, "parallel.sp", "sequence parallel")
+    load_recipe(write(tmp_path, merge(data, {"parallel": {"sp": True}})))
+
+
+def test_batches_must_divide(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"trainer": {"samples_per_minibatch": 24}}),
+                 "trainer.samples_per_minibatch", "do not split into mini-batches")
+    assert_error(tmp_path, merge(GRPO, {"trainer": {"samples_per_minibatch": 16, "micro_batch_per_rank": 3}}),
+                 "trainer.samples_per_minibatch", "micro_batch_per_rank 3 × dp 2")
+    assert_error(tmp_path, merge(DPO, {"trainer": {"samples_per_step": 12}}), "trainer.samples_per_step",
+                 "micro_batch_per_rank 2 × dp 8")
+
+
+def test_lengths_fit_the_context(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"rollout": {"max_prompt_length": 4096, "max_response_length": 8192}}),
+                 "rollout.max_response_length", "exceeds the model context (8192)")
+    assert_error(tmp_path, merge(DPO, {"data": {"max_length": 10000}}), "data.max_length", "context")
+
+
+def test_rollout_engines_fit_the_rollout_gpus(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"rollout": {"engines": 4}}), "rollout.engines", "= 8 GPUs")
+    sep = merge(GRPO, {"cluster": {"gpus_per_node": 8, "placement": {"mode": "separate", "rollout_gpus": 2}}})
+    assert_error(tmp_path, sep, "rollout.engines", "rollout has 2")
+    assert_error(tmp_path, merge(GRPO, {"rollout": {"engine_tp": 3, "engines": 1}}), "rollout.engine_tp",
+                 "not divisible")
+
+
+def test_fp8_only_with_transformer_engine(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"model": {"fp8": "hybrid", "transformer_impl": "local"}}),
+                 "model.fp8", "Transformer Engine")
+    assert_error(tmp_path, merge(GRPO, {"model": {"fp8": "hybrid"}, "cluster": {"device": "cpu"}}),
+                 "model.fp8", "cpu")
+    load_recipe(write(tmp_path, merge(GRPO, {"model": {"fp8": "hybrid", "transformer_impl": "transformer_engine"}})))
+
+
+def test_shape_must_be_known(tmp_path):
+    data = merge(GRPO, {"model": {"shape_preset": None}})
+    assert_error(tmp_path, data, "model.path", "no config.json")
+    assert_error(tmp_path, merge(GRPO, {"model": {"shape_preset": "llama3-7b"}}), "model.shape_preset",
+                 "did you mean")
+
+
+def test_shape_read_from_local_hf_config(tmp_path):
+    import json
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 1000,
+        "max_position_embeddings": 2048}))
+    r = load_recipe(write(tmp_path, merge(GRPO, {"model": {"path": str(model), "shape_preset": None}})))
+    assert r.model.architecture == "qwen2" and r.model.shape.num_layers == 4
+    assert r.derived.shape_source.endswith("config.json")
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def test_cli_validate_exit_codes(tmp_path, capsys):
+    assert cli(["validate", write(tmp_path, GRPO)]) == 0
+    assert capsys.readouterr().out.startswith("OK ")
+    assert cli(["validate", write(tmp_path, merge(GRPO, {"rollout": {"n": 1}})), "--set", "parallel.tp=3"]) == 1
+    err = capsys.readouterr().err
+    assert "rollout.n" in err and "parallel.tp" in err
+
+
+def test_plan_grpo_70b_fits_and_explains(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert cli(["plan", "configs/grpo_70b.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "8 nodes × 8 GPUs" in out and "70.55B parameters" in out
+    for role in ("actor", "reference", "rollout"):
+        assert any(line.strip().startswith(role) and line.rstrip().split()[7] == "yes"
+                   for line in out.splitlines()), role
+    assert "how each number is computed" in out and "Korthikanti" in out
+
+
+def test_plan_flags_a_role_that_does_not_fit(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code = cli(["plan", "configs/grpo_70b.yaml", "--set", "parallel.pp=1", "--set", "parallel.tp=8",
+                "--gpu-type", "a100-40gb"])
+    out = capsys.readouterr().out
+    assert code == 2 and " NO " in out
+
+
+def test_train_writes_resolved_recipe_and_says_stage_is_missing(tmp_path, capsys):
+    data = merge(DPO, {"trainer": {"output_dir": str(tmp_path / "run")}})
+    assert cli(["train", write(tmp_path, data)]) == 3
+    resolved = yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
+    assert resolved["derived"]["samples_per_step"] == 16 and resolved["stage"] == "dpo"
+    assert "no trainer in this version" in capsys.readouterr().err
+
+
+def test_error_in_an_inherited_value_points_at_the_base_file(tmp_path):
+    write(tmp_path, {"rollout": {"top_p": 1.5}}, "base.yaml")
+    [issue] = errors(tmp_path, merge(GRPO, {"defaults": ["base.yaml"]}))
+    assert issue.key == "rollout.top_p" and issue.location.endswith("base.yaml:2")
