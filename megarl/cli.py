@@ -3,6 +3,9 @@
     megarl validate RECIPE [--set a.b=c ...]   check a recipe; exit 0 with a summary, 1 with every error
     megarl plan RECIPE [--set ...]             GPU map, batch accounting, memory per GPU per role
     megarl train RECIPE [--set ...]            validate, write the resolved recipe, run the stage
+    megarl convert hf-to-megatron HF_DIR OUT   HF safetensors -> megatron dist checkpoint (any layout loads it)
+    megarl convert megatron-to-hf CKPT OUT     back to HF safetensors + config + tokenizer
+    megarl make-tiny OUT [--arch qwen2]        tiny random-init HF model + locally trained tokenizer
     megarl env                                 device, backend, versions, CPU compatibility patches
 """
 
@@ -76,6 +79,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return runner(recipe)
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from megarl.checkpoint.hf_map import CheckpointMismatch
+    from megarl.runtime.local_group import LocalGroupError, run_local_group
+
+    fn = {"hf-to-megatron": "megarl.checkpoint.hf:convert_hf_to_megatron",
+          "megatron-to-hf": "megarl.checkpoint.hf:convert_megatron_to_hf"}[args.direction]
+    try:
+        [summary] = run_local_group(fn, 1, args=(args.src, args.dst), timeout=args.timeout)
+    except (LocalGroupError, CheckpointMismatch, FileNotFoundError) as e:
+        last = str(e).strip().splitlines()[-1]
+        print(f"conversion failed: {last}", file=sys.stderr)
+        return 1
+    print(json.dumps({"src": args.src, "dst": args.dst, **summary}))
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from megarl.models.tiny_hf import make_tiny_model
+
+    summary = make_tiny_model(args.out, arch=args.arch, seed=args.seed, tokenizer_dir=args.tokenizer,
+                              logit_scale=args.logit_scale, dtype=args.dtype)
+    print(json.dumps(summary))
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -108,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "plan":
             p.add_argument("--gpu-type", help="GPU type for the memory estimate (default: cluster.gpu_type)")
+    conv = sub.add_parser("convert", help="convert checkpoints between HF and megatron")
+    conv.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--timeout", type=float, default=3600.0)
+    conv.set_defaults(func=_cmd_convert)
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-init HF model and tokenizer")
+    tiny.add_argument("out")
+    tiny.add_argument("--arch", default="qwen2", choices=["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--tokenizer", help="reuse this tokenizer directory instead of training one")
+    tiny.add_argument("--logit-scale", type=float, default=1.0, help="scale the output head (peakier sampling)")
+    tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    tiny.set_defaults(func=_cmd_make_tiny)
     env = sub.add_parser("env", help="show device, backend, versions and active CPU patches")
     env.set_defaults(func=_cmd_env)
     return parser

@@ -12,6 +12,17 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _pytest_process_stays_clean():
+    """megatron code runs in spawned ranks (run_local_group), never in the pytest process: the CPU
+    compatibility layer rewrites torch process-wide and would leak into unrelated tests."""
+    yield
+    import sys
+
+    compat = sys.modules.get("megarl.runtime.cpu_compat")
+    assert compat is None or compat._applied is None, "a test installed the megatron CPU layer in pytest"
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """Single-rank run of the tiny dense and MoE GPTs (tests/dist/scenarios.py): the initial weights
@@ -21,3 +32,31 @@ def reference(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("parallel_ref"))
     [ref] = run_local_group("tests.dist.scenarios:reference_run", 1, args=(workdir,), timeout=300)
     return workdir, ref
+
+
+TINY_ARCHS = ("qwen2", "llama", "mistral", "qwen3", "qwen3_moe", "mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_models(tmp_path_factory):
+    """{arch: dir} of tiny random-init HF models sharing one locally trained tokenizer."""
+    from megarl.models.tiny_hf import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_hf")
+    dirs = {}
+    for i, arch in enumerate(TINY_ARCHS):
+        dirs[arch] = str(root / arch)
+        make_tiny_model(dirs[arch], arch=arch, seed=i, tokenizer_dir=dirs["qwen2"] if i else None)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_hf_models, tmp_path_factory):
+    """Each tiny model converted HF -> megatron dist checkpoint -> HF (in one world-1 group)."""
+    from megarl.runtime.local_group import run_local_group
+
+    root = tmp_path_factory.mktemp("converted")
+    jobs = [(tiny_hf_models[a], str(root / a / "mcore"), str(root / a / "hf_back")) for a in TINY_ARCHS]
+    [summaries] = run_local_group("tests.models.parity:convert_round_trip", 1, args=(jobs,), timeout=600)
+    return {a: {"hf": j[0], "ckpt": j[1], "back": j[2], "summary": s}
+            for a, j, s in zip(TINY_ARCHS, jobs, summaries)}

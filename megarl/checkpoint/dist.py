@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from megarl.runtime import cpu_compat
@@ -23,7 +25,7 @@ from megatron.core import parallel_state as ps  # noqa: E402
 
 from megarl.models.train import TrainState  # noqa: E402
 
-PARTIAL_SUFFIX = ".partial"
+from megarl.checkpoint.paths import EXTRA_DIR, PARTIAL_SUFFIX  # noqa: E402
 
 
 def _metadata() -> dict:
@@ -35,44 +37,78 @@ def _metadata() -> dict:
     }
 
 
-def sharded_state(state: TrainState, loading: bool, with_optimizer: bool = True) -> dict:
+def _unwrap(m):
+    return getattr(m, "module", m)  # DDP-wrapped chunk -> the GPTModel
+
+
+def sharded_state(models: list, optimizer=None, loading: bool = False) -> dict:
+    """The sharded state dict of model chunks (+ optimizer); tensor keys are global names."""
     md = _metadata()
-    if len(state.models) == 1:
-        model_sd = {"model": state.models[0].module.sharded_state_dict(metadata=md)}
+    if len(models) == 1:
+        model_sd = {"model": _unwrap(models[0]).sharded_state_dict(metadata=md)}
     else:  # virtual pipeline stages: one entry per chunk; tensor keys are global layer names
-        model_sd = {f"model{i}": m.module.sharded_state_dict(metadata=md) for i, m in enumerate(state.models)}
+        model_sd = {f"model{i}": _unwrap(m).sharded_state_dict(metadata=md) for i, m in enumerate(models)}
     out = dict(model_sd)
-    if with_optimizer:
-        out["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=md)
+    if optimizer is not None:
+        out["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=md)
     return out
 
 
 def save_checkpoint(state: TrainState, path: str, with_optimizer: bool = True) -> None:
     """Collective: every rank calls it. Atomic at directory level."""
+    save_sharded(state.models, path, state.optimizer if with_optimizer else None)
+
+
+def load_checkpoint(state: TrainState, path: str, with_optimizer: bool = True) -> None:
+    """Collective: load into this rank's layout, resharding model and optimizer state."""
+    load_sharded(state.models, path, state.optimizer if with_optimizer else None)
+
+
+def save_sharded(models: list, path: str, optimizer=None, extra: dict | None = None,
+                 finish_rank0: Callable[[str], None] | None = None) -> None:
+    """Save model chunks (and optimizer) as a dist checkpoint; collective and atomic.
+
+    `extra` is this rank's own state (step, data position, RNG, scheduler), written to
+    `extra/rank<r>.pt`; `finish_rank0(tmp_dir)` adds files before the checkpoint becomes visible.
+    """
     tmp = path + PARTIAL_SUFFIX
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        os.makedirs(os.path.join(tmp, EXTRA_DIR))
     dist.barrier()
-    dist_checkpointing.save(sharded_state(state, loading=False, with_optimizer=with_optimizer), tmp)
+    dist_checkpointing.save(sharded_state(models, optimizer), tmp)
+    if extra is not None:
+        torch.save(extra, os.path.join(tmp, EXTRA_DIR, f"rank{dist.get_rank()}.pt"))
     dist.barrier()
+    if dist.get_rank() == 0 and finish_rank0 is not None:
+        finish_rank0(tmp)
     if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     dist.barrier()
 
 
-def load_checkpoint(state: TrainState, path: str, with_optimizer: bool = True) -> None:
-    """Collective: load into this rank's layout, resharding model and optimizer state."""
+def load_sharded(models: list, path: str, optimizer=None) -> None:
+    """Load a dist checkpoint into this rank's model chunks (and optimizer), resharding."""
     if not os.path.isdir(path):
         partial = os.path.isdir(path + PARTIAL_SUFFIX)
         raise FileNotFoundError(f"checkpoint {path!r} does not exist"
                                 + (" (only an unfinished save is there)" if partial else ""))
-    loaded = dist_checkpointing.load(sharded_state(state, loading=True, with_optimizer=with_optimizer), path)
-    if len(state.models) == 1:
-        state.models[0].module.load_state_dict(loaded["model"])
+    loaded = dist_checkpointing.load(sharded_state(models, optimizer, loading=True), path)
+    if len(models) == 1:
+        _unwrap(models[0]).load_state_dict(loaded["model"])
     else:
-        for i, m in enumerate(state.models):
-            m.module.load_state_dict(loaded[f"model{i}"])
-    if with_optimizer:
-        state.optimizer.load_state_dict(loaded["optimizer"])
+        for i, m in enumerate(models):
+            _unwrap(m).load_state_dict(loaded[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+
+
+def load_extra(path: str) -> dict | None:
+    """This rank's `extra` state from a checkpoint (rank 0's when resuming on more ranks)."""
+    mine = os.path.join(path, EXTRA_DIR, f"rank{dist.get_rank()}.pt")
+    fallback = os.path.join(path, EXTRA_DIR, "rank0.pt")
+    for candidate in (mine, fallback):
+        if os.path.isfile(candidate):
+            return torch.load(candidate, weights_only=False)  # our own file: RNG states are tuples
+    return None

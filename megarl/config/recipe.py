@@ -238,6 +238,9 @@ class TrainerConfig:
     eval_freq: int = 0
     resume: str = "auto"
     """auto (latest complete checkpoint in output_dir), never, or a checkpoint path."""
+    max_steps_this_run: int | None = None
+    """Stop (after checkpointing) once this invocation has taken this many steps; the schedule still
+    targets `steps`. For time-limited allocations: the next run resumes where this one stopped."""
     output_dir: str = "runs/default"
     seed: int = 1234
 

@@ -74,8 +74,23 @@ def masked_token_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor
     return local_sum / n_tokens, {"loss": counts[0] / n_tokens}
 
 
+def masked_token_sum_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
+    """Sum over unmasked tokens and their count, for `calculate_per_token_loss` configs: megatron
+    then divides the gradients by the token count of the whole step (all micro-batches, all DP
+    ranks), so every token weighs the same however the batch was cut. Context parallel ranks add
+    their partial sums. Returns (sum, count, {"loss_sum_count": [sum, count]})."""
+    mask = loss_mask.float()
+    local_sum = (per_token_loss.float() * mask).sum()
+    count = mask.sum()
+    report = torch.stack([local_sum.detach(), count])
+    if ps.get_context_parallel_world_size() > 1:
+        dist.all_reduce(report, group=ps.get_context_parallel_group())
+    return local_sum, count.to(torch.int), {"loss_sum_count": report}
+
+
 def gpt_forward_step(data_iterator, model):
-    """forward_step_func for megatron's schedule: a GPT batch dict -> per-token CE + loss func."""
+    """forward_step_func for megatron's schedule: a GPT batch dict -> per-token CE + loss func
+    (token sum for `calculate_per_token_loss` models, micro-batch token mean otherwise)."""
     batch = next(data_iterator)
     if ps.get_context_parallel_world_size() > 1:
         from megatron.core.utils import get_batch_on_this_cp_rank
@@ -84,7 +99,9 @@ def gpt_forward_step(data_iterator, model):
                                           cp_group=ps.get_context_parallel_group())
     per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                       labels=batch["labels"])
-    return per_token, partial(masked_token_mean_loss, loss_mask=batch["loss_mask"])
+    per_token_loss_mode = getattr(model, "config", None) is not None and model.config.calculate_per_token_loss
+    loss_fn = masked_token_sum_loss if per_token_loss_mode else masked_token_mean_loss
+    return per_token, partial(loss_fn, loss_mask=batch["loss_mask"])
 
 
 def run_schedule(state: TrainState, microbatches: list[dict], seq_length: int,
@@ -116,9 +133,15 @@ def train_step(state: TrainState, microbatches: list[dict], seq_length: int,
 
 
 def _mean_loss_everywhere(outputs: Iterable[dict]) -> float:
-    """Mean micro-batch loss on the last stage, averaged over DP and shared with all ranks."""
+    """The step's loss on every rank: the mean of micro-batch means (token-mean mode) or the global
+    token mean (per-token mode), over all DP ranks. Every last-stage rank of every TP/CP replica
+    contributes equally, so the replicas' identical values average to themselves."""
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
-    losses = [o["loss"] for o in outputs] if last else []
-    t = torch.tensor([sum(float(x) for x in losses), float(len(losses))], dtype=torch.float64)
-    dist.all_reduce(t)  # every last-stage rank of every DP (and TP/CP-replica) group contributes
-    return (t[0] / t[1]).item()
+    t = torch.zeros(2, dtype=torch.float64)
+    for o in outputs if last else []:
+        if "loss_sum_count" in o:
+            t += o["loss_sum_count"].double()
+        else:
+            t += torch.tensor([float(o["loss"]), 1.0], dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t[0] / t[1].clamp(min=1.0)).item()

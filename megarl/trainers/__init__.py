@@ -5,4 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-TRAINERS: dict[str, Callable] = {}
+def _sft(recipe) -> int:
+    from megarl.trainers.sft import run
+
+    return run(recipe)
+
+
+TRAINERS: dict[str, Callable] = {"sft": _sft}

@@ -1,0 +1,45 @@
+"""Forward-only passes through megatron's pipeline schedule: full-vocabulary logits (for parity
+checks and debugging) gathered from the tensor-parallel shards on the last pipeline stage."""
+
+from __future__ import annotations
+
+import torch
+
+from megarl.runtime import cpu_compat
+
+cpu_compat.install()
+
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: E402
+
+
+def full_logits(chunks: list, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Logits [b, s, vocab] of `tokens` [b, s] (one micro-batch); None on ranks that are not on the
+    last pipeline stage. `attention_mask` [b, 1, s, s] (True = masked) replaces the causal mask."""
+    b, s = tokens.shape
+    if position_ids is None:
+        position_ids = torch.arange(s).expand(b, s).contiguous()
+    batch = {"tokens": tokens, "position_ids": position_ids, "attention_mask": attention_mask}
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        out = model(mb["tokens"], mb["position_ids"], mb["attention_mask"])
+
+        def collect(output):
+            return output.sum() * 0.0, {"logits": gather_from_tensor_model_parallel_region(output).detach()}
+
+        return out, collect
+
+    for m in chunks:
+        m.eval()
+    n = len(chunks)
+    iterators = [iter([batch]) for _ in range(n)] if n > 1 else iter([batch])
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterators, model=chunks if n > 1 else chunks[0],
+            num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return outputs[0]["logits"]

@@ -1,0 +1,196 @@
+"""Supervised fine-tuning on chat / tool-calling conversations (loss on assistant tokens only).
+
+Driver (`run`): makes sure a megatron checkpoint of the starting model exists (converting an HF
+directory once), then runs `train_rank` on every rank (local gloo ranks on CPU), then exports the
+final weights to HF format in `<output_dir>/hf`.
+
+Each step (`train_rank`): the sampler hands out `samples_per_step` rendered conversations; each
+data-parallel rank takes its share, cut into micro-batches of `micro_batch_per_rank` sequences padded
+to the step's longest; megatron's schedule runs forward/backward with the per-token loss (every
+assistant token in the step weighs the same); the optimizer and LR schedule step. Checkpoints
+hold model, optimizer, LR schedule, RNG states, data position and step; `resume: auto` picks the
+newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+
+from megarl.config.recipe import Recipe
+
+INIT_DIR = "init"          # the starting model as a megatron checkpoint
+CKPT_DIR = "checkpoints"   # step_<N> training checkpoints
+METRICS_FILE = "metrics.jsonl"
+
+
+def _initial_checkpoint(recipe: Recipe) -> str:
+    """A megatron checkpoint of the starting model: model.path itself, or converted into
+    `<output_dir>/init` once."""
+    from megarl.checkpoint.hf import MARKER, convert_hf_to_megatron
+    from megarl.runtime.local_group import run_local_group
+
+    path = recipe.model.path
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return path
+    target = os.path.join(recipe.trainer.output_dir, INIT_DIR)
+    marker = os.path.join(target, MARKER)
+    if os.path.isfile(marker) and json.load(open(marker)).get("source") == os.path.abspath(path):
+        return target
+    print(f"[sft] converting {path} to a megatron checkpoint in {target}", flush=True)
+    run_local_group(convert_hf_to_megatron, 1, args=(path, target), timeout=3600)
+    return target
+
+
+def run(recipe: Recipe) -> int:
+    from megarl.checkpoint.hf import convert_megatron_to_hf
+    from megarl.checkpoint.paths import latest_checkpoint
+    from megarl.runtime.local_group import run_local_group
+
+    os.makedirs(recipe.trainer.output_dir, exist_ok=True)
+    init = _initial_checkpoint(recipe)
+    world = recipe.derived.train_world_size
+    if os.environ.get("WORLD_SIZE"):  # launched by torchrun / the Slurm launcher: we are a rank
+        result = train_rank(recipe, init)
+    else:
+        result = run_local_group(train_rank, world, args=(recipe, init), timeout=24 * 3600)[0]
+    print(f"[sft] {json.dumps(result)}", flush=True)
+    if result["finished"]:
+        final = latest_checkpoint(os.path.join(recipe.trainer.output_dir, CKPT_DIR))
+        out = os.path.join(recipe.trainer.output_dir, "hf")
+        run_local_group(convert_megatron_to_hf, 1, args=(final, out), timeout=3600)
+        print(f"[sft] exported {final} to {out}", flush=True)
+    return 0
+
+
+def total_steps(recipe: Recipe, num_samples: int) -> int:
+    t = recipe.trainer
+    return t.steps if t.steps is not None else t.epochs * math.ceil(num_samples / recipe.derived.samples_per_step)
+
+
+def _microbatches(samples: list, micro: int, pad_id: int, multiple: int) -> tuple[list[dict], int]:
+    import torch
+
+    longest = max(len(s) for s in samples)
+    seq = math.ceil((longest - 1) / multiple) * multiple
+    out = []
+    for i in range(0, len(samples), micro):
+        group = samples[i:i + micro]
+        ids = torch.full((len(group), seq + 1), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), seq + 1), dtype=torch.float)
+        for j, s in enumerate(group):
+            ids[j, :len(s)] = torch.tensor(s.input_ids)
+            mask[j, :len(s)] = torch.tensor(s.loss_mask, dtype=torch.float)
+        out.append({"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+                    "loss_mask": mask[:, 1:].contiguous(),
+                    "position_ids": torch.arange(seq).expand(len(group), seq).contiguous(), "attention_mask": None})
+    return out, seq
+
+
+def _scheduler(optimizer, recipe: Recipe, steps: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = recipe.optim
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(steps, 1), lr_decay_style=o.lr_scheduler,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(steps, 1), wd_incr_style="constant")
+
+
+def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import OptimizerConfig
+    from transformers import AutoTokenizer
+
+    from megarl.checkpoint.dist import load_extra, load_sharded, save_sharded
+    from megarl.checkpoint.paths import latest_checkpoint
+    from megarl.checkpoint.hf import MARKER, load_converted
+    from megarl.data.sampler import EpochSampler
+    from megarl.data.sft import SFTDataset
+    from megarl.models.train import train_step, wrap_for_training
+    from megarl.runtime.seed import rng_state, set_rng_state
+
+    t, o = recipe.trainer, recipe.optim
+    chunks, config, _ = load_converted(init_ckpt, recipe.parallel, seed=t.seed)
+    config.calculate_per_token_loss = True
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.model.dtype]
+    optim = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                            clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                            params_dtype=dtype)
+    state = wrap_for_training(chunks, config, optim, distributed_optimizer=o.distributed_optimizer)
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(init_ckpt, "hf"))
+    rejected = os.path.join(t.output_dir, "rejected_rows.jsonl") if dist.get_rank() == 0 else None
+    data = SFTDataset(recipe.data.train, tokenizer, recipe.data.max_length or recipe.model.shape.max_position_embeddings,
+                      recipe.data.format, recipe.data.on_bad_row, recipe.data.rejected_path or rejected)
+    if dist.get_rank() == 0 and data.rejected:
+        print(f"[sft] {data.report}", flush=True)
+    steps = total_steps(recipe, len(data))
+    scheduler = _scheduler(state.optimizer, recipe, steps)
+    sampler = EpochSampler(len(data), recipe.data.seed, recipe.data.shuffle)
+    step = 0
+    ckpt_root = os.path.join(t.output_dir, CKPT_DIR)
+    resume_from = {"auto": latest_checkpoint(ckpt_root), "never": None}.get(t.resume, t.resume)
+    if resume_from:
+        load_sharded(state.models, resume_from, state.optimizer)
+        extra = load_extra(resume_from)
+        step = extra["step"]
+        sampler = EpochSampler.from_state(len(data), recipe.data.seed, recipe.data.shuffle, extra["sampler"])
+        scheduler.load_state_dict(extra["scheduler"])
+        if extra.get("rank") == dist.get_rank():
+            set_rng_state(extra["rng"])
+        if dist.get_rank() == 0:
+            print(f"[sft] resumed from {resume_from} at step {step}", flush=True)
+
+    def save(at_step: int) -> None:
+        def finish(tmp):
+            shutil.copytree(os.path.join(init_ckpt, "hf"), os.path.join(tmp, "hf"), dirs_exist_ok=True)
+            shutil.copy(os.path.join(init_ckpt, MARKER), os.path.join(tmp, MARKER))
+
+        extra = {"step": at_step, "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_state(), "rank": dist.get_rank()}
+        save_sharded(state.models, os.path.join(ckpt_root, f"step_{at_step:06d}"), state.optimizer, extra, finish)
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    multiple = recipe.parallel.tp * recipe.parallel.cp * 2 if (recipe.parallel.sp or recipe.parallel.cp > 1) else 1
+    per_rank = recipe.derived.samples_per_step // dp
+    metrics_path = os.path.join(t.output_dir, METRICS_FILE)
+    taken = 0
+    while step < steps:
+        t0 = time.perf_counter()
+        indices = sampler.take(recipe.derived.samples_per_step)
+        mine = [data.samples[i] for i in indices[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
+        micro, seq = _microbatches(mine, t.micro_batch_per_rank, tokenizer.pad_token_id, multiple)
+        # every DP rank must use the same sequence length (pipeline shapes): agree on the max
+        seq_t = torch.tensor([seq])
+        dist.all_reduce(seq_t, op=dist.ReduceOp.MAX)
+        if int(seq_t) != seq:
+            micro, seq = _microbatches(mine, t.micro_batch_per_rank, tokenizer.pad_token_id, int(seq_t))
+        metrics = train_step(state, micro, seq)
+        scheduler.step(increment=1)
+        step += 1
+        taken += 1
+        tokens = torch.tensor([sum(float(m["loss_mask"].sum()) for m in micro)])
+        dist.all_reduce(tokens)
+        if dist.get_rank() == 0:
+            record = {"step": step, **metrics, "lr": state.optimizer.param_groups[0]["lr"],
+                      "trained_tokens": int(tokens.item()) // (ps.get_tensor_model_parallel_world_size()
+                                                                * ps.get_pipeline_model_parallel_world_size()
+                                                                * ps.get_context_parallel_world_size()),
+                      "seconds": round(time.perf_counter() - t0, 4)}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"[sft] step {step}/{steps} loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
+                  f"lr {record['lr']:.2e}", flush=True)
+        stop_now = t.max_steps_this_run is not None and taken >= t.max_steps_this_run
+        if step == steps or stop_now or (t.save_freq and step % t.save_freq == 0):
+            save(step)
+        if stop_now and step < steps:
+            return {"finished": False, "step": step, "steps": steps}
+    return {"finished": True, "step": step, "steps": steps}
