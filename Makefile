@@ -18,7 +18,7 @@ test-dist: setup  ## only the multi-process gloo tests
 	$(PY) -m pytest -q -m dist
 
 demo: setup  ## the main job that exists today (see README)
-	$(PY) examples/parallel_train_demo.py --out runs/demo
+	$(PY) examples/demo.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

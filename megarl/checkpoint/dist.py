@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,9 +23,8 @@ cpu_compat.install()
 from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from megarl.models.train import TrainState  # noqa: E402
-
 from megarl.checkpoint.paths import EXTRA_DIR, PARTIAL_SUFFIX  # noqa: E402
+from megarl.models.train import TrainState  # noqa: E402
 
 
 def _metadata() -> dict:
@@ -74,10 +73,11 @@ def save_sharded(models: list, path: str, optimizer=None, extra: dict | None = N
     tmp = path + PARTIAL_SUFFIX
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, EXTRA_DIR))
+        os.makedirs(tmp)
     dist.barrier()
     dist_checkpointing.save(sharded_state(models, optimizer), tmp)
     if extra is not None:
+        os.makedirs(os.path.join(tmp, EXTRA_DIR), exist_ok=True)
         torch.save(extra, os.path.join(tmp, EXTRA_DIR, f"rank{dist.get_rank()}.pt"))
     dist.barrier()
     if dist.get_rank() == 0 and finish_rank0 is not None:

@@ -103,7 +103,12 @@ def full_plan(arch: str, cfg: dict) -> list[tuple[str, list[str], str]]:
     for i in range(cfg["num_hidden_layers"]):
         plan += layer_plan(arch, cfg, i)
     plan.append(("decoder.final_layernorm.weight", ["model.norm.weight"], "copy"))
-    if not cfg.get("tie_word_embeddings", False):
+    archs = cfg.get("architectures") or [""]
+    if archs[0].endswith(("ForTokenClassification", "ForSequenceClassification")):
+        plan.append(("output_layer.weight", ["score.weight"], "copy"))  # critic value / reward score
+        if archs[0].endswith("ForTokenClassification"):
+            plan.append(("output_layer.bias", ["score.bias"], "copy"))
+    elif not cfg.get("tie_word_embeddings", False):
         plan.append(("output_layer.weight", ["lm_head.weight"], "copy"))
     return plan
 

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from megarl.data.readers import DatasetError, read_rows
-from megarl.data.render import RenderError, Rendered, render_messages
+from megarl.data.render import Rendered, RenderError, render_messages
 
 ROLES = ("system", "user", "assistant", "tool")
 

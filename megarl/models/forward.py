@@ -13,11 +13,13 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: E402
 
+from megarl.models.heads import ScalarHead  # noqa: E402
+
 
 def full_logits(chunks: list, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Logits [b, s, vocab] of `tokens` [b, s] (one micro-batch); None on ranks that are not on the
-    last pipeline stage. `attention_mask` [b, 1, s, s] (True = masked) replaces the causal mask."""
+    """Logits [b, s, vocab] (or values [b, s, 1] for a scalar head) of `tokens` [b, s] (one
+    micro-batch); None on ranks that are not on the last pipeline stage. `attention_mask` [b, 1, s, s] (True = masked) replaces the causal mask."""
     b, s = tokens.shape
     if position_ids is None:
         position_ids = torch.arange(s).expand(b, s).contiguous()
@@ -26,9 +28,11 @@ def full_logits(chunks: list, tokens: torch.Tensor, attention_mask: torch.Tensor
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         out = model(mb["tokens"], mb["position_ids"], mb["attention_mask"])
+        vocab_parallel = not isinstance(getattr(model, "output_layer", None), ScalarHead)
 
         def collect(output):
-            return output.sum() * 0.0, {"logits": gather_from_tensor_model_parallel_region(output).detach()}
+            full = gather_from_tensor_model_parallel_region(output) if vocab_parallel else output
+            return output.sum() * 0.0, {"logits": full.detach()}
 
         return out, collect
 

@@ -40,8 +40,16 @@ def layer_spec(config: TransformerConfig, impl: str, qk_layernorm: bool = False)
 
 def build_gpt_chunks(config: TransformerConfig, vocab_size: int, max_sequence_length: int,
                      impl: str = LOCAL, qk_layernorm: bool = False, tie_embeddings: bool = False,
-                     rotary_base: int = 10000) -> list[GPTModel]:
-    """This rank's model chunks: one GPTModel, or one per virtual pipeline stage (interleaved PP)."""
+                     rotary_base: int = 10000, head: str = "lm") -> list[GPTModel]:
+    """This rank's model chunks: one GPTModel, or one per virtual pipeline stage (interleaved PP).
+    `head` is "lm" (vocab logits: actor, reference) or "scalar"/"scalar_bias" (critic value /
+    reward score)."""
+    from megarl.models.heads import LM, SCALAR, SCALAR_WITH_BIAS, attach_scalar_head
+
+    if head not in (LM, SCALAR, SCALAR_WITH_BIAS):
+        raise ValueError(f"head must be {LM!r}, {SCALAR!r} or {SCALAR_WITH_BIAS!r}, got {head!r}")
+    if head != LM and tie_embeddings:
+        tie_embeddings = False  # a scalar head has no vocabulary to tie
     spec = layer_spec(config, impl, qk_layernorm)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
     chunks = []
@@ -59,4 +67,6 @@ def build_gpt_chunks(config: TransformerConfig, vocab_size: int, max_sequence_le
             rotary_base=rotary_base,
             vp_stage=stage,
         ))
+        if head != LM:
+            attach_scalar_head(chunks[-1], config, bias=head == SCALAR_WITH_BIAS)
     return chunks

@@ -26,6 +26,21 @@ class GPTArgs:
     rotary_base: float
     tie_embeddings: bool
     qk_layernorm: bool
+    head: str = "lm"
+    """"lm" for *ForCausalLM, "scalar_bias" for *ForTokenClassification (critic), "scalar" for
+    *ForSequenceClassification (reward model)."""
+
+
+SCALAR_HEAD_SUFFIXES = ("ForTokenClassification", "ForSequenceClassification")
+
+
+def head_of(cfg: dict) -> str:
+    archs = cfg.get("architectures") or []
+    if archs and archs[0].endswith(SCALAR_HEAD_SUFFIXES):
+        if cfg.get("num_labels", len(cfg.get("id2label", {}) or {0: 0})) != 1:
+            raise NotImplementedError(f"{archs[0]} with more than one label is not a critic/reward model")
+        return "scalar_bias" if archs[0].endswith("ForTokenClassification") else "scalar"
+    return "lm"
 
 
 def read_hf_config(path: str) -> dict:
@@ -44,7 +59,35 @@ def _rope_theta(cfg: dict) -> float:
     return float(theta)
 
 
-def megatron_config_from_hf(cfg: dict, parallel: ParallelConfig, dtype: str = "fp32", **overrides):
+@dataclass(frozen=True)
+class BuildOptions:
+    """Recipe choices that shape the megatron model (from `model.*`)."""
+
+    transformer_impl: str = "local"  # resolved: "local" or "transformer_engine"
+    fp8: str | None = None           # "e4m3" | "hybrid" (TE only)
+    fp8_recipe: str = "delayed"
+    recompute: str = "none"          # "none" | "selective" | "full"
+
+    @classmethod
+    def from_recipe(cls, model_cfg, device) -> BuildOptions:
+        from megarl.models.impl import select_transformer_impl
+
+        impl = select_transformer_impl(model_cfg.transformer_impl, device, fp8=model_cfg.fp8)
+        return cls(impl, model_cfg.fp8, model_cfg.fp8_recipe, model_cfg.recompute)
+
+    def config_kwargs(self) -> dict:
+        kw: dict = {}
+        if self.fp8:
+            kw.update(fp8=self.fp8, fp8_recipe=self.fp8_recipe)
+        if self.recompute == "selective":
+            kw.update(recompute_granularity="selective")
+        elif self.recompute == "full":
+            kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        return kw
+
+
+def megatron_config_from_hf(cfg: dict, parallel: ParallelConfig, dtype: str = "fp32",
+                            options: BuildOptions | None = None, **overrides):
     """(TransformerConfig, GPTArgs) for an HF config dict at the given parallel layout."""
     arch = cfg.get("model_type")
     if arch not in SUPPORTED:
@@ -91,8 +134,9 @@ def megatron_config_from_hf(cfg: dict, parallel: ParallelConfig, dtype: str = "f
                   moe_router_pre_softmax=not cfg.get("norm_topk_prob", True),
                   moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
                   moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False)
+    kw.update((options or BuildOptions()).config_kwargs())
     kw.update(overrides)
     args = GPTArgs(arch=arch, vocab_size=cfg["vocab_size"], max_sequence_length=cfg["max_position_embeddings"],
                    rotary_base=rotary_base, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                   qk_layernorm=kw["qk_layernorm"])
+                   qk_layernorm=kw["qk_layernorm"], head=head_of(cfg))
     return TransformerConfig(**kw), args

@@ -67,6 +67,9 @@ def _rank_entry(rank, world_size, store_path, fn_ref, args, kwargs, results, thr
     # A hung rank prints every thread's stack before the parent kills it.
     faulthandler.dump_traceback_later(max(timeout - 3, 1), exit=False)
     try:
+        from megarl.runtime.quiet import quiet_third_party
+
+        quiet_third_party()
         import torch
 
         torch.set_num_threads(threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+
 def _sft(recipe) -> int:
     from megarl.trainers.sft import run
 

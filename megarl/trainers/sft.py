@@ -108,15 +108,19 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     from transformers import AutoTokenizer
 
     from megarl.checkpoint.dist import load_extra, load_sharded, save_sharded
-    from megarl.checkpoint.paths import latest_checkpoint
     from megarl.checkpoint.hf import MARKER, load_converted
+    from megarl.checkpoint.paths import latest_checkpoint
     from megarl.data.sampler import EpochSampler
     from megarl.data.sft import SFTDataset
+    from megarl.models.hf_config import BuildOptions
     from megarl.models.train import train_step, wrap_for_training
+    from megarl.runtime.device import select_device
     from megarl.runtime.seed import rng_state, set_rng_state
 
     t, o = recipe.trainer, recipe.optim
-    chunks, config, _ = load_converted(init_ckpt, recipe.parallel, seed=t.seed)
+    options = BuildOptions.from_recipe(recipe.model, select_device(recipe.cluster.device))
+    chunks, config, _ = load_converted(init_ckpt, recipe.parallel, seed=t.seed, options=options,
+                                       dtype=recipe.model.dtype)
     config.calculate_per_token_loss = True
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.model.dtype]
     optim = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -127,8 +131,9 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(init_ckpt, "hf"))
     rejected = os.path.join(t.output_dir, "rejected_rows.jsonl") if dist.get_rank() == 0 else None
-    data = SFTDataset(recipe.data.train, tokenizer, recipe.data.max_length or recipe.model.shape.max_position_embeddings,
-                      recipe.data.format, recipe.data.on_bad_row, recipe.data.rejected_path or rejected)
+    max_length = recipe.data.max_length or recipe.model.shape.max_position_embeddings
+    data = SFTDataset(recipe.data.train, tokenizer, max_length, recipe.data.format, recipe.data.on_bad_row,
+                      recipe.data.rejected_path or rejected)
     if dist.get_rank() == 0 and data.rejected:
         print(f"[sft] {data.report}", flush=True)
     steps = total_steps(recipe, len(data))

@@ -126,3 +126,37 @@ def test_unsupported_architecture_is_refused():
 
     with pytest.raises(NotImplementedError, match="model_type 'gpt2' is not supported"):
         megatron_config_from_hf({"model_type": "gpt2"}, ParallelConfig())
+
+
+@pytest.fixture(scope="module")
+def critic(tiny_hf_models, tmp_path_factory):
+    """A tiny Qwen2ForTokenClassification (num_labels=1): the HF form of a critic."""
+    import shutil
+
+    from transformers import AutoConfig, Qwen2ForTokenClassification
+
+    src = tiny_hf_models["qwen2"]
+    out = tmp_path_factory.mktemp("critic")
+    cfg = AutoConfig.from_pretrained(src, num_labels=1)
+    cfg.architectures = ["Qwen2ForTokenClassification"]
+    torch.manual_seed(0)
+    model = Qwen2ForTokenClassification(cfg)
+    model.save_pretrained(out / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, name), out / "hf" / name)
+    [summary] = run_local_group("megarl.checkpoint.hf:convert_hf_to_megatron", 1,
+                                args=(str(out / "hf"), str(out / "mcore")), timeout=300)
+    return {"hf": str(out / "hf"), "ckpt": str(out / "mcore"), "model": model.eval()}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout,world", [({}, 1), ({"tp": 2, "sp": True}, 2), ({"pp": 2}, 2)],
+                         ids=["tp1", "tp2_sp", "pp2"])
+def test_scalar_head_matches_hf_token_classification(critic, tokens, layout, world):
+    with torch.no_grad():
+        ref = critic["model"](tokens).logits  # [b, s, 1]
+    ranks = run_local_group("tests.models.parity:megatron_logits", world, args=([critic["ckpt"]], layout, tokens),
+                            timeout=300)
+    got = [r[0] for r in ranks if r[0] is not None]
+    assert got and all(g.shape == ref.shape for g in got)
+    assert max((g - ref).abs().max().item() for g in got) <= PARITY_TOL
