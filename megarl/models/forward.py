@@ -19,7 +19,8 @@ from megarl.models.heads import ScalarHead  # noqa: E402
 def full_logits(chunks: list, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """Logits [b, s, vocab] (or values [b, s, 1] for a scalar head) of `tokens` [b, s] (one
-    micro-batch); None on ranks that are not on the last pipeline stage. `attention_mask` [b, 1, s, s] (True = masked) replaces the causal mask."""
+    micro-batch); None on ranks that are not on the last pipeline stage. `attention_mask`
+    [b, 1, s, s] (True = masked) replaces the causal mask."""
     b, s = tokens.shape
     if position_ids is None:
         position_ids = torch.arange(s).expand(b, s).contiguous()
