@@ -24,7 +24,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup  ## benchmarks; each prints one JSON object on its last line
-	@set -e; found=0; for b in bench/*.py; do [ -e "$$b" ] || continue; found=1; \
+	@set -e; found=0; for b in bench/[!_]*.py; do [ -e "$$b" ] || continue; found=1; \
 	  echo "== $$b"; $(PY) $$b; done; [ $$found = 1 ] || echo "no benchmarks yet"
 
 lock:  ## re-resolve requirements/cpu.in into requirements/cpu.txt

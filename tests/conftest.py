@@ -34,7 +34,7 @@ def reference(tmp_path_factory):
     return workdir, ref
 
 
-TINY_ARCHS = ("qwen2", "llama", "mistral", "qwen3", "qwen3_moe", "mixtral")
+TINY_ARCHS = ("qwen2", "llama", "mistral", "qwen3", "qwen3_moe", "mixtral", "qwen2_tied")
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,9 @@ def tiny_hf_models(tmp_path_factory):
     dirs = {}
     for i, arch in enumerate(TINY_ARCHS):
         dirs[arch] = str(root / arch)
-        make_tiny_model(dirs[arch], arch=arch, seed=i, tokenizer_dir=dirs["qwen2"] if i else None)
+        tied = arch.endswith("_tied")  # Qwen2-0.5B style: output layer = input embedding
+        make_tiny_model(dirs[arch], arch=arch.removesuffix("_tied"), seed=i, tie=tied,
+                        tokenizer_dir=dirs["qwen2"] if i else None)
     return dirs
 
 

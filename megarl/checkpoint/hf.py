@@ -13,42 +13,19 @@ group (`run_local_group(..., 1)` from the CLIs).
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 
 import torch
 
-from megarl.checkpoint.hf_map import CheckpointMismatch, hf_to_megatron, megatron_to_hf
+from megarl.checkpoint.hf_map import CheckpointMismatch
 from megarl.config.parallel import ParallelConfig
 
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 MARKER = "megarl_checkpoint.json"
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-class SafetensorsReader:
-    """Lazy access to the tensors of an HF model directory (one file or an index of shards)."""
-
-    def __init__(self, path: str):
-        from safetensors import safe_open
-
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            pickled = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
-            raise FileNotFoundError(f"no *.safetensors in {path}" + (
-                f"; found {os.path.basename(pickled[0])}: pickle checkpoints are refused, convert them to "
-                "safetensors first" if pickled else ""))
-        self._handles = [safe_open(f, framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
 
 
 def _hf_cfg(path: str) -> dict:
@@ -74,44 +51,39 @@ def build_model_for(cfg: dict, parallel: ParallelConfig, dtype: str, seed: int =
 
 
 def convert_hf_to_megatron(hf_dir: str, out_dir: str) -> dict:
-    """HF safetensors -> megatron dist checkpoint (collective; world size 1 keeps memory lowest)."""
+    """HF safetensors -> megatron dist checkpoint, streamed tensor by tensor (see stream.py).
+    Collective over a world-size-1 group."""
     import torch.distributed as dist
 
-    from megarl.checkpoint.dist import save_sharded
+    from megarl.checkpoint.paths import PARTIAL_SUFFIX
+    from megarl.checkpoint.stream import ReadOnDemandSafetensors, stream_convert
 
     cfg = _hf_cfg(hf_dir)
-    reader = SafetensorsReader(hf_dir)
-    first = reader.get(reader.keys()[0])
-    dtype = DTYPES.get(first.dtype)
+    if dist.get_world_size() != 1:
+        raise RuntimeError("convert_hf_to_megatron streams from one process; run it on a world of size 1")
+    reader = ReadOnDemandSafetensors(hf_dir)
+    dtype = DTYPES.get(reader.dtype())
+    reader.close()
     if dtype is None:
-        raise CheckpointMismatch(f"unsupported tensor dtype {first.dtype} in {hf_dir}")
-    chunks, _, args = build_model_for(cfg, ParallelConfig(), dtype)
-    model = chunks[0]
-    params = dict(model.state_dict(keep_vars=True))
-    assigned = set()
-    with torch.no_grad():
-        for name, tensor in hf_to_megatron(args.arch, cfg, reader.keys(), reader.get):
-            if name not in params:
-                raise CheckpointMismatch(f"megatron model has no parameter {name} (config/spec mismatch)")
-            if tuple(params[name].shape) != tuple(tensor.shape):
-                raise CheckpointMismatch(f"{name}: checkpoint gives shape {tuple(tensor.shape)}, the model built "
-                                         f"from config.json expects {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
-            assigned.add(name)
-    unassigned = [n for n, p in params.items() if isinstance(p, torch.nn.Parameter) and n not in assigned]
-    if unassigned:
-        raise CheckpointMismatch(f"no HF tensor maps to megatron parameters {unassigned[:5]}")
-    save_sharded([model], out_dir)
-    if dist.get_rank() == 0:
-        os.makedirs(os.path.join(out_dir, "hf"), exist_ok=True)
-        for name in HF_SIDE_FILES:
-            if os.path.isfile(os.path.join(hf_dir, name)):
-                shutil.copy(os.path.join(hf_dir, name), os.path.join(out_dir, "hf", name))
-        with open(os.path.join(out_dir, MARKER), "w") as f:
-            json.dump({"format": "megatron-dist", "arch": args.arch, "dtype": dtype,
-                       "source": os.path.abspath(hf_dir)}, f, indent=1)
-    dist.barrier()
-    return {"arch": args.arch, "dtype": dtype, "tensors": len(assigned)}
+        raise CheckpointMismatch(f"unsupported tensor dtype in {hf_dir}")
+    from megarl.models.hf_config import megatron_config_from_hf
+
+    arch = cfg.get("model_type")
+    megatron_config_from_hf(cfg, ParallelConfig(world_size=1), dtype)  # refuses unsupported configs early
+    tmp = out_dir + PARTIAL_SUFFIX
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    written = stream_convert(hf_dir, tmp, arch, cfg, dtype)
+    os.makedirs(os.path.join(tmp, "hf"), exist_ok=True)
+    for name in HF_SIDE_FILES:
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            shutil.copy(os.path.join(hf_dir, name), os.path.join(tmp, "hf", name))
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump({"format": "megatron-dist", "arch": arch, "dtype": dtype, "source": os.path.abspath(hf_dir)},
+                  f, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return {"arch": arch, "dtype": dtype, "chunks": written}
 
 
 def read_marker(ckpt_dir: str) -> dict:
@@ -135,21 +107,17 @@ def load_converted(ckpt_dir: str, parallel: ParallelConfig, seed: int = 1234, op
     return chunks, config, args
 
 
-def convert_megatron_to_hf(ckpt_dir: str, out_dir: str) -> dict:
-    """Megatron dist checkpoint -> HF safetensors + config + tokenizer (collective)."""
-    import torch.distributed as dist
-    from safetensors.torch import save_file
+def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, shard_bytes: int = 1 << 30) -> dict:
+    """Megatron dist checkpoint -> HF safetensors + config + tokenizer, streamed one parameter at a
+    time (see stream.py). Collective over a world-size-1 group."""
+    from megarl.checkpoint.stream import stream_export
 
-    chunks, _, args = load_converted(ckpt_dir, ParallelConfig())
+    marker = read_marker(ckpt_dir)
     cfg = _hf_cfg(os.path.join(ckpt_dir, "hf"))
-    state = chunks[0].state_dict()
-    tensors = dict(megatron_to_hf(args.arch, cfg, lambda n: state[n]))
-    if dist.get_rank() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        for name in HF_SIDE_FILES:
-            src = os.path.join(ckpt_dir, "hf", name)
-            if os.path.isfile(src):
-                shutil.copy(src, os.path.join(out_dir, name))
-    dist.barrier()
-    return {"arch": args.arch, "tensors": len(tensors)}
+    os.makedirs(out_dir, exist_ok=True)
+    summary = stream_export(ckpt_dir, out_dir, marker["arch"], cfg, marker["dtype"], shard_bytes)
+    for name in HF_SIDE_FILES:
+        src = os.path.join(ckpt_dir, "hf", name)
+        if os.path.isfile(src):
+            shutil.copy(src, os.path.join(out_dir, name))
+    return {"arch": marker["arch"], **summary}

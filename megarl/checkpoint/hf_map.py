@@ -113,14 +113,9 @@ def full_plan(arch: str, cfg: dict) -> list[tuple[str, list[str], str]]:
     return plan
 
 
-def hf_to_megatron(arch: str, cfg: dict, hf_names: list[str], get: Callable[[str], torch.Tensor]
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (megatron name, tensor) one at a time, reading HF tensors through `get`.
-
-    Raises CheckpointMismatch naming missing or unknown HF tensors before reading any data.
-    """
-    plan = full_plan(arch, cfg)
-    needed = {n for _, names, _ in plan for n in names}
+def check_hf_names(arch: str, cfg: dict, hf_names: list[str]) -> None:
+    """Raise CheckpointMismatch naming missing and unknown HF tensors (before reading any data)."""
+    needed = {n for _, names, _ in full_plan(arch, cfg) for n in names}
     present = {n for n in hf_names if not n.endswith(IGNORED_HF_SUFFIXES)}
     if cfg.get("tie_word_embeddings", False):
         present.discard("lm_head.weight")  # some tied checkpoints still store it
@@ -130,23 +125,36 @@ def hf_to_megatron(arch: str, cfg: dict, hf_names: list[str], get: Callable[[str
             f"HF checkpoint does not match its config.json ({arch}, {cfg['num_hidden_layers']} layers): "
             + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} " if missing else "")
             + (f"unknown {unknown[:5]}{' ...' if len(unknown) > 5 else ''}" if unknown else ""))
-    for name, sources, how in plan:
-        tensors = [get(n) for n in sources]
-        if how == "qkv":
-            yield name, fuse_qkv(*tensors, cfg)
-        elif how == "fc1":
-            yield name, torch.cat(tensors, dim=0)
-        else:
-            yield name, tensors[0]
+
+
+def megatron_tensor(sources: list[str], how: str, cfg: dict, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """One megatron (TP=1) tensor from its HF sources (a `full_plan` entry)."""
+    tensors = [get(n) for n in sources]
+    if how == "qkv":
+        return fuse_qkv(*tensors, cfg)
+    if how == "fc1":
+        return torch.cat(tensors, dim=0)
+    return tensors[0]
+
+
+def hf_to_megatron(arch: str, cfg: dict, hf_names: list[str], get: Callable[[str], torch.Tensor]
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (megatron name, tensor) one at a time, reading HF tensors through `get`."""
+    check_hf_names(arch, cfg, hf_names)
+    for name, sources, how in full_plan(arch, cfg):
+        yield name, megatron_tensor(sources, how, cfg, get)
+
+
+def hf_tensors(targets: list[str], how: str, tensor: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """The HF tensors of one megatron (TP=1) tensor (the inverse of `megatron_tensor`)."""
+    if how == "qkv":
+        return list(zip(targets, split_qkv(tensor, cfg)))
+    if how == "fc1":
+        return list(zip(targets, (c.contiguous() for c in tensor.chunk(2, dim=0))))
+    return [(targets[0], tensor)]
 
 
 def megatron_to_hf(arch: str, cfg: dict, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) from megatron TP=1 tensors read through `get`."""
     for name, targets, how in full_plan(arch, cfg):
-        t = get(name)
-        if how == "qkv":
-            yield from zip(targets, split_qkv(t, cfg))
-        elif how == "fc1":
-            yield from zip(targets, (c.contiguous() for c in t.chunk(2, dim=0)))
-        else:
-            yield targets[0], t
+        yield from hf_tensors(targets, how, get(name), cfg)

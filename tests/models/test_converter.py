@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megarl.checkpoint.hf import SafetensorsReader
 from megarl.checkpoint.hf_map import CheckpointMismatch, hf_to_megatron
+from megarl.checkpoint.stream import ReadOnDemandSafetensors
 from megarl.runtime.local_group import LocalGroupError, run_local_group
 from tests.conftest import TINY_ARCHS
 
 PARITY_TOL = 1e-4  # fp32, max abs over all logits; observed <= 6e-7
-DENSE = ("qwen2", "llama", "mistral", "qwen3")
+DENSE = ("qwen2", "llama", "mistral", "qwen3", "qwen2_tied")
 MOE = ("qwen3_moe", "mixtral")
 
 
@@ -46,7 +46,8 @@ def test_round_trip_is_bit_identical(converted, arch):
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     for side in ("config.json", "tokenizer.json"):
         assert os.path.isfile(os.path.join(c["back"], side))
-    assert c["summary"]["arch"] == arch
+    assert c["summary"]["arch"] == arch.removesuffix("_tied")
+    assert ("lm_head.weight" in a) != arch.endswith("_tied")
 
 
 LAYOUTS = [
@@ -79,7 +80,7 @@ def test_logits_comparison_is_sensitive(hf_logits):
 
 # ---- refusals -------------------------------------------------------------------------------------
 def _names_and_cfg(path):
-    reader = SafetensorsReader(path)
+    reader = ReadOnDemandSafetensors(path)
     with open(os.path.join(path, "config.json")) as f:
         return reader, json.load(f)
 
@@ -103,7 +104,7 @@ def test_missing_and_unknown_tensors_are_named(tiny_hf_models):
 def test_pickle_checkpoints_are_refused(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="pickle checkpoints are refused"):
-        SafetensorsReader(str(tmp_path))
+        ReadOnDemandSafetensors(str(tmp_path))
 
 
 def test_shape_mismatch_names_the_tensor(tiny_hf_models, tmp_path):
