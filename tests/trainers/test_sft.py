@@ -71,3 +71,16 @@ def test_sft_trains_exports_and_resumes_exactly(tmp_path, converted, sft_data):
     assert all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
     initial = load_file(os.path.join(converted["qwen2"]["hf"], "model.safetensors"))
     assert not torch.equal(initial["lm_head.weight"], w_ref["lm_head.weight"])
+
+
+@pytest.mark.dist
+def test_sft_with_tensor_and_sequence_parallel(tmp_path, converted, sft_data):
+    """The same trainer at TP=2 with sequence parallelism (micro-batches padded to a multiple of tp)."""
+    path = recipe(tmp_path, converted, sft_data, "tp2", steps=3, save_freq=0)
+    data = yaml.safe_load(open(path))
+    data["parallel"] = {"tp": 2, "sp": True}
+    open(path, "w").write(yaml.safe_dump(data))
+    assert cli(["train", path]) == 0
+    got = metrics(tmp_path / "tp2")
+    assert [m["step"] for m in got] == [1, 2, 3] and got[-1]["loss"] < got[0]["loss"]
+    assert os.path.isfile(tmp_path / "tp2" / "hf" / "model.safetensors")
