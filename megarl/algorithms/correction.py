@@ -1,0 +1,63 @@
+"""Rollout/train mismatch correction.
+
+The rollout engine (vLLM, other kernels, maybe FP8) and the trainer (megatron) compute slightly
+different log-probs for the same tokens, so rollouts are off-policy for the trainer. With
+ρ_t = exp(old_logp_t − rollout_logp_t) (trainer over rollout probability):
+
+- "tis": token-level truncated importance sampling, weight w_t = min(ρ_t, C)
+  (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training")
+- "sequence_is": one weight per sequence, min(Π_t ρ_t, C)
+- "token_mask": drop tokens with ρ_t outside [1/C, C] (IcePop / MIS-style masking)
+- "sequence_mask": drop whole sequences whose geometric-mean ratio is outside [1/C, C]
+- "none": weights 1
+
+`rollout_correction` returns (weights [B, T], mask [B, T]): the policy loss multiplies per-token
+losses by `weights` and aggregates over `mask`. Weights carry no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megarl.algorithms.kl import kl_k3
+from megarl.algorithms.masked import masked_mean
+
+CORRECTION_MODES = ("none", "tis", "sequence_is", "token_mask", "sequence_mask")
+
+
+def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, mode: str = "tis",
+                       threshold: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    if mode not in CORRECTION_MODES:
+        raise KeyError(f"unknown rollout correction {mode!r}; valid: {', '.join(CORRECTION_MODES)}")
+    m = mask.to(old_logp.dtype)
+    log_ratio = ((old_logp - rollout_logp) * m).detach().clamp(-20.0, 20.0)
+    ones = torch.ones_like(old_logp)
+    if mode == "none":
+        return ones, mask
+    if mode == "tis":
+        return torch.exp(log_ratio).clamp(max=threshold) * m, mask
+    if mode == "sequence_is":
+        seq = torch.exp(log_ratio.sum(-1).clamp(max=math.log(threshold)))
+        return seq.unsqueeze(-1) * m, mask
+    log_c = math.log(threshold)
+    if mode == "token_mask":
+        keep = (log_ratio.abs() <= log_c).to(mask.dtype)
+        return ones, mask * keep
+    seq_mean = log_ratio.sum(-1) / m.sum(-1).clamp(min=1.0)
+    keep = (seq_mean.abs() <= log_c).to(mask.dtype).unsqueeze(-1)
+    return ones, mask * keep
+
+
+def mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                     threshold: float = 2.0) -> dict[str, torch.Tensor]:
+    """How far the rollout is from the trainer: k3 KL(trainer ‖ rollout) per token, mean |Δlogp|,
+    and the fraction of tokens whose probability ratio leaves [1/C, C]."""
+    delta = (old_logp - rollout_logp).detach()
+    k3 = kl_k3(old_logp.detach(), rollout_logp.detach())
+    return {
+        "mismatch_k3_kl": masked_mean(k3, mask),
+        "mismatch_abs_logp_diff": masked_mean(delta.abs(), mask),
+        "mismatch_frac_over_threshold": masked_mean((delta.abs() > math.log(threshold)).float(), mask),
+    }
