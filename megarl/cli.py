@@ -6,6 +6,7 @@
     megarl convert hf-to-megatron HF_DIR OUT   HF safetensors -> megatron dist checkpoint (any layout loads it)
     megarl convert megatron-to-hf CKPT OUT     back to HF safetensors + config + tokenizer
     megarl make-tiny OUT [--arch qwen2]        tiny random-init HF model + locally trained tokenizer
+    megarl data check DATASET --stage STAGE    report every problem kind with its rows (exit 1 if any)
     megarl env                                 device, backend, versions, CPU compatibility patches
 """
 
@@ -104,6 +105,47 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from megarl.data.checks import CheckContext, check_dataset
+
+    stage, tokenizer_dir = args.stage, args.tokenizer
+    ctx = CheckContext(max_prompt_length=args.max_prompt_length, max_length=args.max_length,
+                       max_tool_output_tokens=args.max_tool_output_tokens)
+    tools_file = args.tools
+    if args.recipe:
+        recipe = _load(argparse.Namespace(recipe=args.recipe, set=args.set))
+        if recipe is None:
+            return 2
+        stage = stage or recipe.stage
+        tokenizer_dir = tokenizer_dir or recipe.model.tokenizer or recipe.model.path
+        if recipe.rollout is not None:
+            ctx.max_prompt_length = ctx.max_prompt_length or recipe.rollout.max_prompt_length
+            mt = recipe.rollout.multi_turn
+            if mt is not None:
+                tools_file = tools_file or mt.tools
+                ctx.max_tool_output_tokens = ctx.max_tool_output_tokens or mt.max_tool_output_tokens
+        ctx.max_length = ctx.max_length or recipe.data.max_length
+    if not stage:
+        print("give --stage or --recipe", file=sys.stderr)
+        return 2
+    if tools_file:
+        from megarl.rollout.tool_spec import load_tool_specs
+
+        ctx.tools = {t.name for t in load_tool_specs(tools_file)}
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        ctx.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    report = check_dataset(args.dataset, stage, ctx)
+    print(report.render())
+    if args.rejected_out and report.rejected:
+        report.write_rejected(args.rejected_out)
+        print(f"rejected rows written to {args.rejected_out}")
+    if args.json:
+        print(json.dumps(report.summary()))
+    return 1 if report.rejected else 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -150,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--logit-scale", type=float, default=1.0, help="scale the output head (peakier sampling)")
     tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     tiny.set_defaults(func=_cmd_make_tiny)
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="validate a dataset and report every problem with its rows")
+    check.add_argument("dataset")
+    check.add_argument("--stage", choices=["sft", "rm", "dpo", "kto", "ppo", "grpo"])
+    check.add_argument("--recipe", help="take stage, tokenizer, lengths and tools from a recipe")
+    check.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override")
+    check.add_argument("--tokenizer", help="tokenizer directory (enables the token-length checks)")
+    check.add_argument("--tools", help="tools YAML: tool calls must name a declared tool")
+    check.add_argument("--max-prompt-length", type=int)
+    check.add_argument("--max-length", type=int)
+    check.add_argument("--max-tool-output-tokens", type=int)
+    check.add_argument("--rejected-out", help="write the rejected rows (with reasons) to this jsonl")
+    check.add_argument("--json", action="store_true", help="also print a JSON summary line")
+    check.set_defaults(func=_cmd_data_check)
     env = sub.add_parser("env", help="show device, backend, versions and active CPU patches")
     env.set_defaults(func=_cmd_env)
     return parser

@@ -1,9 +1,9 @@
 """SFT rows -> rendered token ids + assistant-only loss masks, with rejected rows reported.
 
-Row schema: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str,
-"tool_calls": [...]?}, ...], "tools": [OpenAI function schemas]?}. A row that fails a check, or is
-longer than the token budget, is rejected (never truncated) and written with its reason to the
-rejected-rows file, or stops the run when data.on_bad_row is "fail".
+Rows follow the sft schema (megarl.data.schemas: messages + tools, or ShareGPT) and pass the
+structural checks of megarl.data.checks. A row that fails a check, or is longer than the token
+budget, is rejected (never truncated) and written with its reason to the rejected-rows file, or
+stops the run when data.on_bad_row is "fail" (the first problem of each row is reported).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+from megarl.data.checks import CheckContext, check_row
 from megarl.data.readers import DatasetError, read_rows
 from megarl.data.render import Rendered, RenderError, render_messages
-
-ROLES = ("system", "user", "assistant", "tool")
+from megarl.data.schemas import RowError, normalize
 
 
 @dataclass
@@ -24,27 +24,6 @@ class Rejected:
     row: int
     kind: str
     detail: str
-
-
-def check_sft_row(row: dict) -> tuple[str, str] | None:
-    """(problem kind, detail) or None."""
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "no_messages", "expected a non-empty list under 'messages'"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            return "bad_role", f"message {i}: role must be one of {', '.join(ROLES)}"
-        content = m.get("content")
-        if content is not None and not isinstance(content, str):
-            return "bad_content", f"message {i}: content must be a string"
-        if content is None and not (m["role"] == "assistant" and m.get("tool_calls")):
-            return "bad_content", f"message {i}: content is missing"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no_assistant_turn", "nothing to train on: no assistant message"
-    tools = row.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        return "bad_tools", "'tools' must be a list of function schemas"
-    return None
 
 
 class SFTDataset:
@@ -55,11 +34,17 @@ class SFTDataset:
         self.samples: list[Rendered] = []
         self.rows: list[int] = []
         self.rejected: list[Rejected] = []
-        for n, row in read_rows(path, fmt):
-            problem = check_sft_row(row)
+        ctx = CheckContext()
+        for n, raw in read_rows(path, fmt):
+            try:
+                row = normalize(raw, "sft")
+                problems = check_row(row, "sft", ctx)
+            except RowError as e:
+                problems = [(e.kind, e.detail)]
+            problem = problems[0] if problems else None
             if problem is None:
                 try:
-                    rendered = render_messages(tokenizer, row["messages"], row.get("tools"))
+                    rendered = render_messages(tokenizer, row.messages, row.tools)
                 except (RenderError, Exception) as e:  # noqa: BLE001 - template errors name the row
                     problem = ("render_failed", str(e))
                 else:

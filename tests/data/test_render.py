@@ -37,3 +37,22 @@ def test_incremental_prefixes_match_rollout_prompts(tokenizer):
             prompt = render_prompt(tokenizer, msgs[:i], [CALCULATOR])
             assert full.input_ids[:len(prompt)] == prompt
             assert full.message_spans[i][0] + len(prompt) - full.message_spans[i][0] == len(prompt)
+
+
+def test_multi_turn_incremental_equals_whole(tokenizer):
+    """Appending turn by turn (as the rollout does) gives exactly the whole conversation's ids."""
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "What is 3 * 4 + 1?"},
+            {"role": "assistant", "content": "Let me compute.", "tool_calls": [
+                {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "3 * 4"}}}]},
+            {"role": "tool", "content": "12"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "12 + 1"}}}]},
+            {"role": "tool", "content": "13"}, {"role": "assistant", "content": "13"}]
+    whole = tokenizer(tokenizer.apply_chat_template(msgs, tools=[CALCULATOR], tokenize=False),
+                      add_special_tokens=False)["input_ids"]
+    incremental = []
+    for k in range(1, len(msgs) + 1):
+        r = render_messages(tokenizer, msgs[:k], [CALCULATOR])
+        assert r.input_ids[:len(incremental)] == incremental  # each turn only appends
+        incremental = r.input_ids
+    assert incremental == whole

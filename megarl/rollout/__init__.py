@@ -1,0 +1,1 @@
+"""Rollout: the vLLM engine fleet, the multi-turn agent loop and the tools it calls."""
