@@ -99,3 +99,19 @@ def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = No
     header = _ids(tokenizer, _text(tokenizer, messages, tools, add_generation_prompt=True)[
         len(_text(tokenizer, messages, tools)):])
     return base.input_ids + header
+
+
+def render_tool_observation(tokenizer, results: list[str], tools: list[dict] | None = None) -> list[int]:
+    """Token ids to append after the model's end-of-turn token so that the conversation continues
+    with these tool results and a fresh assistant header — exactly what rendering the whole
+    conversation would produce there (the template's text after its end-of-turn token, e.g. the
+    newline, then the tool turn(s), then the generation prompt)."""
+    probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    base = _text(tokenizer, probe, tools)
+    after = _text(tokenizer, probe + [{"role": "tool", "content": r} for r in results], tools,
+                  add_generation_prompt=True)
+    eos = tokenizer.eos_token
+    if not after.startswith(base) or eos not in base:
+        raise RenderError("the chat template cannot append tool results to a finished assistant turn")
+    tail = base[base.rindex(eos) + len(eos):]
+    return _ids(tokenizer, tail + after[len(base):])

@@ -60,6 +60,37 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
+def _isolated_entry(fn_ref, args, kwargs, results, env):
+    os.environ.update(env)
+    try:
+        results.put((0, "ok", _to_bytes(_resolve(fn_ref)(*args, **kwargs))))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        results.put((0, "error", traceback.format_exc()))
+
+
+def run_isolated(fn: str | Callable, args: tuple = (), kwargs: dict | None = None, timeout: float = 600.0,
+                 env: dict[str, str] | None = None):
+    """Call `fn` in one fresh spawned process with no process group and no megatron layer (e.g. a
+    vLLM engine, which must not share a process with megatron's CUDA-as-CPU mode)."""
+    ref = _function_ref(fn)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_isolated_entry, args=(ref, args, kwargs or {}, results, env or {}), daemon=True)
+    proc.start()
+    try:
+        _, status, value = results.get(timeout=timeout)
+    except queue.Empty:
+        raise LocalGroupError(f"{ref}: timed out after {timeout:.0f}s") from None
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+        results.close()
+    if status == "error":
+        raise LocalGroupError(f"{ref} failed:\n{value}")
+    return _from_bytes(value)
+
+
 def _rank_entry(rank, world_size, store_path, fn_ref, args, kwargs, results, threads, env, timeout):
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),

