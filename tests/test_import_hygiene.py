@@ -23,3 +23,9 @@ def test_cpu_runtime_loads_no_gpu_only_code():
               "print(torch.cuda.is_available(), sorted(m for m in sys.modules if m.split('.')[0] in "
               "('transformer_engine', 'apex', 'triton', 'flash_attn')))")
     assert out == "False []"
+
+
+def test_validating_a_recipe_imports_no_torch():
+    out = run("import sys; from megarl.cli import main; code = main(['validate', 'configs/grpo_70b.yaml']); "
+              "print(code, 'torch' in sys.modules)")
+    assert out.splitlines()[-1] == "0 False"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from megarl.algorithms.masked import group_mean_std, masked_whiten
-from megarl.algorithms.registry import Registry
+from megarl.registry import Registry
 
 
 def compute_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megarl.algorithms.registry import Registry
+from megarl.registry import Registry
 
 KL_ESTIMATORS: Registry = Registry("KL estimator")
 

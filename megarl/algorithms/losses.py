@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from megarl.algorithms.masked import masked_mean
-from megarl.algorithms.registry import Registry
+from megarl.registry import Registry
 
 LOG_RATIO_CLAMP = 20.0  # exp(±20) stays finite in fp32 and bf16
 

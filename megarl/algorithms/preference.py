@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megarl.algorithms.registry import Registry
+from megarl.registry import Registry
 
 PREFERENCE_LOSSES: Registry = Registry("preference loss")
 

@@ -191,6 +191,13 @@ def _reward(r: Recipe, issues: _Issues) -> None:
     names = [f.name for f in rw.functions]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         issues.add("reward.functions", f"reward function {dup!r} is listed twice")
+    from megarl.reward.functions import REWARD_FUNCTIONS  # torch-free
+
+    for i, name in enumerate(names):
+        if name not in REWARD_FUNCTIONS:
+            hint = difflib.get_close_matches(name, REWARD_FUNCTIONS.names(), n=1)
+            issues.add(f"reward.functions[{i}].name", f"unknown reward function {name!r}; "
+                       + (f"did you mean {hint[0]!r}?" if hint else f"valid: {', '.join(REWARD_FUNCTIONS.names())}"))
 
 
 def _gpus(r: Recipe, issues: _Issues) -> tuple[int, int]:

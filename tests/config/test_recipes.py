@@ -166,7 +166,7 @@ def test_ppo_needs_reward_and_critic(tmp_path):
     ppo.pop("reward")
     issues = errors(tmp_path, ppo)
     assert {"reward", "critic"} <= set(keys(issues))
-    assert_error(tmp_path, merge(ppo, {"critic": {"path": "c"}, "reward": {"functions": [{"name": "x"}]},
+    assert_error(tmp_path, merge(ppo, {"critic": {"path": "c"}, "reward": {"functions": [{"name": "numeric_match"}]},
                                        "algorithm": {"advantage_estimator": "grpo"}}),
                  "algorithm.advantage_estimator", "gae")
 
@@ -199,6 +199,11 @@ def test_orpo_simpo_run_without_reference(tmp_path):
                      "preference.reference", "reference-free")
         r = load_recipe(write(tmp_path, merge(DPO, {"preference": {"loss_type": loss}})))
         assert not r.derived.needs_reference
+
+
+def test_unknown_reward_function_suggests_nearest(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"reward": {"functions": [{"name": "numeric_mach"}]}}),
+                 "reward.functions[0].name", "did you mean 'numeric_match'")
 
 
 def test_lora_reward_model_needs_lora_finetuning(tmp_path):

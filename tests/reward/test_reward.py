@@ -1,0 +1,52 @@
+import pytest
+
+from megarl.config.recipe import RewardConfig, RewardFunctionConfig, RewardModelConfig
+from megarl.reward.engine import RewardEngine
+from megarl.reward.functions import (
+    REWARD_FUNCTIONS,
+    TrajectoryView,
+    forbidden_patterns,
+    numeric_match,
+    tool_call_format,
+    tool_efficiency,
+)
+
+CALL = {"name": "calculator", "arguments": {"expression": "12*7"}}
+
+
+def view(final="The answer is 84.", calls=(CALL,), ok=(True,), failures=0):
+    texts = ['<tool_call>{"name": "calculator"}</tool_call>'] * len(calls) + [final]
+    return TrajectoryView(texts, list(calls), [{"name": c["name"], "text": "84", "ok": k} for c, k in zip(calls, ok)],
+                          failures)
+
+
+def test_rule_functions():
+    assert numeric_match(view(), {"ground_truth": "84"}) == 1.0
+    assert numeric_match(view("It is 83, no wait, 85"), {"ground_truth": 84}) == 0.0
+    assert numeric_match(view("1,024"), {"ground_truth": "1024"}) == 1.0
+    assert tool_call_format(view(failures=1), {}) == 0.5 and tool_call_format(view(calls=()), {}) == 1.0
+    assert tool_efficiency(view(), {}) == 1.0 and tool_efficiency(view(calls=(CALL, CALL), ok=(True, True)), {}) == 0.5
+    assert tool_efficiency(view(calls=()), {}) == 0.0 and tool_efficiency(view(calls=()), {"expected_calls": 0}) == 1.0
+    assert forbidden_patterns(view("rm -rf /"), {}) == -1.0 and forbidden_patterns(view(), {}) == 0.0
+
+
+def test_engine_combines_weights_keeps_components_and_marks_failures():
+    cfg = RewardConfig(functions=[RewardFunctionConfig("numeric_match", 1.0, "task"),
+                                  RewardFunctionConfig("tool_call_format", 0.2, "format"),
+                                  RewardFunctionConfig("forbidden_patterns", 1.0, "safety")])
+    engine = RewardEngine(cfg)
+    r = engine.score(view(), {"ground_truth": "84"})
+    assert r.scalar == pytest.approx(1.2) and r.components == {"task": 1.0, "format": 0.2, "safety": 0.0}
+    bad = engine.score(view(), {})  # no ground truth: numeric_match raises
+    assert bad.failed and bad.scalar == 0.0 and "numeric_match: KeyError" in bad.errors[0]
+    assert bad.values == {"tool_call_format": 1.0, "forbidden_patterns": 0.0}
+    results, metrics = engine.score_batch([view(), view()], [{"ground_truth": "84"}, {}])
+    assert metrics["reward/failed_frac"] == 0.5 and metrics["reward/task"] == 1.0
+
+
+def test_unknown_function_and_unimplemented_sources_are_refused():
+    with pytest.raises(KeyError, match="unknown reward function 'numeric'; valid: exact_match"):
+        RewardEngine(RewardConfig(functions=[RewardFunctionConfig("numeric")]))
+    with pytest.raises(NotImplementedError, match="reward_model"):
+        RewardEngine(RewardConfig(reward_model=RewardModelConfig(path="x")))
+    assert "numeric_match" in REWARD_FUNCTIONS
