@@ -132,6 +132,10 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
         from megarl.rollout.tool_spec import load_tool_specs
 
         ctx.tools = {t.name for t in load_tool_specs(tools_file)}
+    if tokenizer_dir and args.recipe and not args.tokenizer and not os.path.isdir(tokenizer_dir):
+        print(f"note: the recipe's tokenizer {tokenizer_dir!r} is not on this machine; token-length checks "
+              "are skipped (give --tokenizer DIR to run them)", file=sys.stderr)
+        tokenizer_dir = None
     if tokenizer_dir:
         from transformers import AutoTokenizer
 

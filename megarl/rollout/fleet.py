@@ -1,0 +1,123 @@
+"""`RolloutFleet`: K vLLM engines as Ray actors behind the `RolloutEngine` interface.
+
+Requests are cut into chunks and handed out continuously: each engine gets a new chunk the moment
+it returns one, so a slow chunk never idles the other engines (no lock-step). An engine that dies
+is restarted, reloaded with the current weights, and its chunk retried; the caller sees it in
+`events` and in the returned metrics — never a hang or a silent loss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from megarl.rollout.engine import Completion, EngineConfig, SamplingConfig
+
+
+class EngineActorImpl:
+    """Runs inside a Ray worker process: one in-process vLLM engine."""
+
+    def __init__(self, config: EngineConfig):
+        from megarl.rollout.engine import RolloutEngine
+
+        self.engine = RolloutEngine(config)
+
+    def generate(self, prompts, sampling):
+        return self.engine.generate(prompts, sampling)
+
+    def load_weights(self, named_tensors, version: int) -> int:
+        self.engine.load_weights(named_tensors, version)
+        return version
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+@dataclass
+class FleetEvent:
+    time: float
+    engine: int
+    what: str
+
+
+class RolloutFleet:
+    def __init__(self, config: EngineConfig, num_engines: int, cpus_per_engine: float = 1.0,
+                 max_restarts: int = 3, chunk_size: int | None = None, chunks_per_engine: int = 2):
+        import ray
+
+        self.config, self.num_engines = config, num_engines
+        # Fewer, larger chunks keep vLLM's own batching full; more chunks balance uneven engines.
+        self.chunk_size, self.chunks_per_engine, self.max_restarts = chunk_size, chunks_per_engine, max_restarts
+        self._actor_cls = ray.remote(num_cpus=cpus_per_engine)(EngineActorImpl)
+        self.actors = [self._actor_cls.remote(config) for _ in range(num_engines)]
+        ray.get([a.pid.remote() for a in self.actors])  # engines are up (or this raises)
+        self.weight_version = 0
+        self._weights_ref = None
+        self.restarts = 0
+        self.events: list[FleetEvent] = []
+
+    def _restart(self, index: int, reason: str) -> None:
+        import ray
+
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(f"rollout engine {index} died ({reason}) and the restart budget "
+                               f"({self.max_restarts}) is used up")
+        self.restarts += 1
+        self.events.append(FleetEvent(time.time(), index, f"restarted after: {reason}"))
+        try:
+            ray.kill(self.actors[index])
+        except Exception:  # noqa: BLE001 - it is already gone
+            pass
+        actor = self._actor_cls.remote(self.config)
+        if self._weights_ref is not None:
+            ray.get(actor.load_weights.remote(self._weights_ref, self.weight_version))
+        self.actors[index] = actor
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        """Same contract as RolloutEngine.generate, spread over the engines."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        size = self.chunk_size or max(1, -(-len(prompts) // (self.num_engines * (
+            self.chunks_per_engine if self.num_engines > 1 else 1))))
+        chunks = [(i, prompts[i:i + size]) for i in range(0, len(prompts), size)]
+        todo = list(reversed(chunks))
+        results: dict[int, list] = {}
+        running: dict = {}  # object ref -> (engine index, chunk)
+
+        def submit(index: int) -> None:
+            start, chunk = todo.pop()
+            running[self.actors[index].generate.remote(chunk, sampling)] = (index, (start, chunk))
+
+        for index in range(self.num_engines):
+            if todo:
+                submit(index)
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            ref = done[0]
+            index, (start, chunk) = running.pop(ref)
+            try:
+                results[start] = ray.get(ref)
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                self._restart(index, type(e).__name__)
+                todo.append((start, chunk))  # retried, on this engine or the next free one
+            if todo:
+                submit(index)
+        return [c for start in sorted(results) for c in results[start]]
+
+    def load_weights(self, named_tensors, version: int) -> None:
+        """Every engine loads the same HF-named tensors (put in the object store once)."""
+        import ray
+
+        self._weights_ref = ray.put(list(named_tensors))
+        ray.get([a.load_weights.remote(self._weights_ref, version) for a in self.actors])
+        self.weight_version = version
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
