@@ -52,16 +52,15 @@ def main() -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    direct_engine = RolloutEngine(config)
+    llm = RolloutEngine(config).llm
     params = SamplingParams(n=args.n, max_tokens=args.max_tokens, seed=0, logprobs=0)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
     def direct():
-        outs = direct_engine.llm.generate(inputs, params, use_tqdm=False)
+        outs = llm.generate(inputs, params, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
     direct_rate = best_rate(direct, args.repeats)
-    del direct_engine  # free the cores' caches for the fleet
 
     import ray
 
