@@ -127,6 +127,7 @@ class RewardModelConfig:
 class RemoteRewardConfig:
     url: str
     weight: float = 1.0
+    component: Literal["task", "format", "efficiency", "safety"] = "task"
     timeout_s: float = 30.0
     retries: int = 2
     max_concurrency: int = 16

@@ -23,9 +23,15 @@ class RewardResult:
 class RewardEngine:
     def __init__(self, config: RewardConfig):
         self.functions = [(f, REWARD_FUNCTIONS.get(f.name)) for f in config.functions]
-        if config.reward_model is not None or config.remote is not None:
-            raise NotImplementedError("reward_model and remote rewards are not implemented yet; "
-                                      "use reward.functions")
+        self.remote_config = config.remote
+        self.remote = None
+        if config.remote is not None:
+            from megarl.reward.remote import RemoteReward
+
+            self.remote = RemoteReward(config.remote)
+        if config.reward_model is not None:
+            raise NotImplementedError("reward.reward_model scoring is not implemented yet; use reward.functions "
+                                      "or reward.remote")
 
     def score(self, view: TrajectoryView, metadata: dict) -> RewardResult:
         result = RewardResult(0.0, {})
@@ -45,6 +51,18 @@ class RewardEngine:
 
     def score_batch(self, views: list[TrajectoryView], metadata: list[dict]) -> tuple[list[RewardResult], dict]:
         results = [self.score(v, m) for v, m in zip(views, metadata)]
+        if self.remote is not None:
+            cfg = self.remote_config
+            for result, (value, error) in zip(results, self.remote.score(views, metadata)):
+                if error is not None:
+                    result.failed = True
+                    result.errors.append(f"remote: {error}")
+                    result.scalar = 0.0
+                    continue
+                result.values["remote"] = value
+                result.components[cfg.component] = result.components.get(cfg.component, 0.0) + cfg.weight * value
+                if not result.failed:
+                    result.scalar += cfg.weight * value
         ok = [r for r in results if not r.failed]
         metrics = {"reward/failed_frac": 1.0 - len(ok) / max(len(results), 1)}
         if ok:

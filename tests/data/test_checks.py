@@ -190,3 +190,25 @@ def test_prompt_dataset_renders_and_rejects(tmp_path, tokenizer):
     assert {k for k in ds.report.problems} == {"prompt_too_long", "bad_schema"}
     with pytest.raises(DatasetError, match="prompt_too_long: 1"):
         PromptDataset(path, tokenizer, max_prompt_length=300, on_bad_row="fail")
+
+
+def test_parquet_rows_are_read_with_row_numbers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megarl.data.readers import read_rows
+
+    rows = [{"prompt": "q1", "ground_truth": "1"}, {"prompt": "q2", "ground_truth": "2"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    assert list(read_rows(str(tmp_path / "p.parquet"))) == [(1, rows[0]), (2, rows[1])]
+    report = check_dataset(str(tmp_path / "p.parquet"), "grpo", CheckContext())
+    assert report.total == 2 and report.rejected == 0
+
+
+def test_bad_json_names_the_row(tmp_path):
+    from megarl.data.readers import DatasetError, read_rows
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(DatasetError, match="row 2 is not valid JSON"):
+        list(read_rows(str(path)))

@@ -47,6 +47,6 @@ def test_engine_combines_weights_keeps_components_and_marks_failures():
 def test_unknown_function_and_unimplemented_sources_are_refused():
     with pytest.raises(KeyError, match="unknown reward function 'numeric'; valid: exact_match"):
         RewardEngine(RewardConfig(functions=[RewardFunctionConfig("numeric")]))
-    with pytest.raises(NotImplementedError, match="reward_model"):
+    with pytest.raises(NotImplementedError, match="reward_model scoring"):
         RewardEngine(RewardConfig(reward_model=RewardModelConfig(path="x")))
     assert "numeric_match" in REWARD_FUNCTIONS

@@ -1,0 +1,84 @@
+"""Remote HTTP reward against a real local server: values, retries on 5xx, timeouts, concurrency."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from megarl.config.recipe import RemoteRewardConfig, RewardConfig, RewardFunctionConfig
+from megarl.reward.engine import RewardEngine
+from megarl.reward.functions import TrajectoryView
+
+
+class Handler(BaseHTTPRequestHandler):
+    state = {"active": 0, "peak": 0, "flaky": 0}
+    lock = threading.Lock()
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            self.state["active"] += 1
+            self.state["peak"] = max(self.state["peak"], self.state["active"])
+        try:
+            kind = body["metadata"].get("kind")
+            time.sleep(0.05)
+            if kind == "flaky" and self.state["flaky"] < 2:
+                self.state["flaky"] += 1
+                self.send_response(503)
+                self.end_headers()
+                return
+            if kind == "slow":
+                time.sleep(1.0)
+            reward = 1.0 if "84" in body["response"] else 0.25
+            data = json.dumps({"reward": reward}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        finally:
+            with self.lock:
+                self.state["active"] -= 1
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    Handler.state.update(active=0, peak=0, flaky=0)
+    yield f"http://127.0.0.1:{srv.server_address[1]}/score"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_remote_reward(server):
+    cfg = RewardConfig(functions=[RewardFunctionConfig("tool_call_format", 0.5, "format")],
+                       remote=RemoteRewardConfig(url=server, weight=2.0, timeout_s=0.5, retries=2, max_concurrency=2))
+    engine = RewardEngine(cfg)
+    views = [TrajectoryView(["The answer is 84."]), TrajectoryView(["no idea"]), TrajectoryView(["84"]),
+             TrajectoryView(["84"])] + [TrajectoryView(["84"]) for _ in range(4)]
+    meta = [{}, {}, {"kind": "flaky"}, {"kind": "slow"}] + [{} for _ in range(4)]
+    results, metrics = engine.score_batch(views, meta)
+    assert results[0].scalar == pytest.approx(0.5 + 2.0) and results[0].components == {"format": 0.5, "task": 2.0}
+    assert results[1].values["remote"] == 0.25
+    assert not results[2].failed and Handler.state["flaky"] == 2  # two 503s, then a success
+    assert results[3].failed and "after 3 attempts" in results[3].errors[0]
+    assert metrics["reward/failed_frac"] == pytest.approx(1 / 8)
+
+
+def test_concurrency_is_bounded(server):
+    cfg = RewardConfig(remote=RemoteRewardConfig(url=server, timeout_s=5, max_concurrency=3))
+    results, _ = RewardEngine(cfg).score_batch([TrajectoryView(["84"]) for _ in range(12)], [{} for _ in range(12)])
+    assert all(not r.failed and r.scalar == 1.0 for r in results)
+    assert Handler.state["peak"] == 3  # requests overlap, never more than the bound
+
+
+def test_unreachable_service_fails_the_samples_not_the_run():
+    cfg = RewardConfig(remote=RemoteRewardConfig(url="http://127.0.0.1:9/none", timeout_s=0.2, retries=1))
+    [result], _ = RewardEngine(cfg).score_batch([TrajectoryView(["x"])], [{}])
+    assert result.failed and result.errors[0].startswith("remote: remote reward failed after 2 attempts")
