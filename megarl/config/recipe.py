@@ -121,6 +121,7 @@ class RewardModelConfig:
     path: str
     type: Literal["full", "lora"] = "full"
     weight: float = 1.0
+    component: Literal["task", "format", "efficiency", "safety"] = "task"
 
 
 @dataclass

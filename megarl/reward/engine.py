@@ -21,7 +21,9 @@ class RewardResult:
 
 
 class RewardEngine:
-    def __init__(self, config: RewardConfig):
+    def __init__(self, config: RewardConfig, rm_scorer=None):
+        """`rm_scorer(list of token-id sequences) -> list of floats` is the reward-model worker
+        (required when the recipe has reward.reward_model)."""
         self.functions = [(f, REWARD_FUNCTIONS.get(f.name)) for f in config.functions]
         self.remote_config = config.remote
         self.remote = None
@@ -29,9 +31,10 @@ class RewardEngine:
             from megarl.reward.remote import RemoteReward
 
             self.remote = RemoteReward(config.remote)
-        if config.reward_model is not None:
-            raise NotImplementedError("reward.reward_model scoring is not implemented yet; use reward.functions "
-                                      "or reward.remote")
+        self.rm_config, self.rm_scorer = config.reward_model, rm_scorer
+        if config.reward_model is not None and rm_scorer is None:
+            raise ValueError("reward.reward_model needs a reward-model worker (rm_scorer); the RL trainer "
+                             "starts one from reward.reward_model.path")
 
     def score(self, view: TrajectoryView, metadata: dict) -> RewardResult:
         result = RewardResult(0.0, {})
@@ -49,8 +52,19 @@ class RewardEngine:
             result.scalar = 0.0
         return result
 
-    def score_batch(self, views: list[TrajectoryView], metadata: list[dict]) -> tuple[list[RewardResult], dict]:
+    def score_batch(self, views: list[TrajectoryView], metadata: list[dict],
+                    token_ids: list[list[int]] | None = None) -> tuple[list[RewardResult], dict]:
+        """Score a batch; `token_ids` (prompt + response of each sample) feed the reward model."""
         results = [self.score(v, m) for v, m in zip(views, metadata)]
+        if self.rm_scorer is not None:
+            if token_ids is None:
+                raise ValueError("the reward model scores token ids: pass token_ids")
+            cfg = self.rm_config
+            for result, value in zip(results, self.rm_scorer(token_ids)):
+                result.values["reward_model"] = value
+                result.components[cfg.component] = result.components.get(cfg.component, 0.0) + cfg.weight * value
+                if not result.failed:
+                    result.scalar += cfg.weight * value
         if self.remote is not None:
             cfg = self.remote_config
             for result, (value, error) in zip(results, self.remote.score(views, metadata)):

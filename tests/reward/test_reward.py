@@ -47,6 +47,15 @@ def test_engine_combines_weights_keeps_components_and_marks_failures():
 def test_unknown_function_and_unimplemented_sources_are_refused():
     with pytest.raises(KeyError, match="unknown reward function 'numeric'; valid: exact_match"):
         RewardEngine(RewardConfig(functions=[RewardFunctionConfig("numeric")]))
-    with pytest.raises(NotImplementedError, match="reward_model scoring"):
+    with pytest.raises(ValueError, match="needs a reward-model worker"):
         RewardEngine(RewardConfig(reward_model=RewardModelConfig(path="x")))
+
+
+def test_reward_model_scores_join_the_components():
+    cfg = RewardConfig(functions=[RewardFunctionConfig("tool_call_format", 1.0, "format")],
+                       reward_model=RewardModelConfig(path="rm", weight=0.5))
+    engine = RewardEngine(cfg, rm_scorer=lambda seqs: [float(len(s)) for s in seqs])
+    [r], metrics = engine.score_batch([view()], [{}], token_ids=[[1, 2, 3, 4]])
+    assert r.values["reward_model"] == 4.0 and r.scalar == pytest.approx(1.0 + 2.0)
+    assert r.components == {"format": 1.0, "task": 2.0} and metrics["reward/task"] == 2.0
     assert "numeric_match" in REWARD_FUNCTIONS
