@@ -62,3 +62,27 @@ def converted(tiny_hf_models, tmp_path_factory):
     [summaries] = run_local_group("tests.models.parity:convert_round_trip", 1, args=(jobs,), timeout=600)
     return {a: {"hf": j[0], "ckpt": j[1], "back": j[2], "summary": s}
             for a, j, s in zip(TINY_ARCHS, jobs, summaries)}
+
+
+def make_scalar_head_model(src: str, out, class_name: str, seed: int):
+    """A tiny HF *ForTokenClassification / *ForSequenceClassification (num_labels=1) built from the
+    causal LM config in `src`, saved with its tokenizer to out/hf and converted to out/mcore.
+    Returns (HF model in eval mode, hf dir, megatron checkpoint dir)."""
+    import shutil
+
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from megarl.runtime.local_group import run_local_group
+
+    cfg = AutoConfig.from_pretrained(src, num_labels=1)
+    cfg.architectures = [class_name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, class_name)(cfg).eval()
+    model.save_pretrained(out / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, name), out / "hf" / name)
+    run_local_group("megarl.checkpoint.hf:convert_hf_to_megatron", 1, args=(str(out / "hf"), str(out / "mcore")),
+                    timeout=300)
+    return model, str(out / "hf"), str(out / "mcore")

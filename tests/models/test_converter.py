@@ -132,22 +132,11 @@ def test_unsupported_architecture_is_refused():
 @pytest.fixture(scope="module")
 def critic(tiny_hf_models, tmp_path_factory):
     """A tiny Qwen2ForTokenClassification (num_labels=1): the HF form of a critic."""
-    import shutil
+    from tests.conftest import make_scalar_head_model
 
-    from transformers import AutoConfig, Qwen2ForTokenClassification
-
-    src = tiny_hf_models["qwen2"]
-    out = tmp_path_factory.mktemp("critic")
-    cfg = AutoConfig.from_pretrained(src, num_labels=1)
-    cfg.architectures = ["Qwen2ForTokenClassification"]
-    torch.manual_seed(0)
-    model = Qwen2ForTokenClassification(cfg)
-    model.save_pretrained(out / "hf")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(src, name), out / "hf" / name)
-    [summary] = run_local_group("megarl.checkpoint.hf:convert_hf_to_megatron", 1,
-                                args=(str(out / "hf"), str(out / "mcore")), timeout=300)
-    return {"hf": str(out / "hf"), "ckpt": str(out / "mcore"), "model": model.eval()}
+    model, hf_dir, ckpt = make_scalar_head_model(tiny_hf_models["qwen2"], tmp_path_factory.mktemp("critic"),
+                                                 "Qwen2ForTokenClassification", seed=0)
+    return {"hf": hf_dir, "ckpt": ckpt, "model": model}
 
 
 @pytest.mark.dist

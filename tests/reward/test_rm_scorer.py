@@ -1,8 +1,5 @@
 """Reward-model scoring on megatron equals HF's Qwen2ForSequenceClassification, at TP=1 and TP=2."""
 
-import os
-import shutil
-
 import pytest
 import torch
 
@@ -13,21 +10,13 @@ SEQUENCES = [[5, 9, 17, 3, 44], [8, 1], [100, 200, 300, 400, 500, 600, 7]]
 
 @pytest.fixture(scope="module")
 def reward_model(tiny_hf_models, tmp_path_factory):
-    from transformers import AutoConfig, Qwen2ForSequenceClassification
+    from tests.conftest import make_scalar_head_model
 
-    src = tiny_hf_models["qwen2"]
-    out = tmp_path_factory.mktemp("rm")
-    cfg = AutoConfig.from_pretrained(src, num_labels=1)
-    cfg.architectures = ["Qwen2ForSequenceClassification"]
-    torch.manual_seed(1)
-    model = Qwen2ForSequenceClassification(cfg).eval()
-    model.save_pretrained(out / "hf")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(src, name), out / "hf" / name)
-    run_local_group("megarl.checkpoint.hf:convert_hf_to_megatron", 1, args=(str(out / "hf"), str(out / "mcore")))
+    model, _, ckpt = make_scalar_head_model(tiny_hf_models["qwen2"], tmp_path_factory.mktemp("rm"),
+                                            "Qwen2ForSequenceClassification", seed=1)
     with torch.no_grad():
         expected = [model(torch.tensor([s])).logits[0, 0].item() for s in SEQUENCES]
-    return str(out / "mcore"), expected
+    return ckpt, expected
 
 
 @pytest.mark.dist
