@@ -130,12 +130,12 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     state = wrap_for_training(chunks, config, optim, distributed_optimizer=o.distributed_optimizer)
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(init_ckpt, "hf"))
-    rejected = os.path.join(t.output_dir, "rejected_rows.jsonl") if dist.get_rank() == 0 else None
+    rejected = (recipe.data.rejected_path or os.path.join(t.output_dir, "rejected_rows.jsonl")
+                if dist.get_rank() == 0 else None)
     max_length = recipe.data.max_length or recipe.model.shape.max_position_embeddings
-    data = SFTDataset(recipe.data.train, tokenizer, max_length, recipe.data.format, recipe.data.on_bad_row,
-                      recipe.data.rejected_path or rejected)
-    if dist.get_rank() == 0 and data.rejected:
-        print(f"[sft] {data.report}", flush=True)
+    data = SFTDataset(recipe.data.train, tokenizer, max_length, recipe.data.format, recipe.data.on_bad_row, rejected)
+    if rejected and data.report.rejected:
+        print(f"[sft] {data.report.render()}\n[sft] rejected rows listed in {rejected}", flush=True)
     steps = total_steps(recipe, len(data))
     scheduler = _scheduler(state.optimizer, recipe, steps)
     sampler = EpochSampler(len(data), recipe.data.seed, recipe.data.shuffle)

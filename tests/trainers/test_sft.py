@@ -55,8 +55,8 @@ def test_sft_trains_exports_and_resumes_exactly(tmp_path, converted, sft_data):
     assert [m["step"] for m in ref] == list(range(1, 9))
     assert ref[-1]["loss"] < ref[0]["loss"] - 1.0, "SFT did not learn"
     rejected = [json.loads(line) for line in open(tmp_path / "straight" / "rejected_rows.jsonl")]
-    assert rejected == [{"row": 65, "kind": "too_long", "detail": rejected[0]["detail"]}]
-    assert "> data.max_length 512" in rejected[0]["detail"]
+    assert [(r["row"], [p["kind"] for p in r["problems"]]) for r in rejected] == [(65, ["too_long"])]
+    assert "> data.max_length 512" in rejected[0]["problems"][0]["detail"]
 
     resumed = recipe(tmp_path, converted, sft_data, "resumed", max_steps_this_run=4)
     assert cli(["train", resumed]) == 0
