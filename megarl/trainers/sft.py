@@ -55,6 +55,8 @@ def run(recipe: Recipe) -> int:
     world = recipe.derived.train_world_size
     if os.environ.get("WORLD_SIZE"):  # launched by torchrun / the Slurm launcher: we are a rank
         result = train_rank(recipe, init)
+        if os.environ.get("RANK", "0") != "0":
+            return 0  # rank 0 reports and exports
     else:
         result = run_local_group(train_rank, world, args=(recipe, init), timeout=24 * 3600)[0]
     print(f"[sft] {json.dumps(result)}", flush=True)
