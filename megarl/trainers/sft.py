@@ -73,11 +73,16 @@ def total_steps(recipe: Recipe, num_samples: int) -> int:
     return t.steps if t.steps is not None else t.epochs * math.ceil(num_samples / recipe.derived.samples_per_step)
 
 
-def _microbatches(samples: list, micro: int, pad_id: int, multiple: int) -> tuple[list[dict], int]:
+def _padded_length(samples: list, multiple: int) -> int:
+    """Model input length for these samples (inputs are the sequence minus its last token),
+    rounded up to `multiple` (sequence/context parallel splits)."""
+    return math.ceil((max(len(s) for s in samples) - 1) / multiple) * multiple
+
+
+def _microbatches(samples: list, micro: int, pad_id: int, seq: int) -> list[dict]:
+    """Micro-batches of `micro` samples, right-padded to model input length `seq`."""
     import torch
 
-    longest = max(len(s) for s in samples)
-    seq = math.ceil((longest - 1) / multiple) * multiple
     out = []
     for i in range(0, len(samples), micro):
         group = samples[i:i + micro]
@@ -89,7 +94,7 @@ def _microbatches(samples: list, micro: int, pad_id: int, multiple: int) -> tupl
         out.append({"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
                     "loss_mask": mask[:, 1:].contiguous(),
                     "position_ids": torch.arange(seq).expand(len(group), seq).contiguous(), "attention_mask": None})
-    return out, seq
+    return out
 
 
 def _scheduler(optimizer, recipe: Recipe, steps: int):
@@ -173,12 +178,11 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
         t0 = time.perf_counter()
         indices = sampler.take(recipe.derived.samples_per_step)
         mine = [data.samples[i] for i in indices[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
-        micro, seq = _microbatches(mine, t.micro_batch_per_rank, tokenizer.pad_token_id, multiple)
         # every DP rank must use the same sequence length (pipeline shapes): agree on the max
-        seq_t = torch.tensor([seq])
+        seq_t = torch.tensor([_padded_length(mine, multiple)])
         dist.all_reduce(seq_t, op=dist.ReduceOp.MAX)
-        if int(seq_t) != seq:
-            micro, seq = _microbatches(mine, t.micro_batch_per_rank, tokenizer.pad_token_id, int(seq_t))
+        seq = int(seq_t)
+        micro = _microbatches(mine, t.micro_batch_per_rank, tokenizer.pad_token_id, seq)
         metrics = train_step(state, micro, seq)
         scheduler.step(increment=1)
         step += 1
