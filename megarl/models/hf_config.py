@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from megarl.config.parallel import ParallelConfig
+from megarl.models.impl import UNFUSED_KERNELS
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 MOE = ("qwen3_moe", "mixtral")
@@ -119,8 +120,7 @@ def megatron_config_from_hf(cfg: dict, parallel: ParallelConfig, dtype: str = "f
         virtual_pipeline_model_parallel_size=parallel.vpp, context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep, expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=parallel.sp, use_cpu_initialization=True,
-        bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False,
+        **UNFUSED_KERNELS,
     )
     if arch in MOE:
         experts = cfg.get("num_experts") or cfg.get("num_local_experts")

@@ -10,6 +10,11 @@ import importlib.util
 from megarl.runtime.device import DeviceSpec
 
 LOCAL, TE = "local", "transformer_engine"
+
+# Fused kernels that need TE, apex or CUDA extensions; off for every model we build, since the
+# TE spec fuses what matters itself (megatron raises for rope/grad-accumulation fusion without them).
+UNFUSED_KERNELS = dict(bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+                       apply_rope_fusion=False, persist_layer_norm=False)
 TRANSFORMER_IMPLS = ("auto", LOCAL, TE)
 
 

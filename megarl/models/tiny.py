@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from megarl.config.parallel import ParallelConfig
+from megarl.models.impl import UNFUSED_KERNELS
 from megarl.runtime import cpu_compat
 
 cpu_compat.install()
@@ -32,9 +33,7 @@ def tiny_transformer_config(parallel: ParallelConfig, moe: bool = False, num_lay
         expert_model_parallel_size=parallel.ep, expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=parallel.sp, pipeline_dtype=torch.float32, params_dtype=torch.float32,
         use_cpu_initialization=True, deterministic_mode=True,
-        # fused kernels that need TE/apex/CUDA extensions
-        bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, **moe_kw)
+        **UNFUSED_KERNELS, **moe_kw)
 
 
 def build_tiny_train_state(parallel: ParallelConfig, moe: bool = False, seed: int = 1234,
