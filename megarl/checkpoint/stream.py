@@ -120,6 +120,7 @@ class _MegatronTensorSource:
 def stream_convert(hf_dir: str, out_dir: str, arch: str, cfg: dict, dtype: str) -> int:
     """Write the megatron dist checkpoint for `hf_dir` into `out_dir`; returns the tensors written."""
     import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
     from megatron.core.dist_checkpointing.strategies.torch import (
@@ -160,7 +161,7 @@ def stream_convert(hf_dir: str, out_dir: str, arch: str, cfg: dict, dtype: str) 
     # Where each checkpoint chunk's data comes from: (parameter name, view geometry)
     chunk_source: dict[tuple[str, tuple[int, ...]], tuple[str, tuple, tuple, int]] = {}
     tensors, _ = extract_sharded_tensors(sharded_part)
-    for sh in _leaves(tensors):
+    for sh in nested_values(tensors):
         if not isinstance(sh, ShardedTensor):
             continue
         base = sh.data._base if sh.data._base is not None else sh.data
@@ -194,16 +195,6 @@ def stream_convert(hf_dir: str, out_dir: str, arch: str, cfg: dict, dtype: str) 
     return len(chunk_source)
 
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _leaves(v)
-    else:
-        yield tree
-
 
 def stream_export(ckpt_dir: str, out_dir: str, arch: str, cfg: dict, dtype: str,
                   shard_bytes: int = 1 << 30) -> dict:
@@ -214,6 +205,7 @@ def stream_export(ckpt_dir: str, out_dir: str, arch: str, cfg: dict, dtype: str,
     safetensors shards of about `shard_bytes` whose headers were laid out in advance (with a
     model.safetensors.index.json when there are several).
     """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
     from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
@@ -230,7 +222,7 @@ def stream_export(ckpt_dir: str, out_dir: str, arch: str, cfg: dict, dtype: str,
     sharded_part, _ = save_preprocess(sharded_state([model]), validate_access_integrity=False)
     tensors, _ = extract_sharded_tensors(sharded_part)
     pieces: dict[str, list[ShardedTensor]] = {}
-    for sh in _leaves(tensors):
+    for sh in nested_values(tensors):
         if isinstance(sh, ShardedTensor):
             base = sh.data._base if sh.data._base is not None else sh.data
             pieces.setdefault(param_names[id(base)], []).append(sh)
