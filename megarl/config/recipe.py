@@ -88,6 +88,21 @@ class MultiTurnConfig:
 
 
 @dataclass
+class WeightSyncConfig:
+    """How new actor weights reach the engines after each update (megarl.sync)."""
+
+    bucket_mb: int = 512
+    """Tensors travel in buckets of at most this size; peak extra memory is about two buckets
+    (plus the largest single tensor) on the sender and on each engine."""
+    verify_logprobs: bool = False
+    """After every sync, score fixed token sequences on the trainer and on every engine and fail
+    the step if they differ by more than `logprob_tolerance` (per-bucket checksums are always on)."""
+    logprob_tolerance: float = 1e-3
+    """Largest allowed |trainer - engine| log-prob difference for verify_logprobs (fp32: ~1e-5;
+    bf16 engines need ~5e-2)."""
+
+
+@dataclass
 class RolloutConfig:
     engine: Literal["vllm"] = "vllm"
     engines: int = 1
@@ -105,6 +120,9 @@ class RolloutConfig:
     """Fraction of an engine GPU vLLM may use (weights + KV cache)."""
     kv_cache_bytes: int | None = None
     """Explicit KV-cache budget per engine (CPU engines need one)."""
+    quantization: Literal["fp8"] | None = None
+    """fp8: the engines run FP8 linear layers; the trainer quantizes weights while syncing (GPUs)."""
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     multi_turn: MultiTurnConfig | None = None
 
 

@@ -274,6 +274,14 @@ def _rollout(r: Recipe, shape, rollout_gpus: int, issues: _Issues) -> None:
         issues.add("rollout.n", f"expected n >= 1, got {ro.n}")
     if not 0 < ro.gpu_memory_utilization <= 1:
         issues.add("rollout.gpu_memory_utilization", f"expected a fraction in (0, 1], got {ro.gpu_memory_utilization}")
+    ws = ro.weight_sync
+    if ws.bucket_mb < 1:
+        issues.add("rollout.weight_sync.bucket_mb", f"expected >= 1 (MiB), got {ws.bucket_mb}")
+    if ws.logprob_tolerance <= 0:
+        issues.add("rollout.weight_sync.logprob_tolerance", f"expected > 0, got {ws.logprob_tolerance}")
+    if ro.quantization == "fp8" and r.cluster.device == "cpu":
+        issues.add("rollout.quantization", "FP8 rollout engines need GPUs (vLLM's CPU build has no FP8 linear "
+                   "kernels); remove rollout.quantization for a CPU run")
     mt = ro.multi_turn
     if mt is not None:
         if mt.max_turns < 1:

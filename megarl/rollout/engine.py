@@ -28,6 +28,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.6    # used when kv_cache_bytes is None (GPUs)
     enforce_eager: bool = True             # torch.compile gains nothing on CPU and costs ~40 s
     seed: int = 0
+    quantization: str | None = None        # "fp8": linear weights arrive as FP8 + scales (GPU engines)
+    worker_extension_cls: str = "megarl.sync.receiver.WeightReceiverExtension"  # receives weight syncs
 
 
 @dataclass
@@ -55,7 +57,10 @@ class RolloutEngine:
 
         kwargs = dict(model=config.model_path, dtype=config.dtype, max_model_len=config.max_model_len,
                       tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
-                      seed=config.seed, logprobs_mode="processed_logprobs")
+                      seed=config.seed, logprobs_mode="processed_logprobs",
+                      worker_extension_cls=config.worker_extension_cls)
+        if config.quantization:
+            kwargs["quantization"] = config.quantization
         if config.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = config.kv_cache_bytes
         else:
@@ -63,12 +68,14 @@ class RolloutEngine:
         self.config = config
         self.llm = LLM(**kwargs)
         self.weight_version = 0
+        self.weights_consistent = True  # False after a failed sync left a mix of versions loaded
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt (token ids), in prompt order."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._require_consistent()
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 top_k=sampling.top_k, max_tokens=sampling.max_tokens, seed=sampling.seed,
                                 stop_token_ids=sampling.stop_token_ids or None, logprobs=0)
@@ -84,15 +91,49 @@ class RolloutEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._require_consistent()
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=temperature)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)[0]
         return [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
 
     def load_weights(self, named_tensors: Iterable, version: int) -> None:
         """Load HF-named tensors in place (complete q/k/v and gate/up groups: vLLM fuses them)."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        self.llm.collective_rpc("megarl_reload_weights", args=(list(named_tensors),))
         self.llm.reset_prefix_cache()
         self.weight_version = version
+        self.weights_consistent = True
+
+    def load_weights_from_path(self, path: str, version: int) -> None:
+        """Load a full HF safetensors checkpoint directory in place (the disk path)."""
+        self.llm.collective_rpc("megarl_reload_from_path", args=(path,))
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+        self.weights_consistent = True
+
+    # ---- weight sync (megarl.sync): the engine's workers are receivers in the trainer's group ----
+    def join_weight_sync(self, plan, rendezvous, engine_index: int, generation: int = 0) -> list[int]:
+        """Join the sync group described by `plan` (blocks until the trainer's senders join)."""
+        return self.llm.collective_rpc("megarl_sync_join", args=(plan, rendezvous, engine_index, generation))
+
+    def receive_weights(self, version: int) -> dict:
+        """Receive one full sync (collective with the trainer's `WeightSender.send`)."""
+        try:
+            stats = self.llm.collective_rpc("megarl_sync_receive", args=(version,))
+        except Exception:
+            self.weights_consistent = False
+            raise
+        finally:
+            self.llm.reset_prefix_cache()
+        self.weight_version = version
+        self.weights_consistent = True
+        return stats[0]
+
+    def _require_consistent(self) -> None:
+        if not self.weights_consistent:
+            from megarl.sync.transport import WeightSyncError
+
+            raise WeightSyncError("this engine's weights are a mix of versions after a failed sync; "
+                                  "sync again (or restart the engine) before sampling")
 
 
 def _finish_reason(reason: str | None) -> str:

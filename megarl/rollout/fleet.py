@@ -29,6 +29,15 @@ class EngineActorImpl:
         self.engine.load_weights(named_tensors, version)
         return version
 
+    def join_weight_sync(self, plan, rendezvous, engine_index: int, generation: int):
+        return self.engine.join_weight_sync(plan, rendezvous, engine_index, generation)
+
+    def receive_weights(self, version: int) -> dict:
+        return self.engine.receive_weights(version)
+
+    def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
+        return [self.engine.prompt_logprobs(s) for s in seqs]
+
     def pid(self) -> int:
         import os
 
@@ -114,6 +123,30 @@ class RolloutFleet:
         self._weights_ref = ray.put(list(named_tensors))
         ray.get([a.load_weights.remote(self._weights_ref, version) for a in self.actors])
         self.weight_version = version
+
+    # ---- weight sync (megarl.sync): the engines are receivers in the trainer's sync group --------
+    def join_weight_sync_async(self, plan, rendezvous, generation: int = 0) -> list:
+        """Every engine joins the sync group; returns object refs (they resolve once the trainer's
+        senders have joined too, so the caller starts the senders before waiting)."""
+        return [a.join_weight_sync.remote(plan, rendezvous, i, generation) for i, a in enumerate(self.actors)]
+
+    def receive_weights_async(self, version: int) -> list:
+        return [a.receive_weights.remote(version) for a in self.actors]
+
+    def finish_receive(self, refs: list, version: int) -> list[dict]:
+        """Wait for every engine's receive; the fleet's version advances only if all succeeded."""
+        import ray
+
+        stats = ray.get(refs)
+        self.weight_version = version
+        self._weights_ref = None  # a restarted engine must rejoin the group and be synced again
+        return stats
+
+    def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[list[float]]]:
+        """Each engine's prompt log-probs of `seqs` (verification after a sync)."""
+        import ray
+
+        return ray.get([a.prompt_logprobs.remote(seqs) for a in self.actors])
 
     def shutdown(self) -> None:
         import ray

@@ -44,7 +44,7 @@ def _resolve(ref: str) -> Callable:
     return obj
 
 
-def _to_bytes(value: Any) -> bytes:
+def to_bytes(value: Any) -> bytes:
     # torch.save, not the queue's pickler: torch's multiprocessing reductions pass tensors as shared
     # file descriptors that vanish when the rank exits before the parent reads them.
     import torch
@@ -54,7 +54,7 @@ def _to_bytes(value: Any) -> bytes:
     return buf.getvalue()
 
 
-def _from_bytes(data: bytes) -> Any:
+def from_bytes(data: bytes) -> Any:
     import torch
 
     return torch.load(io.BytesIO(data), weights_only=False)
@@ -63,7 +63,7 @@ def _from_bytes(data: bytes) -> Any:
 def _isolated_entry(fn_ref, args, kwargs, results, env):
     os.environ.update(env)
     try:
-        results.put((0, "ok", _to_bytes(_resolve(fn_ref)(*args, **kwargs))))
+        results.put((0, "ok", to_bytes(_resolve(fn_ref)(*args, **kwargs))))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         results.put((0, "error", traceback.format_exc()))
 
@@ -88,7 +88,97 @@ def run_isolated(fn: str | Callable, args: tuple = (), kwargs: dict | None = Non
         results.close()
     if status == "error":
         raise LocalGroupError(f"{ref} failed:\n{value}")
-    return _from_bytes(value)
+    return from_bytes(value)
+
+
+def _actor_entry(cls_ref, args, kwargs, conn, env):
+    os.environ.update(env)
+    try:
+        obj = _resolve(cls_ref)(*args, **kwargs)
+        conn.send(("ok", b""))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        try:
+            method, margs, mkwargs = conn.recv()
+        except EOFError:
+            return
+        if method is None:
+            conn.send(("ok", b""))
+            return
+        try:
+            conn.send(("ok", to_bytes(getattr(obj, method)(*margs, **mkwargs))))
+        except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+            conn.send(("error", traceback.format_exc()))
+
+
+class IsolatedActor:
+    """An object living in its own spawned process with no process group and no megatron layer
+    (e.g. a vLLM engine next to a megatron trainer group), driven by method calls: `call` waits
+    for the result, `call_async(...).result()` lets the caller run something else meanwhile
+    (another collective participant). A call past its timeout kills the process and raises."""
+
+    def __init__(self, cls: str | Callable, args: tuple = (), kwargs: dict | None = None,
+                 env: dict[str, str] | None = None, timeout: float = 600.0):
+        self.ref = _function_ref(cls)
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_actor_entry, args=(self.ref, args, kwargs or {}, child, env or {}),
+                                 daemon=True, name=f"actor:{self.ref}")
+        self._proc.start()
+        child.close()
+        self._pending = None
+        self._wait(timeout, "start")
+
+    def _wait(self, timeout: float, what: str):
+        if not self._conn.poll(timeout):
+            self.kill()
+            raise LocalGroupError(f"{self.ref}.{what}: no answer within {timeout:.0f}s (process killed)")
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise LocalGroupError(f"{self.ref}.{what}: the process died (exit code {self._proc.exitcode})") from None
+        if status == "error":
+            raise LocalGroupError(f"{self.ref}.{what} failed:\n{value}")
+        return from_bytes(value) if value else None
+
+    def call_async(self, method: str, *args, timeout: float = 600.0, **kwargs) -> _PendingCall:
+        if self._pending is not None:
+            raise RuntimeError(f"{self.ref}: a call to {self._pending.method} is still pending")
+        self._conn.send((method, args, kwargs))
+        self._pending = _PendingCall(self, method, timeout)
+        return self._pending
+
+    def call(self, method: str, *args, timeout: float = 600.0, **kwargs):
+        return self.call_async(method, *args, timeout=timeout, **kwargs).result()
+
+    def kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._proc.is_alive() and self._pending is None:
+            try:
+                self._conn.send((None, (), {}))
+                self._conn.poll(timeout)
+            except (BrokenPipeError, OSError):
+                pass
+        self._proc.join(timeout=timeout)
+        self.kill()
+        self._conn.close()
+
+
+class _PendingCall:
+    def __init__(self, actor: IsolatedActor, method: str, timeout: float):
+        self.actor, self.method, self.timeout = actor, method, timeout
+
+    def result(self):
+        try:
+            return self.actor._wait(self.timeout, self.method)
+        finally:
+            self.actor._pending = None
 
 
 def _rank_entry(rank, world_size, store_path, fn_ref, args, kwargs, results, threads, env, timeout):
@@ -113,7 +203,7 @@ def _rank_entry(rank, world_size, store_path, fn_ref, args, kwargs, results, thr
         dist.init_process_group(backend=select_device().backend, init_method=f"file://{store_path}",
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
         value = _resolve(fn_ref)(*args, **kwargs)
-        results.put((rank, "ok", _to_bytes(value)))
+        results.put((rank, "ok", to_bytes(value)))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -172,7 +262,7 @@ def run_local_group(
                     continue
                 if status == "error":
                     raise LocalGroupError(f"{ref} failed on rank {rank}:\n{value}")
-                out[rank] = _from_bytes(value)
+                out[rank] = from_bytes(value)
             for p in procs:
                 p.join(timeout=30)
         finally:

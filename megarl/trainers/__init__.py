@@ -12,4 +12,10 @@ def _sft(recipe) -> int:
     return run(recipe)
 
 
-TRAINERS: dict[str, Callable] = {"sft": _sft}
+def _rl(recipe) -> int:
+    from megarl.trainers.rl import run
+
+    return run(recipe)
+
+
+TRAINERS: dict[str, Callable] = {"sft": _sft, "grpo": _rl, "ppo": _rl}

@@ -21,28 +21,7 @@ import shutil
 import time
 
 from megarl.config.recipe import Recipe
-
-INIT_DIR = "init"          # the starting model as a megatron checkpoint
-CKPT_DIR = "checkpoints"   # step_<N> training checkpoints
-METRICS_FILE = "metrics.jsonl"
-
-
-def _initial_checkpoint(recipe: Recipe) -> str:
-    """A megatron checkpoint of the starting model: model.path itself, or converted into
-    `<output_dir>/init` once."""
-    from megarl.checkpoint.hf import MARKER, convert_hf_to_megatron
-    from megarl.runtime.local_group import run_local_group
-
-    path = recipe.model.path
-    if os.path.isfile(os.path.join(path, MARKER)):
-        return path
-    target = os.path.join(recipe.trainer.output_dir, INIT_DIR)
-    marker = os.path.join(target, MARKER)
-    if os.path.isfile(marker) and json.load(open(marker)).get("source") == os.path.abspath(path):
-        return target
-    print(f"[sft] converting {path} to a megatron checkpoint in {target}", flush=True)
-    run_local_group(convert_hf_to_megatron, 1, args=(path, target), timeout=3600)
-    return target
+from megarl.trainers.common import CKPT_DIR, METRICS_FILE, initial_checkpoint
 
 
 def run(recipe: Recipe) -> int:
@@ -51,7 +30,7 @@ def run(recipe: Recipe) -> int:
     from megarl.runtime.local_group import run_local_group
 
     os.makedirs(recipe.trainer.output_dir, exist_ok=True)
-    init = _initial_checkpoint(recipe)
+    init = initial_checkpoint(recipe, "sft")
     world = recipe.derived.train_world_size
     if os.environ.get("WORLD_SIZE"):  # launched by torchrun / the Slurm launcher: we are a rank
         result = train_rank(recipe, init)
@@ -97,16 +76,6 @@ def _microbatches(samples: list, micro: int, pad_id: int, seq: int) -> list[dict
     return out
 
 
-def _scheduler(optimizer, recipe: Recipe, steps: int):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    o = recipe.optim
-    return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(steps, 1), lr_decay_style=o.lr_scheduler,
-        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(steps, 1), wd_incr_style="constant")
-
-
 def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     import torch
     import torch.distributed as dist
@@ -123,6 +92,7 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     from megarl.models.train import train_step, wrap_for_training
     from megarl.runtime.device import select_device
     from megarl.runtime.seed import rng_state, set_rng_state
+    from megarl.trainers.common import lr_scheduler
 
     t, o = recipe.trainer, recipe.optim
     options = BuildOptions.from_recipe(recipe.model, select_device(recipe.cluster.device))
@@ -144,7 +114,7 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     if rejected and data.report.rejected:
         print(f"[sft] {data.report.render()}\n[sft] rejected rows listed in {rejected}", flush=True)
     steps = total_steps(recipe, len(data))
-    scheduler = _scheduler(state.optimizer, recipe, steps)
+    scheduler = lr_scheduler(state.optimizer, recipe, steps)
     sampler = EpochSampler(len(data), recipe.data.seed, recipe.data.shuffle)
     step = 0
     ckpt_root = os.path.join(t.output_dir, CKPT_DIR)

@@ -269,6 +269,19 @@ def test_fp8_only_with_transformer_engine(tmp_path):
     load_recipe(write(tmp_path, merge(GRPO, {"model": {"fp8": "hybrid", "transformer_impl": "transformer_engine"}})))
 
 
+def test_weight_sync_options(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"rollout": {"quantization": "fp8"}, "cluster": {"device": "cpu"}}),
+                 "rollout.quantization", "need GPUs")
+    assert_error(tmp_path, merge(GRPO, {"rollout": {"weight_sync": {"bucket_mb": 0}}}),
+                 "rollout.weight_sync.bucket_mb", "expected >= 1")
+    assert_error(tmp_path, merge(GRPO, {"rollout": {"weight_sync": {"logprob_tolerance": 0}}}),
+                 "rollout.weight_sync.logprob_tolerance", "expected > 0")
+    r = load_recipe(write(tmp_path, merge(GRPO, {"rollout": {"quantization": "fp8", "weight_sync": {
+        "bucket_mb": 256, "verify_logprobs": True}}})))
+    assert r.rollout.weight_sync.bucket_mb == 256 and r.rollout.weight_sync.verify_logprobs
+    assert r.rollout.quantization == "fp8"
+
+
 def test_shape_must_be_known(tmp_path):
     data = merge(GRPO, {"model": {"shape_preset": None}})
     assert_error(tmp_path, data, "model.path", "no config.json")

@@ -56,3 +56,38 @@ def test_local_functions_are_refused():
 
     with pytest.raises(ValueError, match="module level"):
         run_local_group(local, 1)
+
+
+class Counter:
+    def __init__(self, start):
+        self.value = start
+
+    def add(self, n):
+        self.value += n
+        return self.value
+
+    def fail(self):
+        raise KeyError("no such thing")
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+
+
+def test_isolated_actor_keeps_state_reports_errors_and_never_hangs():
+    from megarl.runtime.local_group import IsolatedActor
+
+    actor = IsolatedActor("tests.runtime.test_local_group:Counter", args=(5,), timeout=60)
+    try:
+        assert actor.call("add", 2) == 7
+        pending = actor.call_async("add", 3)
+        with pytest.raises(RuntimeError, match="still pending"):
+            actor.call_async("add", 1)
+        assert pending.result() == 10
+        with pytest.raises(LocalGroupError, match="no such thing"):
+            actor.call("fail")
+        assert actor.call("add", 0) == 10          # still alive after an error
+        with pytest.raises(LocalGroupError, match="no answer within 1s"):
+            actor.call("sleep", 30, timeout=1)
+        assert not actor._proc.is_alive()          # killed, not left hanging
+    finally:
+        actor.close()

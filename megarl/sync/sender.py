@@ -1,0 +1,260 @@
+"""The trainer side of a weight sync: every actor rank walks the same plan.
+
+For each sender in plan order, for each of its buckets, for each tensor: the ranks of the
+sender's tensor-parallel (or expert-TP) group gather the shards to the sender, which rebuilds the
+TP=1 tensor (`ShardRule`), turns it into HF tensors (`hf_map.hf_tensors`), casts (or FP8-quantizes)
+them into the bucket at the plan's offsets, stamps the header and broadcasts the bucket to the
+engines. Building bucket k+1 overlaps the broadcast of bucket k; at most two buckets exist at a
+time, so the extra memory is two buckets plus the largest gathered tensor, never the model.
+Ranks of other data-parallel replicas do nothing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from megarl.checkpoint.hf_map import hf_tensors
+from megarl.sync.plan import HEADER_BYTES, SyncEntry, UnsupportedLayout, WeightSyncPlan
+from megarl.sync.transport import SyncGroup, write_header
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class WeightSender:
+    """Created on every rank of the actor after the model exists (collective-free)."""
+
+    def __init__(self, plan: WeightSyncPlan, chunks: list, corrupt_bucket: int | None = None):
+        """`corrupt_bucket`: flip one payload byte of that bucket after its checksum is computed —
+        only for testing that receivers detect corruption."""
+        from megatron.core import parallel_state as ps
+
+        self.plan, self.corrupt_bucket = plan, corrupt_bucket
+        self.chunks = [_unwrap(c) for c in chunks]
+        self.pp = ps.get_pipeline_model_parallel_rank()
+        self.tp, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        self.dp, self.cp = ps.get_data_parallel_rank(), ps.get_context_parallel_rank()
+        self.ep = ps.get_expert_model_parallel_rank()
+        self.etp = ps.get_expert_tensor_parallel_rank()
+        self.etp_size = ps.get_expert_tensor_parallel_world_size()
+        self.edp = ps.get_expert_data_parallel_rank()
+        self._groups = {"tp": ps.get_tensor_model_parallel_group(), "etp": ps.get_expert_tensor_parallel_group()}
+        self._group_size = {"tp": self.tp_size, "etp": self.etp_size}
+        self._check_layout(plan, ps)
+        self.params = {}
+        for v, chunk in enumerate(self.chunks):
+            for name, p in chunk.named_parameters():
+                self.params[(v, name)] = p
+        self.entries = plan.local_entries(self.pp, self.ep)
+        self._check_params()
+        if self.ep == 0:
+            lead = self.tp == 0 and self.dp == 0 and self.cp == 0
+        else:
+            lead = self.etp == 0 and self.edp == 0
+        self.sender = plan.sender_at(self.pp, self.ep) if lead else None
+        self.group: SyncGroup | None = None
+
+    # ---- checks ----------------------------------------------------------------------------
+    def _check_layout(self, plan: WeightSyncPlan, ps) -> None:
+        have = dict(tp=self.tp_size, pp=ps.get_pipeline_model_parallel_world_size(),
+                    vpp=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+                    ep=ps.get_expert_model_parallel_world_size(), etp=self.etp_size)
+        want = dict(tp=plan.trainer.tp, pp=plan.trainer.pp, vpp=plan.trainer.vpp or 1, ep=plan.trainer.ep,
+                    etp=plan.trainer.expert_tp)
+        if have != want or len(self.chunks) != want["vpp"]:
+            raise UnsupportedLayout(f"the trainer runs {have} with {len(self.chunks)} model chunk(s), but the "
+                                    f"weight sync plan was built for {want}: rebuild the plan")
+
+    def _check_params(self) -> None:
+        """Every parameter of this rank is in the map (or is the tied output copy), and every
+        mapped tensor exists with the shape its shard rule implies."""
+        for (v, name), p in self.params.items():
+            if (v, name) in self.entries:
+                continue
+            if name == "output_layer.weight" and self.plan.tied_embeddings:
+                continue  # last stage's copy of the tied embedding: the first stage sends it
+            raise UnsupportedLayout(f"trainer parameter {name!r} (pipeline rank {self.pp}, chunk {v}, shape "
+                                    f"{tuple(p.shape)}) is not in the weight sync map for {self.plan.arch}; "
+                                    "it would never reach the engines")
+        for (v, name), entry in self.entries.items():
+            if (v, name) not in self.params:
+                raise UnsupportedLayout(f"the weight sync map expects parameter {name!r} in chunk {v} on "
+                                        f"pipeline rank {self.pp}, but the trainer model has no such parameter")
+            full = _full_shape(entry, self.plan)
+            want = list(full)
+            if entry.shard.kind != "replicated":
+                size = self._group_size[entry.shard.group]
+                want[entry.shard.dim] //= size
+            got = list(self.params[(v, name)].shape)
+            if got != want:
+                raise UnsupportedLayout(f"trainer parameter {name!r} has shape {got}, the weight sync map expects "
+                                        f"{want} (full {list(full)}, {entry.shard})")
+
+    # ---- group ----------------------------------------------------------------------------
+    def join(self, rendezvous, store=None, generation: int = 0) -> None:
+        """Senders join their broadcast group (blocks until the engines join too)."""
+        if self.sender is not None:
+            self.group = SyncGroup(self.plan, self.sender.index, rendezvous, store=store, generation=generation)
+
+    # ---- sending --------------------------------------------------------------------------
+    @torch.no_grad()
+    def send(self, version: int) -> dict:
+        """Collective over the actor ranks (and the engines, for the senders). Returns stats:
+        bytes, buckets, seconds, and where the time went (gather, pack, checksum, send_wait)."""
+        t0 = time.perf_counter()
+        sent = buckets = 0
+        clock = {"gather": 0.0, "pack": 0.0, "checksum": 0.0, "send_wait": 0.0}
+        for s in self.plan.senders:
+            mine = self.sender is not None and self.sender.index == s.index
+            if not mine and not self._participates(s):
+                continue
+            mine_buckets = self.plan.buckets_of(s.index)
+            # Two bucket buffers, reused: the next bucket is packed while the previous one is on
+            # the wire (fresh buffers per bucket would pay their page faults every time).
+            pool = [torch.empty(HEADER_BYTES + max(b.nbytes for b in mine_buckets), dtype=torch.uint8)
+                    for _ in range(min(2, len(mine_buckets)))] if mine else []
+            in_flight: list = []
+            for k, bucket in enumerate(mine_buckets):
+                buf = None
+                if mine:
+                    t = time.perf_counter()
+                    if len(in_flight) == len(pool):      # the buffer we are about to reuse must be sent
+                        in_flight.pop(0).wait()
+                    clock["send_wait"] += time.perf_counter() - t
+                    buf = pool[k % len(pool)][:HEADER_BYTES + bucket.nbytes]
+                for entry in bucket.entries:
+                    t = time.perf_counter()
+                    parts = self._gather(entry, s, root=mine)
+                    clock["gather"] += time.perf_counter() - t
+                    if mine:
+                        t = time.perf_counter()
+                        self._pack(entry, parts, buf)
+                        clock["pack"] += time.perf_counter() - t
+                if not mine:
+                    continue
+                t = time.perf_counter()
+                write_header(buf, version, bucket.index)
+                clock["checksum"] += time.perf_counter() - t
+                if self.corrupt_bucket == bucket.index:
+                    buf[HEADER_BYTES + bucket.nbytes // 2] ^= 0x5A
+                in_flight.append(self.group.broadcast(s.index, buf))
+                sent += bucket.nbytes
+                buckets += 1
+            t = time.perf_counter()
+            for work in in_flight:
+                work.wait()
+            clock["send_wait"] += time.perf_counter() - t
+            self._workspace = None
+        return {"bytes": sent, "buckets": buckets, "seconds": time.perf_counter() - t0,
+                **{f"{k}_seconds": v for k, v in clock.items()}}
+
+    def _participates(self, s) -> bool:
+        """A non-sender rank gathers shards for sender `s` when it is in that sender's TP group
+        (dense tensors) or expert-TP group (its experts)."""
+        if s.pp_rank != self.pp:
+            return False
+        dense = s.ep_rank == 0 and self.dp == 0 and self.cp == 0 and self.tp_size > 1
+        expert = s.ep_rank == self.ep and self.edp == 0 and self.etp_size > 1
+        return dense or expert
+
+    _workspace: torch.Tensor | None = None
+
+    def _gather(self, entry: SyncEntry, s, root: bool) -> list[torch.Tensor] | None:
+        """The entry's shards in TP-rank order on the sender ([whole tensor] when not split);
+        None elsewhere. Shards land in a reused workspace, not fresh allocations."""
+        local = self.params.get((entry.chunk, entry.local_name))
+        rule = entry.shard
+        expert = ".local_experts." in entry.local_name
+        size = self._group_size[rule.group]
+        if rule.kind == "replicated" or size == 1:
+            return [local.detach()] if root else None
+        # Only the sender's own (dp 0) group gathers; other members of this rank's group skip it.
+        if not root:
+            if expert and not (s.ep_rank == self.ep and self.edp == 0):
+                return None
+            if not expert and not (self.dp == 0 and self.cp == 0):
+                return None
+        group = self._groups[rule.group]
+        shard = local.detach().contiguous()
+        parts = None
+        if root:
+            n = shard.numel()
+            need = n * size * shard.element_size()
+            if self._workspace is None or self._workspace.numel() < need:
+                self._workspace = torch.empty(max(need, self.plan.bucket_bytes // 4), dtype=torch.uint8)
+            flat = self._workspace[:need].view(shard.dtype)
+            parts = [flat[r * n:(r + 1) * n].view(shard.shape) for r in range(size)]
+        dist.gather(shard, parts, dst=dist.get_global_rank(group, 0), group=group)
+        return parts
+
+    def _pack(self, entry: SyncEntry, parts: list[torch.Tensor], buf: torch.Tensor) -> None:
+        """Write the entry's HF tensors into the bucket straight from the shards: each shard's rows
+        (or columns) of q/k/v, gate/up or the plain tensor are copied (and cast) into place, so
+        no full-size intermediate is ever built."""
+        payload = buf[HEADER_BYTES:]
+        if self.plan.quantization == "fp8":
+            return self._pack_fp8(entry, parts, payload)
+        views = [payload[t.offset:t.offset + t.nbytes].view(getattr(torch, t.dtype)).view(t.shape) for t in entry.hf]
+        rule, size = entry.shard, len(parts)
+        if entry.how == "qkv":
+            dims = self.plan.qkv_dims
+            heads, groups = dims["num_attention_heads"], dims.get("num_key_value_heads") or dims["num_attention_heads"]
+            d = dims.get("head_dim") or dims["hidden_size"] // heads
+            per = heads // groups * d
+            g = groups // size
+            for r, part in enumerate(parts):
+                grouped = part.reshape(g, per + 2 * d, *part.shape[1:])
+                for view, lo, hi, width in ((views[0], 0, per, per), (views[1], per, per + d, d),
+                                            (views[2], per + d, per + 2 * d, d)):
+                    rows = view.narrow(0, r * g * width, g * width)
+                    rows.view(g, width, *part.shape[1:]).copy_(grouped[:, lo:hi])
+        elif entry.how == "fc1":
+            for r, part in enumerate(parts):
+                half = part.shape[0] // 2
+                views[0].narrow(0, r * half, half).copy_(part[:half])
+                views[1].narrow(0, r * half, half).copy_(part[half:])
+        elif rule.kind == "split" and size > 1:
+            for r, part in enumerate(parts):
+                views[0].narrow(rule.dim, r * part.shape[rule.dim], part.shape[rule.dim]).copy_(part)
+        else:
+            views[0].copy_(parts[0])
+
+    def _pack_fp8(self, entry: SyncEntry, parts: list[torch.Tensor], payload: torch.Tensor) -> None:
+        """FP8 needs each HF tensor whole (its amax), so build it, quantize, then copy."""
+        from megarl.sync.fp8 import quantize_fp8
+
+        full = full_tensor(entry, parts)
+        targets = [t.name for t in entry.hf if not t.name.endswith("_scale")]
+        wire = []
+        for name, t in hf_tensors(targets, entry.how, full, self.plan.qkv_dims):
+            wire += quantize_fp8(name, t)
+        if [n for n, _ in wire] != [t.name for t in entry.hf]:
+            raise UnsupportedLayout(f"{entry.megatron_name}: produced {[n for n, _ in wire]}, the plan lists "
+                                    f"{[t.name for t in entry.hf]}")
+        for (_, t), spec in zip(wire, entry.hf):
+            payload[spec.offset:spec.offset + spec.nbytes].view(getattr(torch, spec.dtype)).view(spec.shape).copy_(t)
+
+
+def full_tensor(entry: SyncEntry, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The TP=1 megatron tensor from its shards in TP-rank order (`ShardRule`)."""
+    rule = entry.shard
+    if len(parts) == 1:
+        return parts[0]
+    if rule.kind == "gated":
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=rule.dim)
+
+
+def _full_shape(entry: SyncEntry, plan: WeightSyncPlan) -> tuple[int, ...]:
+    """The TP=1 megatron shape of an entry, from its HF tensors (inverse of hf_map's transforms)."""
+    shapes = [t.shape for t in entry.hf if not t.name.endswith("_scale")]
+    if entry.how in ("qkv", "fc1"):
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return shapes[0]
