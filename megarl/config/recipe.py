@@ -100,6 +100,8 @@ class WeightSyncConfig:
     logprob_tolerance: float = 1e-3
     """Largest allowed |trainer - engine| log-prob difference for verify_logprobs (fp32: ~1e-5;
     bf16 engines need ~5e-2)."""
+    timeout_s: float = 600.0
+    """A sync that makes no progress for this long (a peer died) fails instead of waiting."""
 
 
 @dataclass

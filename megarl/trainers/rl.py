@@ -26,6 +26,10 @@ from megarl.trainers.common import CKPT_DIR, METRICS_FILE, has_hf_weights, initi
 TAG = "rl"
 
 
+class WorkerLost(RuntimeError):
+    """A megatron worker process died; the gang cannot continue without it."""
+
+
 class Gang:
     """The Ray actors of one megatron model group; `call` runs a method on every rank."""
 
@@ -44,8 +48,13 @@ class Gang:
 
     def call(self, method: str, *args, **kwargs) -> list:
         import ray
+        from ray.exceptions import RayActorError
 
-        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+        try:
+            return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+        except RayActorError as e:
+            raise WorkerLost(f"a {self.role} worker died during {method}: {str(e).splitlines()[0]}. Restart the "
+                             "run: with trainer.resume=auto it continues from the last checkpoint") from None
 
     def call_async(self, method: str, *args, **kwargs) -> list:
         return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
@@ -55,7 +64,9 @@ class Gang:
 
         parts = sorted((from_bytes(p) for p in self.call("compute_logprobs", batch, with_entropy) if p is not None),
                        key=lambda p: p[0])
-        return {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+        out = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1] if k != "seconds"}
+        out["seconds"] = max(p[1]["seconds"] for p in parts)  # model compute inside the workers
+        return out
 
     def shutdown(self) -> None:
         import ray
@@ -78,8 +89,8 @@ class WeightSync:
                                          dtype=dtype, quantization=ro.quantization)
         self.actor, self.fleet, self.config = actor, fleet, ro.weight_sync
         self.generation = 0
-        port = actor.call("sync_open_store")[0]
-        self.rendezvous = Rendezvous("127.0.0.1", port)
+        port = actor.call("sync_open_store", "127.0.0.1", ro.weight_sync.timeout_s)[0]
+        self.rendezvous = Rendezvous("127.0.0.1", port, timeout_s=ro.weight_sync.timeout_s)
         self._join()
         print(f"[{TAG}] {self.plan.summary()}", flush=True)
 
@@ -96,7 +107,22 @@ class WeightSync:
         t0 = time.perf_counter()
         receives = self.fleet.receive_weights_async(version)
         sends = self.actor.call_async("sync_send", version)
-        send_stats = ray.get(sends)
+        try:
+            send_stats = ray.get(sends)
+        except ray.exceptions.RayActorError as e:
+            raise WorkerLost(f"an actor worker died during the weight sync: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001 - a sender's transport error usually means an engine went away
+            from megarl.rollout.fleet import EngineLost
+            from megarl.sync.transport import WeightSyncError
+
+            try:
+                self.fleet.finish_receive(receives, version)
+            except EngineLost:
+                raise
+            except Exception:  # noqa: BLE001 - the engines' own failure adds nothing to the sender's
+                pass
+            raise WeightSyncError(f"the weight sync to version {version} failed on the trainer side: "
+                                  f"{str(e).strip().splitlines()[-1]}") from None
         recv_stats = self.fleet.finish_receive(receives, version)
         out = {"sync/seconds": time.perf_counter() - t0, "sync/bytes": float(self.plan.total_bytes),
                "sync/buckets": float(len(self.plan.buckets)),
@@ -291,7 +317,9 @@ def run(recipe: Recipe) -> int:
             batch_prompts = [data[i] for i in sampler.take(t.prompts_per_step)]
             sampling = SamplingConfig(n=ro.n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                       max_tokens=ro.max_response_length, seed=t.seed + step)
+            engine_before = fleet.engine_seconds
             groups = loop.run([p.prompt_ids for p in batch_prompts], sampling)
+            timings["timing/engine_generate_s"] = fleet.engine_seconds - engine_before
             trajs = [x for g in groups for x in g]
             group_ids = [i for i, g in enumerate(groups) for _ in g]
             timings["timing/rollout_s"] = time.perf_counter() - t0
@@ -311,11 +339,14 @@ def run(recipe: Recipe) -> int:
             old = actor.logprobs(model_in, with_entropy=True)
             batch.old_logp = old["logp"] * batch.mask
             timings["timing/old_logprobs_s"] = time.perf_counter() - t0
+            compute = timings["timing/engine_generate_s"] + old["seconds"]
             kl_metrics = {}
             if reference is not None:
                 t0 = time.perf_counter()
-                batch.ref_logp = reference.logprobs(model_in)["logp"] * batch.mask
+                ref = reference.logprobs(model_in)
+                batch.ref_logp = ref["logp"] * batch.mask
                 timings["timing/ref_logprobs_s"] = time.perf_counter() - t0
+                compute += ref["seconds"]
                 kl = token_kl(batch.old_logp, batch.ref_logp, a.kl.estimator, a.kl.clamp) * batch.mask
                 kl_metrics["kl/ref_mean"] = float(kl.sum() / batch.mask.sum().clamp(min=1))
                 kl_metrics["kl/coef"] = kl_ctl.coef
@@ -358,6 +389,9 @@ def run(recipe: Recipe) -> int:
                 kl_ctl.update(kl_metrics.get("kl/ref_mean", 0.0), batch.size)
             # ---- metrics ----------------------------------------------------------------------
             timings["timing/step_s"] = time.perf_counter() - t_step
+            compute += update_m["timing/update_compute_s"]
+            timings["timing/model_compute_s"] = compute
+            timings["timing/overhead_fraction"] = max(0.0, 1.0 - compute / timings["timing/step_s"])
             tokens = float(batch.mask.sum())
             m = {**reward_m, **rollout_metrics(trajs, timings["timing/rollout_s"]), **update_m, **kl_metrics,
                  **mismatch, **sync_m, **timings,

@@ -135,6 +135,7 @@ class PolicyWorker:
         from megarl.models.train import TrainState, run_schedule
         from megarl.runtime.local_group import to_bytes
 
+        t0 = time.perf_counter()
         temperature = self.recipe.rollout.temperature
         rows = self._my_rows(batch["tokens"].shape[0])
         micro = self._microbatches(batch, rows, self.recipe.trainer.micro_batch_per_rank)
@@ -145,7 +146,7 @@ class PolicyWorker:
         run_schedule(state, micro, micro[0]["tokens"].shape[1], forward_only=True, forward_step=step)
         if not self._reporter():
             return None
-        out = {"logp": torch.cat([c["logp"] for c in collected])}
+        out = {"logp": torch.cat([c["logp"] for c in collected]), "seconds": time.perf_counter() - t0}
         if with_entropy:
             out["entropy"] = torch.cat([c["entropy"] for c in collected])
         return to_bytes((self.coords()["dp"], out))
@@ -198,18 +199,20 @@ class PolicyWorker:
                 "timing/update_compute_s": time.perf_counter() - t0}
 
     # ---- weight sync (megarl.sync) ------------------------------------------------------------
-    def sync_open_store(self, host: str = "127.0.0.1") -> int:
-        """Rank 0 hosts the sync group's rendezvous store; returns its port."""
+    def sync_open_store(self, host: str = "127.0.0.1", timeout_s: float = 600.0) -> int | None:
+        """Rank 0 (always sender 0) hosts the sync group's rendezvous store; returns its port."""
         from megarl.sync.transport import open_store
 
-        self._store, port = open_store(host, 0)
+        if self.rank != 0:
+            return None
+        self._store, port = open_store(host, 0, timeout_s)
         return port
 
     def sync_join(self, plan, rendezvous, generation: int = 0) -> None:
         from megarl.sync.sender import WeightSender
 
         self.sender = WeightSender(plan, self.models)
-        self.sender.join(rendezvous, store=self._store, generation=generation)
+        self.sender.join(rendezvous, store=self._store if self.rank == 0 else None, generation=generation)
 
     def sync_send(self, version: int) -> dict:
         return self.sender.send(version)
