@@ -22,6 +22,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def train(what: str, recipe: str) -> int:
+    """`megarl train <recipe>` from scratch, as a user would run it."""
+    print(f"[demo] {what}: megarl train {recipe}", flush=True)
+    return subprocess.call([sys.executable, "-m", "megarl.cli", "train", recipe, "--set", "trainer.resume=never"])
+
+
 def main() -> int:
     os.chdir(ROOT)
     from examples.tool_math import rl_row, sft_row, write
@@ -40,9 +46,7 @@ def main() -> int:
     if os.path.exists(metrics):
         os.remove(metrics)
     t0 = time.time()
-    print("[demo] SFT: megarl train configs/tiny/sft_cpu.yaml", flush=True)
-    code = subprocess.call([sys.executable, "-m", "megarl.cli", "train", "configs/tiny/sft_cpu.yaml",
-                            "--set", "trainer.resume=never"])
+    code = train("SFT", "configs/tiny/sft_cpu.yaml")
     if code:
         return code
     curve = [json.loads(line) for line in open(metrics)]
@@ -55,9 +59,7 @@ def main() -> int:
 
     grpo_metrics = "runs/tiny/grpo/metrics.jsonl"
     t0 = time.time()
-    print("[demo] GRPO: megarl train configs/tiny/grpo_cpu.yaml", flush=True)
-    code = subprocess.call([sys.executable, "-m", "megarl.cli", "train", "configs/tiny/grpo_cpu.yaml",
-                            "--set", "trainer.resume=never"])
+    code = train("GRPO", "configs/tiny/grpo_cpu.yaml")
     if code:
         return code
     summary["grpo_seconds"] = round(time.time() - t0, 1)
