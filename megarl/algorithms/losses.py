@@ -118,22 +118,27 @@ def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, coef: float, mode: 
     return -coef * aggregate_loss(entropy, mask, mode)
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       clip: float | None = 0.2, mode: str = "token-mean"):
-    """PPO value loss with value clipping (as in OpenAI baselines' PPO2):
+def value_loss_per_token(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                         clip: float | None = 0.2):
+    """Per-token PPO value loss with value clipping (OpenAI baselines' PPO2):
 
-        V_clip = V_old + clip(V − V_old, −c, c),   L = ½ · max((V − R)², (V_clip − R)²)
-    """
+        V_clip = V_old + clip(V − V_old, −c, c),   L_t = ½ · max((V − R)², (V_clip − R)²)
+
+    Returns (L [B, T], {"value_clip_frac"})."""
     unclipped = (values - returns) ** 2
     if clip is None:
-        per_token = 0.5 * unclipped
-        frac = torch.zeros(())
-    else:
-        v_clip = old_values + (values - old_values).clamp(-clip, clip)
-        clipped = (v_clip - returns) ** 2
-        per_token = 0.5 * torch.maximum(unclipped, clipped)
-        frac = masked_mean((clipped > unclipped).float(), mask).detach()
-    return aggregate_loss(per_token, mask, mode), {"value_clip_frac": frac}
+        return 0.5 * unclipped, {"value_clip_frac": torch.zeros(())}
+    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    clipped = (v_clip - returns) ** 2
+    frac = masked_mean((clipped > unclipped).float(), mask).detach()
+    return 0.5 * torch.maximum(unclipped, clipped), {"value_clip_frac": frac}
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       clip: float | None = 0.2, mode: str = "token-mean"):
+    """`value_loss_per_token` aggregated over the mask (`aggregate_loss`)."""
+    per_token, metrics = value_loss_per_token(values, old_values, returns, mask, clip)
+    return aggregate_loss(per_token, mask, mode), metrics
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:

@@ -60,10 +60,13 @@ class Gang:
         return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
 
     def logprobs(self, batch: dict, with_entropy: bool = False) -> dict[str, torch.Tensor]:
+        return self.gather("compute_logprobs", batch, with_entropy)
+
+    def gather(self, method: str, *args) -> dict[str, torch.Tensor]:
+        """Per-sample tensors from the reporting rank of each data-parallel replica, in row order."""
         from megarl.runtime.local_group import from_bytes
 
-        parts = sorted((from_bytes(p) for p in self.call("compute_logprobs", batch, with_entropy) if p is not None),
-                       key=lambda p: p[0])
+        parts = sorted((from_bytes(p) for p in self.call(method, *args) if p is not None), key=lambda p: p[0])
         out = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1] if k != "seconds"}
         out["seconds"] = max(p[1]["seconds"] for p in parts)  # model compute inside the workers
         return out
@@ -196,6 +199,7 @@ def run(recipe: Recipe) -> int:
     from megarl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, scores_to_token_rewards
     from megarl.algorithms.correction import mismatch_metrics, rollout_correction
     from megarl.algorithms.kl import kl_penalized_rewards, make_kl_controller, token_kl
+    from megarl.algorithms.masked import masked_whiten
     from megarl.checkpoint.hf import convert_megatron_to_hf
     from megarl.checkpoint.paths import latest_checkpoint
     from megarl.data.prompts import PromptDataset
@@ -212,12 +216,10 @@ def run(recipe: Recipe) -> int:
     from megarl.rollout.tool_spec import load_tool_specs
     from megarl.rollout.tools import ToolExecutor
     from megarl.runtime.local_group import run_local_group
-    from megarl.workers.policy import ACTOR, REFERENCE
+    from megarl.trainers.common import critic_hf_dir
+    from megarl.workers.policy import ACTOR, CRITIC, REFERENCE
 
     t, ro, a = recipe.trainer, recipe.rollout, recipe.algorithm
-    if recipe.critic is not None or a.advantage_estimator == "gae":
-        raise NotImplementedError("PPO with a critic (advantage_estimator: gae) is not wired into the RL loop yet; "
-                                  "use a critic-free estimator (grpo, rloo, reinforce_pp, ...)")
     os.makedirs(t.output_dir, exist_ok=True)
     stop = _Stop()
     init = initial_checkpoint(recipe, TAG)
@@ -242,12 +244,15 @@ def run(recipe: Recipe) -> int:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
     threads = max(1, (os.cpu_count() or 1) // recipe.derived.train_world_size)
-    fleet = actor = reference = None
+    fleet = actor = reference = critic = None
+    critic_init = (initial_checkpoint(recipe, TAG, critic_hf_dir(recipe, TAG), "critic_init")
+                   if a.advantage_estimator == "gae" else None)
     logger = None
     try:
         actor = Gang(recipe, init, ACTOR, threads)
         needs_ref = a.kl.coef > 0
         reference = Gang(recipe, init, REFERENCE, threads) if needs_ref else None
+        critic = Gang(recipe, critic_init, CRITIC, threads) if critic_init else None
         fleet = RolloutFleet(EngineConfig(engine_dir, dtype={"fp32": "float32", "bf16": "bfloat16",
                                                              "fp16": "float16"}[recipe.model.dtype],
                                           max_model_len=ro.max_prompt_length + ro.max_response_length
@@ -261,9 +266,12 @@ def run(recipe: Recipe) -> int:
         step, sampler = 0, EpochSampler(len(data), recipe.data.seed, recipe.data.shuffle)
         kl_ctl = make_kl_controller(a.kl.controller, a.kl.coef, a.kl.target, a.kl.horizon)
         ckpt_root = os.path.join(t.output_dir, CKPT_DIR)
+        critic_root = os.path.join(t.output_dir, "critic_" + CKPT_DIR)
         resume_from = {"auto": latest_checkpoint(ckpt_root), "never": None}.get(t.resume, t.resume)
         if resume_from:
             state = actor.call("load", resume_from)[0]
+            if critic is not None:  # written before the actor's, so it exists whenever the actor's does
+                critic.call("load", os.path.join(critic_root, os.path.basename(resume_from)))
             step = state["step"]
             sampler = EpochSampler.from_state(len(data), recipe.data.seed, recipe.data.shuffle, state["sampler"])
             kl_ctl.load_state_dict(state["kl"])
@@ -290,6 +298,8 @@ def run(recipe: Recipe) -> int:
 
         def checkpoint(at: int) -> str:
             path = os.path.join(ckpt_root, f"step_{at:06d}")
+            if critic is not None:
+                critic.call("save", os.path.join(critic_root, f"step_{at:06d}"), {"step": at})
             actor.call("save", path, {"step": at, "sampler": sampler.state_dict(), "kl": kl_ctl.state_dict()})
             return path
 
@@ -350,6 +360,12 @@ def run(recipe: Recipe) -> int:
                 kl = token_kl(batch.old_logp, batch.ref_logp, a.kl.estimator, a.kl.clamp) * batch.mask
                 kl_metrics["kl/ref_mean"] = float(kl.sum() / batch.mask.sum().clamp(min=1))
                 kl_metrics["kl/coef"] = kl_ctl.coef
+            if critic is not None:
+                t0 = time.perf_counter()
+                vals = critic.gather("compute_values", model_in)
+                batch.values = vals["values"] * batch.mask
+                timings["timing/values_s"] = time.perf_counter() - t0
+                compute += vals["seconds"]
             # ---- advantages -------------------------------------------------------------------
             t0 = time.perf_counter()
             token_rewards = None
@@ -358,9 +374,11 @@ def run(recipe: Recipe) -> int:
                                                      token_kl(batch.old_logp, batch.ref_logp, a.kl.estimator,
                                                               a.kl.clamp), kl_ctl.coef, batch.mask)
             inputs = AdvantageInputs(batch.mask, scores=batch.scores, group_ids=batch.group_ids,
-                                     token_rewards=token_rewards)
+                                     token_rewards=token_rewards, values=batch.values)
             batch.advantages, batch.returns = ADVANTAGE_ESTIMATORS.get(a.advantage_estimator)(
                 inputs, gamma=a.gamma, lam=a.lam, norm_adv_by_std=a.norm_adv_by_std)
+            if critic is not None:  # PPO: whiten GAE advantages over the batch's trained tokens
+                batch.advantages = masked_whiten(batch.advantages, batch.mask) * batch.mask
             rc = a.rollout_correction
             is_weight, train_mask = rollout_correction(batch.old_logp, batch.rollout_logp, batch.mask, rc.mode,
                                                        rc.threshold)
@@ -378,6 +396,13 @@ def run(recipe: Recipe) -> int:
             if batch.ref_logp is not None:
                 update_in["ref_logp"] = batch.ref_logp
             update_m = actor.call("update", update_in, recipe.derived.minibatches_per_step, kl_ctl.coef)[0]
+            if critic is not None:
+                critic_in = {"tokens": batch.tokens, "mask": batch.mask, "values": batch.values,
+                             "returns": batch.returns}
+                critic_m = critic.call("update_critic", critic_in, recipe.derived.minibatches_per_step)[0]
+                update_m.update(critic_m)
+                m_values = (batch.values * batch.mask).sum() / batch.mask.sum().clamp(min=1)
+                update_m["critic/values_mean"] = float(m_values)
             timings["timing/update_s"] = time.perf_counter() - t0
             step += 1
             taken += 1
@@ -429,7 +454,7 @@ def run(recipe: Recipe) -> int:
     finally:
         if logger is not None:
             logger.close()
-        for gang in (actor, reference):
+        for gang in (actor, reference, critic):
             if gang is not None:
                 gang.shutdown()
         if fleet is not None:

@@ -22,8 +22,9 @@ from functools import partial
 
 import torch
 
-ACTOR, REFERENCE = "actor", "reference"
-BATCH_FIELDS = ("tokens", "mask", "old_logp", "ref_logp", "advantages", "is_weight", "loss_weight")
+ACTOR, REFERENCE, CRITIC = "actor", "reference", "critic"
+BATCH_FIELDS = ("tokens", "mask", "old_logp", "ref_logp", "advantages", "is_weight", "loss_weight", "values",
+                "returns")
 
 
 class WorkerError(RuntimeError):
@@ -71,7 +72,7 @@ class PolicyWorker:
         self.config = config
         self.models = chunks
         self.optimizer = self.scheduler = None
-        if role == ACTOR:
+        if role in (ACTOR, CRITIC):
             self._make_trainable(chunks, config)
         self.sender = None
         self._store = None
@@ -84,7 +85,8 @@ class PolicyWorker:
 
         o, dtype = self.recipe.optim, self.recipe.model.dtype
         config.calculate_per_token_loss = True
-        optim = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        lr = (o.critic_lr or o.lr) if self.role == CRITIC else o.lr
+        optim = OptimizerConfig(optimizer="adam", lr=lr, min_lr=min(o.min_lr, lr), weight_decay=o.weight_decay,
                                 adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                                 clip_grad=o.clip_grad, bf16=dtype == "bf16", fp16=dtype == "fp16",
                                 params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32))
@@ -198,6 +200,63 @@ class PolicyWorker:
                 "actor/lr": self.optimizer.param_groups[0]["lr"], "actor/updates": float(totals[7]),
                 "timing/update_compute_s": time.perf_counter() - t0}
 
+    # ---- critic ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_values(self, batch: dict) -> bytes | None:
+        """torch.save bytes of (dp rank, {"values": [rows, S-1], "seconds"}): V(state at position t),
+        aligned with the labels like the log-probs."""
+        from megarl.models.train import TrainState, run_schedule
+        from megarl.runtime.local_group import to_bytes
+
+        t0 = time.perf_counter()
+        rows = self._my_rows(batch["tokens"].shape[0])
+        micro = self._microbatches(batch, rows, self.recipe.trainer.micro_batch_per_rank)
+        collected: list[torch.Tensor] = []
+        step = partial(_value_forward_step, sink=collected, per_token_mode=self.config.calculate_per_token_loss)
+        run_schedule(TrainState(self.models, self.optimizer, self.config), micro, micro[0]["tokens"].shape[1],
+                     forward_only=True, forward_step=step)
+        if not self._reporter():
+            return None
+        return to_bytes((self.coords()["dp"], {"values": torch.cat(collected), "seconds": time.perf_counter() - t0}))
+
+    def update_critic(self, batch: dict, minibatches: int) -> dict:
+        """ppo_epochs × mini-batches of clipped value-loss updates (token-mean)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from megarl.models.train import TrainState, run_schedule
+
+        a = self.recipe.algorithm
+        n = batch["tokens"].shape[0]
+        per = n // minibatches
+        state = TrainState(self.models, self.optimizer, self.config)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, count, clip sum
+        grad_norms = []
+        for _ in range(a.ppo_epochs):
+            for m in range(minibatches):
+                mini = {k: v[m * per:(m + 1) * per] for k, v in batch.items()}
+                micro = self._microbatches(mini, self._my_rows(per), self.recipe.trainer.micro_batch_per_rank)
+                sums: list[torch.Tensor] = []
+                run_schedule(state, micro, micro[0]["tokens"].shape[1],
+                             forward_step=partial(_critic_forward_step, clip=a.value_clip, sink=sums))
+                ok, grad_norm, _ = self.optimizer.step()
+                if not ok:
+                    raise FloatingPointError("optimizer step skipped: non-finite gradients in the critic update")
+                self.scheduler.step(increment=1)
+                grad_norms.append(float(grad_norm))
+                local = torch.stack(sums).sum(0) if sums else torch.zeros(3, dtype=torch.float64)
+                if ps.is_pipeline_last_stage(ignore_virtual=True):
+                    dist.all_reduce(local, group=ps.get_data_parallel_group())
+                totals += local
+        last = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
+            and ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+        shared = totals if last else torch.zeros_like(totals)
+        dist.all_reduce(shared)
+        count = max(float(shared[1]), 1.0)
+        return {"critic/value_loss": float(shared[0]) / count, "critic/value_clip_frac": float(shared[2]) / count,
+                "critic/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+                "critic/lr": self.optimizer.param_groups[0]["lr"]}
+
     # ---- weight sync (megarl.sync) ------------------------------------------------------------
     def sync_open_store(self, host: str = "127.0.0.1", timeout_s: float = 600.0) -> int | None:
         """Rank 0 (always sender 0) hosts the sync group's rendezvous store; returns its port."""
@@ -273,6 +332,37 @@ def _logprob_forward_step(data_iterator, model, temperature: float, with_entropy
         return (zero, torch.tensor(1, dtype=torch.int), report) if per_token_mode else (zero, report)
 
     return logits, collect
+
+
+def _value_forward_step(data_iterator, model, sink: list, per_token_mode: bool):
+    mb = next(data_iterator)
+    values = model(mb["tokens"], mb["position_ids"], None)
+
+    def collect(output):
+        sink.append(output.squeeze(-1).float().detach())
+        zero = output.sum() * 0.0
+        report = {"loss_sum_count": torch.zeros(2)}
+        return (zero, torch.tensor(1, dtype=torch.int), report) if per_token_mode else (zero, report)
+
+    return values, collect
+
+
+def _critic_forward_step(data_iterator, model, clip: float | None, sink: list):
+    from megarl.algorithms.losses import value_loss_per_token
+
+    mb = next(data_iterator)
+    values = model(mb["tokens"], mb["position_ids"], None)
+
+    def loss_func(output):
+        mask = mb["mask"]
+        per_token, m = value_loss_per_token(output.squeeze(-1).float(), mb["values"], mb["returns"], mask, clip)
+        loss_sum = (per_token * mask).sum()
+        count = mask.sum()
+        n = float(count)
+        sink.append(torch.tensor([float(loss_sum.detach()), n, float(m["value_clip_frac"]) * n], dtype=torch.float64))
+        return loss_sum, count.to(torch.int), {"loss_sum_count": torch.stack([loss_sum.detach(), count])}
+
+    return values, loss_func
 
 
 def _policy_forward_step(data_iterator, model, recipe, kl_coef: float, sink: list):
