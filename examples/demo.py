@@ -41,7 +41,8 @@ def main() -> int:
     rng = random.Random(0)
     write("runs/tiny/data/sft.jsonl", (sft_row(rng) for _ in range(2000)))
     write("runs/tiny/data/rl.jsonl", (rl_row(rng) for _ in range(2000)))
-    write("runs/tiny/data/rl_eval.jsonl", (rl_row(random.Random(1)) for _ in range(128)))
+    eval_rng = random.Random(1)  # held out: another stream than the training prompts
+    write("runs/tiny/data/rl_eval.jsonl", (rl_row(eval_rng) for _ in range(128)))
     metrics = "runs/tiny/sft/metrics.jsonl"
     if os.path.exists(metrics):
         os.remove(metrics)

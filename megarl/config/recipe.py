@@ -186,6 +186,17 @@ class RolloutCorrectionConfig:
 
 
 @dataclass
+class OverlongConfig:
+    """DAPO's handling of responses that hit the length limit."""
+
+    mode: Literal["none", "filter", "shaping"] = "none"
+    """filter: truncated samples are left out of the loss; shaping: a soft length penalty is added
+    to the reward over the last `buffer` tokens before max_response_length."""
+    buffer: int = 0
+    penalty: float = 1.0
+
+
+@dataclass
 class AlgorithmConfig:
     advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"] = "grpo"
     norm_adv_by_std: bool = True
@@ -207,6 +218,10 @@ class AlgorithmConfig:
     value_clip: float | None = 0.2
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and refill."""
+    dynamic_sampling_max_rounds: int = 3
+    """Extra rollout rounds to refill dropped groups; if still short, uninformative groups fill
+    the batch (they get zero advantage) so the batch size stays fixed."""
+    overlong: OverlongConfig = field(default_factory=lambda: OverlongConfig())
 
 
 @dataclass

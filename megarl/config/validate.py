@@ -274,6 +274,13 @@ def _rollout(r: Recipe, shape, rollout_gpus: int, issues: _Issues) -> None:
         issues.add("rollout.n", f"expected n >= 1, got {ro.n}")
     if not 0 < ro.gpu_memory_utilization <= 1:
         issues.add("rollout.gpu_memory_utilization", f"expected a fraction in (0, 1], got {ro.gpu_memory_utilization}")
+    al = r.algorithm
+    if al is not None:
+        if al.overlong.mode == "shaping" and not 0 < al.overlong.buffer < ro.max_response_length:
+            issues.add("algorithm.overlong.buffer", f"shaping needs 0 < buffer < rollout.max_response_length "
+                       f"({ro.max_response_length}), got {al.overlong.buffer}")
+        if al.dynamic_sampling_max_rounds < 0:
+            issues.add("algorithm.dynamic_sampling_max_rounds", f"expected >= 0, got {al.dynamic_sampling_max_rounds}")
     ws = ro.weight_sync
     if ws.bucket_mb < 1:
         issues.add("rollout.weight_sync.bucket_mb", f"expected >= 1 (MiB), got {ws.bucket_mb}")

@@ -81,11 +81,15 @@ class RolloutEngine:
         from vllm.inputs import TokensPrompt
 
         self._require_consistent()
-        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                top_k=sampling.top_k, max_tokens=sampling.max_tokens, seed=sampling.seed,
-                                stop_token_ids=sampling.stop_token_ids or None, logprobs=0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=False)
+
+        def params(prompt):
+            return SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                  top_k=sampling.top_k, max_tokens=sampling.max_tokens,
+                                  seed=request_seed(sampling.seed, prompt),
+                                  stop_token_ids=sampling.stop_token_ids or None, logprobs=0)
+
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                    [params(p) for p in prompts], use_tqdm=False)
         version = self.weight_version
         return [[Completion(list(c.token_ids), [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
                             _finish_reason(c.finish_reason), version) for c in out.outputs]
@@ -139,6 +143,20 @@ class RolloutEngine:
 
             raise WeightSyncError("this engine's weights are a mix of versions after a failed sync; "
                                   "sync again (or restart the engine) before sampling")
+
+
+def request_seed(seed: int | None, prompt: list[int]) -> int | None:
+    """A request's sampling seed: the step's seed mixed with the prompt's tokens. One seed shared
+    by every request would make all requests draw the same random numbers (in vLLM a seeded request
+    owns a generator seeded with it), so similar prompts would sample in lock-step and whole
+    batches succeed or fail together. Content-derived seeds stay reproducible however requests are
+    chunked across engines."""
+    if seed is None:
+        return None
+    import array
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(array.array("q", prompt).tobytes())) % (2**31 - 1)
 
 
 def _finish_reason(reason: str | None) -> str:

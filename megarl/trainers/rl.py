@@ -198,6 +198,7 @@ def run(recipe: Recipe) -> int:
 
     from megarl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, scores_to_token_rewards
     from megarl.algorithms.correction import mismatch_metrics, rollout_correction
+    from megarl.algorithms.filtering import informative_groups, overlong_penalty
     from megarl.algorithms.kl import kl_penalized_rewards, make_kl_controller, token_kl
     from megarl.algorithms.masked import masked_whiten
     from megarl.checkpoint.hf import convert_megatron_to_hf
@@ -220,6 +221,7 @@ def run(recipe: Recipe) -> int:
     from megarl.workers.policy import ACTOR, CRITIC, REFERENCE
 
     t, ro, a = recipe.trainer, recipe.rollout, recipe.algorithm
+    ov = a.overlong
     os.makedirs(t.output_dir, exist_ok=True)
     stop = _Stop()
     init = initial_checkpoint(recipe, TAG)
@@ -322,27 +324,67 @@ def run(recipe: Recipe) -> int:
         while step < t.steps:
             timings: dict[str, float] = {}
             t_step = time.perf_counter()
-            # ---- rollout ----------------------------------------------------------------------
+            # ---- rollout + rewards (+ DAPO dynamic sampling / overlong shaping) -----------------
             t0 = time.perf_counter()
-            batch_prompts = [data[i] for i in sampler.take(t.prompts_per_step)]
-            sampling = SamplingConfig(n=ro.n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                                      max_tokens=ro.max_response_length, seed=t.seed + step)
             engine_before = fleet.engine_seconds
-            groups = loop.run([p.prompt_ids for p in batch_prompts], sampling)
+            reward_seconds = 0.0
+            kept: list[tuple] = []     # (prompt, trajectories, reward results, scores)
+            spare: list[tuple] = []
+            candidates = [data[i] for i in sampler.take(t.prompts_per_step)]
+            rounds = 0
+            first_informative = None
+            while True:
+                sampling = SamplingConfig(n=ro.n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                          max_tokens=ro.max_response_length, seed=t.seed + 1000 * rounds + step)
+                groups = loop.run([p.prompt_ids for p in candidates], sampling)
+                t_r = time.perf_counter()
+                flat = [x for g in groups for x in g]
+                gids = [i for i, g in enumerate(groups) for _ in g]
+                res, _ = rewards.score_batch([TrajectoryView.from_trajectory(x) for x in flat],
+                                             [candidates[i].metadata for i in gids],
+                                             [x.prompt_ids + x.response_ids for x in flat])
+                scores = torch.tensor([r.scalar for r in res])
+                if ov.mode == "shaping":
+                    lengths = torch.tensor([len(x.response_ids) for x in flat])
+                    scores = scores + overlong_penalty(lengths, ro.max_response_length, ov.buffer, ov.penalty)
+                informative = informative_groups(scores, torch.tensor(gids))
+                reward_seconds += time.perf_counter() - t_r
+                if first_informative is None:
+                    first_informative = float(informative.float().mean())
+                for i, (prompt, g) in enumerate(zip(candidates, groups)):
+                    rows = [j for j, gid in enumerate(gids) if gid == i]
+                    entry = (prompt, g, [res[j] for j in rows], scores[rows])
+                    (kept if not a.dynamic_sampling or bool(informative[rows[0]]) else spare).append(entry)
+                short = t.prompts_per_step - len(kept)
+                if short <= 0 or rounds >= a.dynamic_sampling_max_rounds:
+                    break
+                rounds += 1
+                candidates = [data[i] for i in sampler.take(short)]
+            kept = (kept + spare[:max(0, t.prompts_per_step - len(kept))])[:t.prompts_per_step]
+            trajs = [x for _, g, _, _ in kept for x in g]
+            group_ids = [i for i, (_, g, _, _) in enumerate(kept) for _ in g]
+            results = [r for _, _, rs, _ in kept for r in rs]
             timings["timing/engine_generate_s"] = fleet.engine_seconds - engine_before
-            trajs = [x for g in groups for x in g]
-            group_ids = [i for i, g in enumerate(groups) for _ in g]
-            timings["timing/rollout_s"] = time.perf_counter() - t0
-            # ---- rewards ----------------------------------------------------------------------
+            timings["timing/rollout_s"] = time.perf_counter() - t0 - reward_seconds
             t0 = time.perf_counter()
-            metadata = [batch_prompts[i].metadata for i in group_ids]
-            results, reward_m = rewards.score_batch([TrajectoryView.from_trajectory(x) for x in trajs], metadata,
-                                                    [x.prompt_ids + x.response_ids for x in trajs])
+            ok = [r for r in results if not r.failed]
+            reward_m = {"reward/failed_frac": 1.0 - len(ok) / max(len(results), 1)}
+            if ok:
+                reward_m["reward/mean"] = sum(r.scalar for r in ok) / len(ok)
+                for name in {c for r in ok for c in r.components}:
+                    reward_m[f"reward/{name}"] = sum(r.components.get(name, 0.0) for r in ok) / len(ok)
+            if a.dynamic_sampling:
+                reward_m["dynamic_sampling/rounds"] = float(rounds)
+                reward_m["dynamic_sampling/informative_frac_first_round"] = first_informative
             batch = TrajectoryBatch.from_trajectories(trajs, group_ids, tokenizer.pad_token_id, multiple)
-            batch.scores = torch.tensor([r.scalar for r in results])
+            batch.scores = torch.cat([sc for _, _, _, sc in kept])
             failed = torch.tensor([r.failed for r in results])
             batch.mask[failed] = 0.0  # failed rewards are left out of the update (and reported)
-            timings["timing/reward_s"] = time.perf_counter() - t0
+            if ov.mode == "filter":  # DAPO overlong filtering: truncated samples teach nothing about the answer
+                truncated = torch.tensor([x.finish in ("length", "max_total_tokens") for x in trajs])
+                batch.mask[truncated] = 0.0
+                reward_m["overlong/filtered_frac"] = float(truncated.float().mean())
+            timings["timing/reward_s"] = reward_seconds + time.perf_counter() - t0
             # ---- old / reference log-probs ----------------------------------------------------
             t0 = time.perf_counter()
             model_in = {"tokens": batch.tokens, "mask": batch.mask}

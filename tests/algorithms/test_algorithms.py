@@ -338,3 +338,14 @@ def test_bf16_matches_fp32(dtype):
     ref_adv, _ = grpo_advantage(s, T([0, 0, 0, 1, 1, 1]), torch.ones(6, 2))
     got_adv, _ = grpo_advantage(s.to(dtype), T([0, 0, 0, 1, 1, 1]), torch.ones(6, 2, dtype=dtype))
     assert (got_adv.float() - ref_adv).abs().max().item() < (5e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_dapo_informative_groups_and_overlong_penalty():
+    from megarl.algorithms.filtering import informative_groups, overlong_penalty
+
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert informative_groups(scores, groups).tolist() == [False, False, True, True, False, False]
+    # L_max 100, cache 20: no penalty up to 80, linear to -1 at 100, -1 beyond
+    pen = overlong_penalty(torch.tensor([50, 80, 90, 100, 130]), 100, 20, penalty=1.0)
+    assert torch.allclose(pen, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))

@@ -282,6 +282,14 @@ def test_weight_sync_options(tmp_path):
     assert r.rollout.quantization == "fp8"
 
 
+def test_dapo_options(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"algorithm": {"overlong": {"mode": "shaping", "buffer": 0}}}),
+                 "algorithm.overlong.buffer", "0 < buffer")
+    r = load_recipe(write(tmp_path, merge(GRPO, {"algorithm": {"dynamic_sampling": True, "overlong": {
+        "mode": "shaping", "buffer": 128}}})))
+    assert r.algorithm.overlong.buffer == 128 and r.algorithm.dynamic_sampling_max_rounds == 3
+
+
 def test_shape_must_be_known(tmp_path):
     data = merge(GRPO, {"model": {"shape_preset": None}})
     assert_error(tmp_path, data, "model.path", "no config.json")

@@ -42,7 +42,8 @@ def _train(root, model, out, *extra, timeout=600):
             "--set", "trainer.micro_batch_per_rank=2", "--set", "trainer.save_freq=0", "--set", "trainer.eval_freq=4",
             "--set", "rollout.max_response_length=48", "--set", "logging.samples_every=2",
             "--set", "logging.sinks=[jsonl, tensorboard, wandb]", "--set", "rollout.weight_sync.verify_logprobs=true",
-            "--set", "rollout.weight_sync.logprob_tolerance=1e-4", *extra]
+            "--set", "rollout.weight_sync.logprob_tolerance=1e-4", "--set", "algorithm.dynamic_sampling=true",
+            "--set", "algorithm.dynamic_sampling_max_rounds=1", "--set", "algorithm.overlong.mode=filter", *extra]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "WANDB_MODE": "offline"})
 
@@ -69,7 +70,7 @@ def test_grpo_runs_logs_checkpoints_and_exports(straight):
                 "actor/grad_norm", "actor/lr", "actor/entropy_rollout", "adv/abs_mean", "mismatch/k3_kl",
                 "mismatch/abs_logp_diff", "sync/seconds", "sync/verify_max_diff", "timing/rollout_s",
                 "timing/update_s", "timing/step_s", "throughput/trained_tokens_per_s", "response/length_mean",
-                "eval/mean", "eval/task"):
+                "eval/mean", "eval/task", "dynamic_sampling/rounds", "overlong/filtered_frac"):
         assert key in last, key
     assert last["sync/verify_max_diff"] <= 1e-4          # engines score like the trainer after each sync
     assert last["mismatch/abs_logp_diff"] < 1e-3         # fp32: rollout log-probs == trainer old log-probs

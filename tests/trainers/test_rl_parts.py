@@ -35,3 +35,11 @@ def test_batch_aligns_masks_and_logprobs_with_labels():
     assert torch.allclose(batch.rollout_logp[0, 2:6], torch.tensor([-0.1, -0.2, 0.0, -0.4]))
     assert batch.mask[1].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
     assert batch.response_lengths == [4, 1] and batch.prompt_lengths == [3, 2]
+
+
+def test_request_seeds_differ_per_prompt_and_are_reproducible():
+    from megarl.rollout.engine import request_seed
+
+    a, b = request_seed(7, [1, 2, 3]), request_seed(7, [1, 2, 4])
+    assert a != b and a == request_seed(7, [1, 2, 3]) and request_seed(8, [1, 2, 3]) != a
+    assert request_seed(None, [1, 2, 3]) is None and 0 <= a < 2**31 - 1
