@@ -194,11 +194,15 @@ class PolicyWorker:
             shared[6:] = totals[6:]
         dist.all_reduce(shared[:6])
         count = max(float(shared[1]), 1.0)
-        return {"actor/pg_loss": float(shared[0]) / count, "actor/clip_frac": float(shared[2]) / count,
-                "actor/approx_kl": float(shared[3]) / count, "actor/kl_ref": float(shared[4]) / count,
-                "actor/entropy": float(shared[5]) / count, "actor/grad_norm": float(totals[6] / max(totals[7], 1)),
-                "actor/lr": self.optimizer.param_groups[0]["lr"], "actor/updates": float(totals[7]),
-                "timing/update_compute_s": time.perf_counter() - t0}
+        out = {"actor/pg_loss": float(shared[0]) / count, "actor/clip_frac": float(shared[2]) / count,
+               "actor/approx_kl": float(shared[3]) / count, "actor/grad_norm": float(totals[6] / max(totals[7], 1)),
+               "actor/lr": self.optimizer.param_groups[0]["lr"], "actor/updates": float(totals[7]),
+               "timing/update_compute_s": time.perf_counter() - t0}
+        if "ref_logp" in batch:
+            out["actor/kl_ref"] = float(shared[4]) / count
+        if a.entropy_coef > 0:  # computed in the loss only when it is part of it
+            out["actor/entropy"] = float(shared[5]) / count
+        return out
 
     # ---- critic ---------------------------------------------------------------------------------
     @torch.no_grad()

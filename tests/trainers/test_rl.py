@@ -37,7 +37,7 @@ def _train(root, model, out, *extra, timeout=600):
     args = [sys.executable, "-m", "megarl.cli", "train", os.path.join(ROOT, "configs/tiny/grpo_cpu.yaml"),
             "--set", f"model.path={model}", "--set", f"data.train={root / 'rl.jsonl'}",
             "--set", f"data.eval={root / 'eval.jsonl'}", "--set", f"trainer.output_dir={out}",
-            "--set", "trainer.steps=4", "--set", "trainer.prompts_per_step=4",
+            "--set", "trainer.steps=4", "--set", "trainer.prompts_per_step=4", "--set", "rollout.n=4",
             "--set", "trainer.samples_per_minibatch=8",
             "--set", "trainer.micro_batch_per_rank=2", "--set", "trainer.save_freq=0", "--set", "trainer.eval_freq=4",
             "--set", "rollout.max_response_length=48", "--set", "logging.samples_every=2",
@@ -107,7 +107,7 @@ def test_engine_killed_mid_run_fails_clearly(rl_setup):
     args = [sys.executable, "-m", "megarl.cli", "train", os.path.join(ROOT, "configs/tiny/grpo_cpu.yaml"),
             "--set", f"model.path={model}", "--set", f"data.train={root / 'rl.jsonl'}",
             "--set", f"trainer.output_dir={out}", "--set", "trainer.steps=50", "--set", "trainer.prompts_per_step=4",
-            "--set", "trainer.samples_per_minibatch=8", "--set", "trainer.save_freq=0",
+            "--set", "trainer.samples_per_minibatch=8", "--set", "trainer.save_freq=0", "--set", "rollout.n=4",
             "--set", "rollout.max_response_length=48", "--set", "rollout.weight_sync.timeout_s=30",
             "--set", "trainer.eval_freq=0", "--set", f"data.eval={root / 'eval.jsonl'}"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
