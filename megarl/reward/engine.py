@@ -77,10 +77,15 @@ class RewardEngine:
                 result.components[cfg.component] = result.components.get(cfg.component, 0.0) + cfg.weight * value
                 if not result.failed:
                     result.scalar += cfg.weight * value
-        ok = [r for r in results if not r.failed]
-        metrics = {"reward/failed_frac": 1.0 - len(ok) / max(len(results), 1)}
-        if ok:
-            metrics["reward/mean"] = sum(r.scalar for r in ok) / len(ok)
-            for name in {c for r in ok for c in r.components}:
-                metrics[f"reward/{name}"] = sum(r.components.get(name, 0.0) for r in ok) / len(ok)
-        return results, metrics
+        return results, reward_summary(results)
+
+
+def reward_summary(results: list[RewardResult]) -> dict[str, float]:
+    """reward/failed_frac, and over the samples that scored: reward/mean and reward/<component>."""
+    ok = [r for r in results if not r.failed]
+    metrics = {"reward/failed_frac": 1.0 - len(ok) / max(len(results), 1)}
+    if ok:
+        metrics["reward/mean"] = sum(r.scalar for r in ok) / len(ok)
+        for name in {c for r in ok for c in r.components}:
+            metrics[f"reward/{name}"] = sum(r.components.get(name, 0.0) for r in ok) / len(ok)
+    return metrics

@@ -207,7 +207,7 @@ def run(recipe: Recipe) -> int:
     from megarl.data.sampler import EpochSampler
     from megarl.metrics import MetricsLogger, ProgressBar, SampleWriter
     from megarl.models.hf_config import read_hf_config
-    from megarl.reward.engine import RewardEngine
+    from megarl.reward.engine import RewardEngine, reward_summary
     from megarl.reward.functions import TrajectoryView
     from megarl.rollout.agent import AgentLoop
     from megarl.rollout.batch import TrajectoryBatch
@@ -367,12 +367,7 @@ def run(recipe: Recipe) -> int:
             timings["timing/engine_generate_s"] = fleet.engine_seconds - engine_before
             timings["timing/rollout_s"] = time.perf_counter() - t0 - reward_seconds
             t0 = time.perf_counter()
-            ok = [r for r in results if not r.failed]
-            reward_m = {"reward/failed_frac": 1.0 - len(ok) / max(len(results), 1)}
-            if ok:
-                reward_m["reward/mean"] = sum(r.scalar for r in ok) / len(ok)
-                for name in {c for r in ok for c in r.components}:
-                    reward_m[f"reward/{name}"] = sum(r.components.get(name, 0.0) for r in ok) / len(ok)
+            reward_m = reward_summary(results)  # over the kept groups
             if a.dynamic_sampling:
                 reward_m["dynamic_sampling/rounds"] = float(rounds)
                 reward_m["dynamic_sampling/informative_frac_first_round"] = first_informative
