@@ -106,6 +106,16 @@ class PolicyWorker:
         c = self.coords()
         return c["last_stage"] and c["tp"] == 0 and c["cp"] == 0
 
+    def _from_reporter(self, sums: torch.Tensor) -> torch.Tensor:
+        """The metric sums of the reporting rank of data-parallel replica 0 (already reduced over
+        DP on the last stage), on every rank of the gang."""
+        import torch.distributed as dist
+
+        mine = self._reporter() and self.coords()["dp"] == 0
+        shared = sums.clone() if mine else torch.zeros_like(sums)
+        dist.all_reduce(shared)
+        return shared
+
     def _my_rows(self, n: int) -> slice:
         from megatron.core import parallel_state as ps
 
@@ -186,13 +196,7 @@ class PolicyWorker:
                 totals[:6] += local
                 totals[6] += float(grad_norm)
                 totals[7] += 1
-        # the last stage holds the sums; share them with every rank
-        last = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
-            and ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
-        shared = totals if last else torch.zeros_like(totals)
-        if not last:
-            shared[6:] = totals[6:]
-        dist.all_reduce(shared[:6])
+        shared = self._from_reporter(totals[:6])
         count = max(float(shared[1]), 1.0)
         out = {"actor/pg_loss": float(shared[0]) / count, "actor/clip_frac": float(shared[2]) / count,
                "actor/approx_kl": float(shared[3]) / count, "actor/grad_norm": float(totals[6] / max(totals[7], 1)),
@@ -252,10 +256,7 @@ class PolicyWorker:
                 if ps.is_pipeline_last_stage(ignore_virtual=True):
                     dist.all_reduce(local, group=ps.get_data_parallel_group())
                 totals += local
-        last = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
-            and ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
-        shared = totals if last else torch.zeros_like(totals)
-        dist.all_reduce(shared)
+        shared = self._from_reporter(totals)
         count = max(float(shared[1]), 1.0)
         return {"critic/value_loss": float(shared[0]) / count, "critic/value_clip_frac": float(shared[2]) / count,
                 "critic/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),

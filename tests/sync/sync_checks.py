@@ -37,9 +37,6 @@ class EngineHost:
 
         return self.engine.generate([prompt], SamplingConfig(max_tokens=2))[0][0].weight_version
 
-    def memory_mb(self) -> float:
-        return _vm_hwm_mb()
-
 
 def perturb_(chunks) -> None:
     """A deterministic, value-dependent change of every weight: identical on every replica of a
@@ -48,14 +45,6 @@ def perturb_(chunks) -> None:
         for c in chunks:
             for p in c.parameters():
                 p.add_(0.05 * torch.sin(p * 997.0))
-
-
-def _vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class PlainReceiver:
