@@ -1,10 +1,12 @@
 """Synthetic tool-calling arithmetic task for the tiny model: the right tool call and the final
 answer are both checkable.
 
-    python examples/tool_math.py OUT_DIR [--sft 2000] [--rl 500] [--seed 0]
+    python examples/tool_math.py OUT_DIR [--sft 2000] [--rl 500] [--prefs 1000] [--seed 0]
 
-writes OUT_DIR/sft.jsonl (full conversations: question -> calculator call -> result -> answer) and
-OUT_DIR/rl.jsonl (prompt messages + tools + ground truth for the reward functions).
+writes OUT_DIR/sft.jsonl (full conversations: question -> calculator call -> result -> answer),
+OUT_DIR/rl.jsonl (prompt messages + tools + ground truth for the reward functions) and, with
+--prefs N, preference pairs (prefs_train/prefs_eval.jsonl: the tool-using, faithful answer is
+chosen) and unpaired KTO rows (kto_train/kto_eval.jsonl) for the dpo, kto and rm stages.
 """
 
 from __future__ import annotations
@@ -47,6 +49,35 @@ def rl_row(rng: random.Random) -> dict:
             "tools": [CALCULATOR], "ground_truth": str(answer), "expression": expression}
 
 
+def _answer_turns(expression: str, answer: int, final: int, use_tool: bool = True) -> list[dict]:
+    turns = [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}]},
+        {"role": "tool", "content": str(answer)}] if use_tool else []
+    return turns + [{"role": "assistant", "content": f"The answer is {final}."}]
+
+
+def _wrong(rng: random.Random, answer: int) -> int:
+    return answer + rng.choice([-1, 1]) * rng.randint(1, 20)
+
+
+def preference_row(rng: random.Random) -> dict:
+    """Same prompt; chosen calls the calculator and reports its result, rejected either skips the
+    tool and guesses, or calls it and then misreports the result."""
+    question, expression, answer = problem(rng)
+    rejected = (_answer_turns(expression, answer, _wrong(rng, answer), use_tool=False) if rng.random() < 0.5
+                else _answer_turns(expression, answer, _wrong(rng, answer)))
+    return {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+            "chosen": _answer_turns(expression, answer, answer), "rejected": rejected, "tools": [CALCULATOR]}
+
+
+def kto_row(rng: random.Random) -> dict:
+    """Unpaired feedback: one completion of one prompt, desirable (label true) or not."""
+    row = preference_row(rng)
+    good = rng.random() < 0.5
+    return {"prompt": row["prompt"], "completion": row["chosen" if good else "rejected"], "label": good,
+            "tools": row["tools"]}
+
+
 def write(path: str, rows) -> None:
     with open(path, "w") as f:
         for row in rows:
@@ -58,13 +89,22 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--sft", type=int, default=2000)
     p.add_argument("--rl", type=int, default=500)
+    p.add_argument("--prefs", type=int, default=0, help="preference pairs (prefs_*.jsonl) and KTO rows")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rng = random.Random(args.seed)
-    write(os.path.join(args.out, "sft.jsonl"), (sft_row(rng) for _ in range(args.sft)))
-    write(os.path.join(args.out, "rl.jsonl"), (rl_row(rng) for _ in range(args.rl)))
-    print(json.dumps({"sft": args.sft, "rl": args.rl, "dir": args.out}))
+    if args.sft:
+        write(os.path.join(args.out, "sft.jsonl"), (sft_row(rng) for _ in range(args.sft)))
+    if args.rl:
+        write(os.path.join(args.out, "rl.jsonl"), (rl_row(rng) for _ in range(args.rl)))
+    if args.prefs:
+        write(os.path.join(args.out, "prefs_train.jsonl"), (preference_row(rng) for _ in range(args.prefs)))
+        write(os.path.join(args.out, "kto_train.jsonl"), (kto_row(rng) for _ in range(args.prefs)))
+        held_out = random.Random(args.seed + 1)
+        write(os.path.join(args.out, "prefs_eval.jsonl"), (preference_row(held_out) for _ in range(128)))
+        write(os.path.join(args.out, "kto_eval.jsonl"), (kto_row(held_out) for _ in range(128)))
+    print(json.dumps({"sft": args.sft, "rl": args.rl, "prefs": args.prefs, "dir": args.out}))
 
 
 if __name__ == "__main__":

@@ -71,13 +71,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
     print(f"resolved recipe written to {resolved}")
     from megarl.trainers import TRAINERS
+    from megarl.trainers.common import ModelNotFound
 
-    runner = TRAINERS.get(recipe.stage)
-    if runner is None:
-        print(f"stage {recipe.stage!r} has no trainer in this version of megarl "
-              f"(available: {', '.join(sorted(TRAINERS)) or 'none yet'})", file=sys.stderr)
-        return 3
-    return runner(recipe)
+    try:
+        return TRAINERS[recipe.stage](recipe)
+    except ModelNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

@@ -81,8 +81,9 @@ def make_scalar_head_model(src: str, out, class_name: str, seed: int):
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(cfg).eval()
     model.save_pretrained(out / "hf")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(src, name), out / "hf" / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), out / "hf" / name)
     run_local_group("megarl.checkpoint.hf:convert_hf_to_megatron", 1, args=(str(out / "hf"), str(out / "mcore")),
                     timeout=300)
     return model, str(out / "hf"), str(out / "mcore")

@@ -4,7 +4,8 @@
 and returns every rule the recipe breaks (each naming its key). Rules, by group:
 - stage <-> groups: ppo needs a reward and a critic (GAE); grpo needs n > 1 and a reward; dpo/kto
   need preference data; groups a stage does not use are refused rather than silently ignored
-- preference: label smoothing only with the sigmoid loss; orpo/simpo run without a reference model
+- preference: label smoothing only with the sigmoid loss; orpo/simpo run without a reference model;
+  reference `auto` resolves to model (or none); no context parallelism for the packed pairs
 - reward model type lora only when the model is fine-tuned with lora
 - layout: tp·pp·cp·dp = training GPUs; heads and kv heads divisible by tp; layers by pp·vpp;
   experts by ep; sequence parallel for MoE with tp > 1
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 
 from megarl.config.errors import ConfigIssue
@@ -179,6 +181,15 @@ def _preference(r: Recipe, issues: _Issues) -> None:
         issues.add("preference.reference", f"loss_type {p.loss_type} needs a reference model "
                    "(model or precomputed)")
     r.derived.needs_reference = r.stage in PREFERENCE_STAGES and not reference_free
+    if p.reference == "auto":  # resolved once here: the trainer reads model | precomputed | none
+        p.reference = "model" if r.derived.needs_reference else "none"
+    if r.stage == "rm" and p.reference != "none":
+        issues.add("preference.reference", "a reward model trains without a reference; remove it")
+    if r.stage != "rm" and p.margin:
+        issues.add("preference.margin", "the per-pair margin belongs to the reward-model (rm) loss")
+    if r.parallel.cp > 1:
+        issues.add("parallel.cp", f"stage {r.stage} packs each pair into one row with a block-diagonal mask, "
+                   "which context parallelism does not split yet; use cp: 1 (tp/pp/dp/sp all work)")
 
 
 def _reward(r: Recipe, issues: _Issues) -> None:
@@ -188,6 +199,15 @@ def _reward(r: Recipe, issues: _Issues) -> None:
     if rw.reward_model and rw.reward_model.type == "lora" and r.model.finetuning != "lora":
         issues.add("reward.reward_model.type", "a lora reward model needs model.finetuning: lora "
                    f"(it is {r.model.finetuning!r})")
+    if rw.reward_model:
+        for cfg_path in (os.path.join(rw.reward_model.path, "config.json"),
+                         os.path.join(rw.reward_model.path, "hf", "config.json")):  # HF dir / megatron checkpoint
+            if os.path.isfile(cfg_path):
+                arch = (json.load(open(cfg_path)).get("architectures") or ["?"])[0]
+                if not arch.endswith("ForSequenceClassification"):
+                    issues.add("reward.reward_model.path", f"{rw.reward_model.path} is a {arch}, not a reward model "
+                               "with a scalar head (*ForSequenceClassification); train one with stage rm")
+                break
     names = [f.name for f in rw.functions]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         issues.add("reward.functions", f"reward function {dup!r} is listed twice")

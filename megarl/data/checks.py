@@ -3,8 +3,9 @@
 Problem kinds: bad_schema, no_messages, bad_role, bad_content, bad_role_order,
 tool_result_without_call, call_without_result, malformed_tool_call, unknown_tool,
 repeated_tool_call, tool_output_too_long, prompt_too_long, too_long, prompt_mismatch, bad_label,
-render_failed. A row with any problem is rejected (never truncated or silently fixed); the recipe's
-`data.on_bad_row` decides whether rejected rows stop the run.
+render_failed (the training sets add no_trainable_tokens, identical_pair, bad_margin and
+no_kl_partner: see sft.py and preference.py). A row with any problem is rejected (never truncated
+or silently fixed); the recipe's `data.on_bad_row` decides whether rejected rows stop the run.
 """
 
 from __future__ import annotations

@@ -18,4 +18,11 @@ def _rl(recipe) -> int:
     return run(recipe)
 
 
-TRAINERS: dict[str, Callable] = {"sft": _sft, "grpo": _rl, "ppo": _rl}
+def _preference(recipe) -> int:
+    from megarl.trainers.preference import run
+
+    return run(recipe)
+
+
+TRAINERS: dict[str, Callable] = {"sft": _sft, "grpo": _rl, "ppo": _rl, "dpo": _preference, "kto": _preference,
+                                 "rm": _preference}

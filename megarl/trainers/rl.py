@@ -71,6 +71,15 @@ class Gang:
         out["seconds"] = max(p[1]["seconds"] for p in parts)  # model compute inside the workers
         return out
 
+    def reward_scorer(self, dp: int):
+        """`RewardEngine`'s rm_scorer: token sequences -> reward-model scores, the list padded with
+        copies to a multiple of the data-parallel size (each replica scores an equal share)."""
+        def scorer(sequences: list[list[int]]) -> list[float]:
+            pad = (-len(sequences)) % dp
+            return self.gather("score", list(sequences) + [sequences[0]] * pad)["scores"][:len(sequences)].tolist()
+
+        return scorer
+
     def shutdown(self) -> None:
         import ray
 
@@ -218,7 +227,7 @@ def run(recipe: Recipe) -> int:
     from megarl.rollout.tools import ToolExecutor
     from megarl.runtime.local_group import run_local_group
     from megarl.trainers.common import critic_hf_dir
-    from megarl.workers.policy import ACTOR, CRITIC, REFERENCE
+    from megarl.workers.policy import ACTOR, CRITIC, REFERENCE, REWARD
 
     t, ro, a = recipe.trainer, recipe.rollout, recipe.algorithm
     ov = a.overlong
@@ -240,13 +249,14 @@ def run(recipe: Recipe) -> int:
                                tools=set(tools.specs) if tools else None, fmt=recipe.data.format,
                                on_bad_row=recipe.data.on_bad_row, extra_tools=extra_tools)
                  if recipe.data.eval else None)
-    rewards = RewardEngine(recipe.reward)
+    rm_init = (initial_checkpoint(recipe, TAG, recipe.reward.reward_model.path, "reward_model_init")
+               if recipe.reward.reward_model else None)
 
     if not ray.is_initialized():
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
     threads = max(1, (os.cpu_count() or 1) // recipe.derived.train_world_size)
-    fleet = actor = reference = critic = None
+    fleet = actor = reference = critic = reward_model = None
     critic_init = (initial_checkpoint(recipe, TAG, critic_hf_dir(recipe, TAG), "critic_init")
                    if a.advantage_estimator == "gae" else None)
     logger = None
@@ -255,6 +265,8 @@ def run(recipe: Recipe) -> int:
         needs_ref = a.kl.coef > 0
         reference = Gang(recipe, init, REFERENCE, threads) if needs_ref else None
         critic = Gang(recipe, critic_init, CRITIC, threads) if critic_init else None
+        reward_model = Gang(recipe, rm_init, REWARD, threads) if rm_init else None
+        rewards = RewardEngine(recipe.reward, reward_model.reward_scorer(recipe.derived.dp) if reward_model else None)
         fleet = RolloutFleet(EngineConfig(engine_dir, dtype={"fp32": "float32", "bf16": "bfloat16",
                                                              "fp16": "float16"}[recipe.model.dtype],
                                           max_model_len=ro.max_prompt_length + ro.max_response_length
@@ -313,7 +325,8 @@ def run(recipe: Recipe) -> int:
                                       max_tokens=ro.max_response_length, seed=t.seed + 10_000 + at)
             trajs = [g[0] for g in loop.run([p.prompt_ids for p in eval_data.prompts], sampling)]
             res, m = rewards.score_batch([TrajectoryView.from_trajectory(x) for x in trajs],
-                                         [p.metadata for p in eval_data.prompts])
+                                         [p.metadata for p in eval_data.prompts],
+                                         [x.prompt_ids + x.response_ids for x in trajs])
             out = {f"eval/{k.split('/', 1)[1]}": v for k, v in m.items()}
             out["eval/seconds"] = time.perf_counter() - t0
             return out
@@ -491,7 +504,7 @@ def run(recipe: Recipe) -> int:
     finally:
         if logger is not None:
             logger.close()
-        for gang in (actor, reference, critic):
+        for gang in (actor, reference, critic, reward_model):
             if gang is not None:
                 gang.shutdown()
         if fleet is not None:

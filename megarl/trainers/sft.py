@@ -17,39 +17,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 
 from megarl.config.recipe import Recipe
-from megarl.trainers.common import CKPT_DIR, METRICS_FILE, initial_checkpoint
+from megarl.trainers.common import CKPT_DIR, METRICS_FILE, initial_checkpoint, run_ranks_and_export
 
 
 def run(recipe: Recipe) -> int:
-    from megarl.checkpoint.hf import convert_megatron_to_hf
-    from megarl.checkpoint.paths import latest_checkpoint
-    from megarl.runtime.local_group import run_local_group
-
     os.makedirs(recipe.trainer.output_dir, exist_ok=True)
-    init = initial_checkpoint(recipe, "sft")
-    world = recipe.derived.train_world_size
-    if os.environ.get("WORLD_SIZE"):  # launched by torchrun / the Slurm launcher: we are a rank
-        result = train_rank(recipe, init)
-        if os.environ.get("RANK", "0") != "0":
-            return 0  # rank 0 reports and exports
-    else:
-        result = run_local_group(train_rank, world, args=(recipe, init), timeout=24 * 3600)[0]
-    print(f"[sft] {json.dumps(result)}", flush=True)
-    if result["finished"]:
-        final = latest_checkpoint(os.path.join(recipe.trainer.output_dir, CKPT_DIR))
-        out = os.path.join(recipe.trainer.output_dir, "hf")
-        run_local_group(convert_megatron_to_hf, 1, args=(final, out), timeout=3600)
-        print(f"[sft] exported {final} to {out}", flush=True)
-    return 0
-
-
-def total_steps(recipe: Recipe, num_samples: int) -> int:
-    t = recipe.trainer
-    return t.steps if t.steps is not None else t.epochs * math.ceil(num_samples / recipe.derived.samples_per_step)
+    return run_ranks_and_export(recipe, "sft", train_rank, initial_checkpoint(recipe, "sft"))
 
 
 def _padded_length(samples: list, multiple: int) -> int:
@@ -80,31 +56,17 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer import OptimizerConfig
     from transformers import AutoTokenizer
 
-    from megarl.checkpoint.dist import load_extra, load_sharded, save_sharded
-    from megarl.checkpoint.hf import MARKER, load_converted
-    from megarl.checkpoint.paths import latest_checkpoint
-    from megarl.data.sampler import EpochSampler
     from megarl.data.sft import SFTDataset
     from megarl.models.hf_config import BuildOptions
-    from megarl.models.train import train_step, wrap_for_training
+    from megarl.models.train import train_step
     from megarl.runtime.device import select_device
-    from megarl.runtime.seed import rng_state, set_rng_state
-    from megarl.trainers.common import lr_scheduler
+    from megarl.trainers.common import build_trainable, lr_scheduler, resume_stage, save_stage_checkpoint, total_steps
 
-    t, o = recipe.trainer, recipe.optim
+    t = recipe.trainer
     options = BuildOptions.from_recipe(recipe.model, select_device(recipe.cluster.device))
-    chunks, config, _ = load_converted(init_ckpt, recipe.parallel, seed=t.seed, options=options,
-                                       dtype=recipe.model.dtype)
-    config.calculate_per_token_loss = True
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.model.dtype]
-    optim = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                            clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                            params_dtype=dtype)
-    state = wrap_for_training(chunks, config, optim, distributed_optimizer=o.distributed_optimizer)
+    state = build_trainable(recipe, init_ckpt, options)
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(init_ckpt, "hf"))
     rejected = (recipe.data.rejected_path or os.path.join(t.output_dir, "rejected_rows.jsonl")
@@ -115,29 +77,12 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
         print(f"[sft] {data.report.render()}\n[sft] rejected rows listed in {rejected}", flush=True)
     steps = total_steps(recipe, len(data))
     scheduler = lr_scheduler(state.optimizer, recipe, steps)
-    sampler = EpochSampler(len(data), recipe.data.seed, recipe.data.shuffle)
-    step = 0
+    step, sampler, _ = resume_stage(recipe, state, scheduler, len(data), "sft")
     ckpt_root = os.path.join(t.output_dir, CKPT_DIR)
-    resume_from = {"auto": latest_checkpoint(ckpt_root), "never": None}.get(t.resume, t.resume)
-    if resume_from:
-        load_sharded(state.models, resume_from, state.optimizer)
-        extra = load_extra(resume_from)
-        step = extra["step"]
-        sampler = EpochSampler.from_state(len(data), recipe.data.seed, recipe.data.shuffle, extra["sampler"])
-        scheduler.load_state_dict(extra["scheduler"])
-        if extra.get("rank") == dist.get_rank():
-            set_rng_state(extra["rng"])
-        if dist.get_rank() == 0:
-            print(f"[sft] resumed from {resume_from} at step {step}", flush=True)
 
     def save(at_step: int) -> None:
-        def finish(tmp):
-            shutil.copytree(os.path.join(init_ckpt, "hf"), os.path.join(tmp, "hf"), dirs_exist_ok=True)
-            shutil.copy(os.path.join(init_ckpt, MARKER), os.path.join(tmp, MARKER))
-
-        extra = {"step": at_step, "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(), "rank": dist.get_rank()}
-        save_sharded(state.models, os.path.join(ckpt_root, f"step_{at_step:06d}"), state.optimizer, extra, finish)
+        save_stage_checkpoint(state, init_ckpt, os.path.join(ckpt_root, f"step_{at_step:06d}"),
+                              {"step": at_step, "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()})
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     multiple = recipe.parallel.tp * recipe.parallel.cp * 2 if (recipe.parallel.sp or recipe.parallel.cp > 1) else 1

@@ -1,9 +1,11 @@
-"""`PolicyWorker`: one megatron rank of the actor (trainable) or the reference (frozen).
+"""`PolicyWorker`: one megatron rank of the actor (trainable), the reference (frozen), the PPO
+critic (trainable, value head) or a reward model (frozen, scalar head).
 
 The driver starts one per rank (a Ray actor each; together they are a torch.distributed gang
 with megatron's TP/PP/DP groups) and calls the same method on every rank of the gang:
 
     compute_logprobs(batch)  per-token log-probs (and entropy) of the labels, at the rollout temperature
+    score(sequences)         reward-model scores (value at each sequence's last token)
     update(batch)            ppo_epochs × mini-batches of policy-loss updates -> metrics
     sync_*                   the weight sync sender (megarl.sync) towards the rollout engines
     save / load              dist checkpoint + this rank's extra state (scheduler, RNG, driver state)
@@ -22,7 +24,8 @@ from functools import partial
 
 import torch
 
-ACTOR, REFERENCE, CRITIC = "actor", "reference", "critic"
+ACTOR, REFERENCE, CRITIC, REWARD = "actor", "reference", "critic", "reward"
+RM_CHUNK = 16  # sequences per reward-model forward
 BATCH_FIELDS = ("tokens", "mask", "old_logp", "ref_logp", "advantages", "is_weight", "loss_weight", "values",
                 "returns")
 
@@ -78,19 +81,14 @@ class PolicyWorker:
         self._store = None
 
     def _make_trainable(self, chunks, config) -> None:
-        from megatron.core.optimizer import OptimizerConfig
-
         from megarl.models.train import wrap_for_training
-        from megarl.trainers.common import lr_scheduler
+        from megarl.trainers.common import lr_scheduler, optimizer_config
 
-        o, dtype = self.recipe.optim, self.recipe.model.dtype
+        o = self.recipe.optim
         config.calculate_per_token_loss = True
         lr = (o.critic_lr or o.lr) if self.role == CRITIC else o.lr
-        optim = OptimizerConfig(optimizer="adam", lr=lr, min_lr=min(o.min_lr, lr), weight_decay=o.weight_decay,
-                                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                                clip_grad=o.clip_grad, bf16=dtype == "bf16", fp16=dtype == "fp16",
-                                params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32))
-        state = wrap_for_training(chunks, config, optim, distributed_optimizer=o.distributed_optimizer)
+        state = wrap_for_training(chunks, config, optimizer_config(self.recipe, lr),
+                                  distributed_optimizer=o.distributed_optimizer)
         self.models, self.optimizer = state.models, state.optimizer
         self.scheduler = lr_scheduler(self.optimizer, self.recipe, self.recipe.trainer.steps or 1)
 
@@ -162,6 +160,24 @@ class PolicyWorker:
         if with_entropy:
             out["entropy"] = torch.cat([c["entropy"] for c in collected])
         return to_bytes((self.coords()["dp"], out))
+
+    # ---- reward model ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]]) -> bytes | None:
+        """torch.save bytes of (dp rank, {"scores": [rows], "seconds"}) for this replica's share of
+        `sequences` (a multiple of the DP size), on its reporting rank; None elsewhere."""
+        from megarl.reward.rm_scorer import score_sequences
+        from megarl.runtime.local_group import to_bytes
+
+        t0 = time.perf_counter()
+        mine = sequences[self._my_rows(len(sequences))]
+        scores = []
+        for i in range(0, len(mine), RM_CHUNK):
+            scores += score_sequences(self.models, mine[i:i + RM_CHUNK]) or []
+        if not self._reporter():
+            return None
+        return to_bytes((self.coords()["dp"], {"scores": torch.tensor(scores, dtype=torch.float64),
+                                               "seconds": time.perf_counter() - t0}))
 
     # ---- update -------------------------------------------------------------------------------
     def update(self, batch: dict, minibatches: int, kl_coef: float = 0.0) -> dict:

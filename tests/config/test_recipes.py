@@ -1,6 +1,7 @@
 """Recipe loading and validation: every rule is broken once and the error must name its key."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -187,6 +188,28 @@ def test_groups_a_stage_does_not_use_are_refused(tmp_path):
     assert_error(tmp_path, merge(GRPO, {"preference": {"beta": 0.1}}), "preference", "not used")
 
 
+def test_preference_reference_rules(tmp_path):
+    assert load_recipe(write(tmp_path, DPO)).preference.reference == "model"
+    simpo = load_recipe(write(tmp_path, merge(DPO, {"preference": {"loss_type": "simpo"}})))
+    assert simpo.preference.reference == "none" and not simpo.derived.needs_reference
+    rm = merge(DPO, {"stage": "rm"})
+    assert load_recipe(write(tmp_path, rm)).preference.reference == "none"
+    assert_error(tmp_path, merge(rm, {"preference": {"reference": "precomputed"}}), "preference.reference",
+                 "without a reference")
+    assert_error(tmp_path, merge(DPO, {"preference": {"margin": True}}), "preference.margin", "reward-model")
+    assert_error(tmp_path, merge(DPO, {"parallel": {"cp": 2}}), "parallel.cp", "use cp: 1")
+
+
+def test_reward_model_path_must_hold_a_scalar_head_model(tmp_path):
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    ppo = merge(GRPO, {"reward": {"reward_model": {"path": str(lm)}}})
+    assert_error(tmp_path, ppo, "reward.reward_model.path", "train one with stage rm")
+    (lm / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForSequenceClassification"]}))
+    assert load_recipe(write(tmp_path, ppo)).reward.reward_model.path == str(lm)
+
+
 def test_label_smoothing_only_with_sigmoid(tmp_path):
     assert_error(tmp_path, merge(DPO, {"preference": {"loss_type": "hinge", "label_smoothing": 0.1}}),
                  "preference.label_smoothing", "sigmoid")
@@ -339,12 +362,23 @@ def test_plan_flags_a_role_that_does_not_fit(capsys, monkeypatch):
     assert code == 2 and " NO " in out
 
 
-def test_train_writes_resolved_recipe_and_says_stage_is_missing(tmp_path, capsys):
+def test_train_writes_resolved_recipe_and_names_a_missing_model(tmp_path, capsys):
     data = merge(DPO, {"trainer": {"output_dir": str(tmp_path / "run")}})
-    assert cli(["train", write(tmp_path, data)]) == 3
+    assert cli(["train", write(tmp_path, data)]) == 1
     resolved = yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
     assert resolved["derived"]["samples_per_step"] == 16 and resolved["stage"] == "dpo"
-    assert "no trainer in this version" in capsys.readouterr().err
+    assert resolved["preference"]["reference"] == "model"  # auto, resolved once at load
+    err = capsys.readouterr().err
+    assert "'nowhere/llama'" in err and "neither an HF model" in err
+
+
+def test_every_stage_has_a_trainer():
+    import typing
+
+    from megarl.config.recipe import Stage
+    from megarl.trainers import TRAINERS
+
+    assert set(TRAINERS) == set(typing.get_args(Stage))
 
 
 def test_error_in_an_inherited_value_points_at_the_base_file(tmp_path):

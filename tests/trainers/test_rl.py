@@ -129,18 +129,24 @@ def test_engine_killed_mid_run_fails_clearly(rl_setup):
 
 
 def test_ppo_with_critic_learns_values_and_checkpoints_both(rl_setup):
+    """PPO with a critic, and a reward model (a scalar-head megatron gang) scoring every sample."""
+    from tests.conftest import make_scalar_head_model
+
     root, model = rl_setup
     out = root / "ppo"
+    _, rm_hf, _ = make_scalar_head_model(model, root / "rm", "Qwen2ForSequenceClassification", 5)
     args = [sys.executable, "-m", "megarl.cli", "train", os.path.join(ROOT, "configs/tiny/ppo_cpu.yaml"),
             "--set", f"model.path={model}", "--set", f"critic.path={model}", "--set", f"data.train={root / 'rl.jsonl'}",
             "--set", f"data.eval={root / 'eval.jsonl'}", "--set", f"trainer.output_dir={out}",
             "--set", "trainer.steps=4", "--set", "trainer.prompts_per_step=4", "--set", "trainer.eval_freq=0",
-            "--set", "trainer.save_freq=2", "--set", "rollout.max_response_length=48", "--set", "trainer.resume=never"]
+            "--set", "trainer.save_freq=2", "--set", "rollout.max_response_length=48", "--set", "trainer.resume=never",
+            "--set", f"reward.reward_model={{path: {rm_hf}, component: safety, weight: 0.5}}"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "building the critic" in proc.stdout
     m = _metrics(out)
-    assert m[1]["reward/mean"] > 0                            # format reward: the critic has returns to fit
+    assert m[1]["reward/mean"] != 0                           # format reward + RM: the critic has returns to fit
+    assert m[1]["reward/safety"] != 0 and m[2]["reward/safety"] != m[1]["reward/safety"]  # the RM scored samples
     assert m[1]["critic/values_mean"] == 0.0                  # zero-initialised value head
     assert m[4]["critic/value_loss"] < m[1]["critic/value_loss"]
     assert abs(m[4]["critic/values_mean"]) > 0 and "adv/abs_mean" in m[4] and "critic/grad_norm" in m[4]
