@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-fast test-dist demo lint bench lock clean
+.PHONY: setup test test-fast test-dist test-slurm demo lint bench lock clean
 
 setup:  ## create .venv with the pinned CPU stack (a no-op when requirements are unchanged)
 	@bash tools/setup_env.sh $(VENV)
@@ -16,6 +16,9 @@ test-fast: setup  ## everything but the multi-process distributed tests
 
 test-dist: setup  ## only the multi-process gloo tests
 	$(PY) -m pytest -q -m dist
+
+test-slurm: setup  ## only the launcher tests on a local Slurm cluster (root: installs slurm via apt-get)
+	$(PY) -m pytest -q -m slurm
 
 demo: setup  ## the main job that exists today (see README)
 	$(PY) examples/demo.py

@@ -5,8 +5,8 @@ answer are both checkable.
 
 writes OUT_DIR/sft.jsonl (full conversations: question -> calculator call -> result -> answer),
 OUT_DIR/rl.jsonl (prompt messages + tools + ground truth for the reward functions) and, with
---prefs N, preference pairs (prefs_train/prefs_eval.jsonl: the tool-using, faithful answer is
-chosen) and unpaired KTO rows (kto_train/kto_eval.jsonl) for the dpo, kto and rm stages.
+--prefs N, preference pairs (prefs_train/prefs_eval.jsonl: the tool-using, faithful, plainly
+stated answer is chosen) and unpaired KTO rows (kto_train/kto_eval.jsonl) for the dpo, kto and rm stages.
 """
 
 from __future__ import annotations
@@ -60,12 +60,24 @@ def _wrong(rng: random.Random, answer: int) -> int:
     return answer + rng.choice([-1, 1]) * rng.randint(1, 20)
 
 
+HEDGES = ["I think the answer might be {a}, but I am not completely sure about it.",
+          "Well, the calculator says {a}. So it could be {a}, I guess, if I did it right.",
+          "Hmm, let me see. It is probably {a}? I would double check that if I were you."]
+
+
 def preference_row(rng: random.Random) -> dict:
-    """Same prompt; chosen calls the calculator and reports its result, rejected either skips the
-    tool and guesses, or calls it and then misreports the result."""
+    """Same prompt; chosen calls the calculator and states its result plainly. Rejected (one kind
+    each, equally often): skips the tool and guesses a wrong number; calls it and then misreports
+    the result; or calls it and hedges around the right result."""
     question, expression, answer = problem(rng)
-    rejected = (_answer_turns(expression, answer, _wrong(rng, answer), use_tool=False) if rng.random() < 0.5
-                else _answer_turns(expression, answer, _wrong(rng, answer)))
+    kind = rng.randrange(3)
+    if kind == 0:
+        rejected = _answer_turns(expression, answer, _wrong(rng, answer), use_tool=False)
+    elif kind == 1:
+        rejected = _answer_turns(expression, answer, _wrong(rng, answer))
+    else:
+        rejected = _answer_turns(expression, answer, answer)
+        rejected[-1]["content"] = rng.choice(HEDGES).format(a=answer)
     return {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
             "chosen": _answer_turns(expression, answer, answer), "rejected": rejected, "tools": [CALCULATOR]}
 

@@ -3,6 +3,8 @@
     megarl validate RECIPE [--set a.b=c ...]   check a recipe; exit 0 with a summary, 1 with every error
     megarl plan RECIPE [--set ...]             GPU map, batch accounting, memory per GPU per role
     megarl train RECIPE [--set ...]            validate, write the resolved recipe, run the stage
+    megarl launch RECIPE [--set ...] [--dry-run]  Ray up on the Slurm job's nodes (or locally), train, Ray down;
+                                               on SIGUSR1: checkpoint and requeue (see megarl/launch)
     megarl convert hf-to-megatron HF_DIR OUT   HF safetensors -> megatron dist checkpoint (any layout loads it)
     megarl convert megatron-to-hf CKPT OUT     back to HF safetensors + config + tokenizer
     megarl make-tiny OUT [--arch qwen2]        tiny random-init HF model + locally trained tokenizer
@@ -77,6 +79,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return TRAINERS[recipe.stage](recipe)
     except ModelNotFound as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from megarl.launch.nodes import LaunchError
+
+    try:
+        from megarl.launch.launcher import launch
+
+        return launch(args.recipe, args.set or [], dry_run=args.dry_run, start_timeout=args.start_timeout,
+                      port=args.ray_port)
+    except LaunchError as e:
+        print(f"[launch] error: {e}", file=sys.stderr, flush=True)
         return 1
 
 
@@ -182,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "plan":
             p.add_argument("--gpu-type", help="GPU type for the memory estimate (default: cluster.gpu_type)")
+    launch = sub.add_parser("launch", help="bring Ray up on the job's nodes, run the recipe, tear Ray down")
+    launch.add_argument("recipe")
+    launch.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
+    launch.add_argument("--dry-run", action="store_true", help="print the node/GPU map and the commands only")
+    launch.add_argument("--start-timeout", type=float, default=300.0,
+                        help="seconds to wait for every node to join Ray with its CPUs/GPUs")
+    launch.add_argument("--ray-port", type=int, help="head port (default 6379 under Slurm, a free one locally)")
+    launch.set_defaults(func=_cmd_launch)
     conv = sub.add_parser("convert", help="convert checkpoints between HF and megatron")
     conv.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     conv.add_argument("src")

@@ -7,6 +7,10 @@ import json
 import math
 import os
 
+EXIT_CHECKPOINTED = 75
+"""Exit code of `megarl train` stopped early by SIGUSR1/SIGTERM after writing a checkpoint
+(EX_TEMPFAIL: run it again and it resumes). The launcher requeues the Slurm job on it."""
+STOP_FILE = "stop_requested"
 INIT_DIR = "init"          # the starting model as a megatron checkpoint
 CKPT_DIR = "checkpoints"   # step_<N> training checkpoints
 METRICS_FILE = "metrics.jsonl"
@@ -114,6 +118,7 @@ def run_ranks_and_export(recipe, tag: str, train_rank, init: str) -> int:
     from megarl.checkpoint.paths import latest_checkpoint
     from megarl.runtime.local_group import run_local_group
 
+    watch_stop_signals(recipe.trainer.output_dir, tag)
     if os.environ.get("WORLD_SIZE"):  # we are one rank of a launched job
         result = train_rank(recipe, init)
         if os.environ.get("RANK", "0") != "0":
@@ -122,6 +127,10 @@ def run_ranks_and_export(recipe, tag: str, train_rank, init: str) -> int:
         result = run_local_group(train_rank, recipe.derived.train_world_size, args=(recipe, init),
                                  timeout=24 * 3600)[0]
     print(f"[{tag}] {json.dumps(result)}", flush=True)
+    if result.get("signal"):
+        print(f"[{tag}] stopped on a signal at step {result['step']} after checkpointing; run again to resume",
+              flush=True)
+        return EXIT_CHECKPOINTED
     if result["finished"]:
         final = latest_checkpoint(os.path.join(recipe.trainer.output_dir, CKPT_DIR))
         out = os.path.join(recipe.trainer.output_dir, "hf")
@@ -203,3 +212,31 @@ def resume_stage(recipe, state, scheduler, num_rows: int, tag: str):
     if dist.get_rank() == 0:
         print(f"[{tag}] resumed from {resume_from} at step {extra['step']}", flush=True)
     return extra["step"], EpochSampler.from_state(num_rows, d.seed, d.shuffle, extra["sampler"]), resume_from
+
+
+def watch_stop_signals(output_dir: str, tag: str) -> None:
+    """SIGUSR1/SIGTERM to the driver (the launcher forwards Slurm's preemption warning) ask the
+    ranks to checkpoint after the current step and stop: the handler drops a file the ranks look
+    for at every step (`stop_requested`), so no signal has to reach the rank processes."""
+    import signal
+
+    path = os.path.join(output_dir, STOP_FILE)
+    if os.path.exists(path):
+        os.remove(path)  # left by an earlier stop: this run starts fresh
+
+    def handle(signum, _frame):
+        print(f"[{tag}] received signal {signum}: checkpointing after this step, then stopping", flush=True)
+        open(path, "w").close()
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handle)
+
+
+def stop_requested(output_dir: str) -> bool:
+    """Collective: True on every rank when the driver was asked to stop (see watch_stop_signals)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(os.path.exists(os.path.join(output_dir, STOP_FILE)))])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

@@ -42,17 +42,19 @@ KTO_SUMS = ("loss", "examples", "desirable", "reward_desirable", "undesirable", 
             "kl_batches")
 
 
-def run(recipe: Recipe) -> int:
-    tag = recipe.stage
+def prepare(recipe: Recipe) -> str:
+    """The starting megatron checkpoint (converted once; rm: the LM body with a fresh scalar head)."""
     os.makedirs(recipe.trainer.output_dir, exist_ok=True)
     if recipe.stage == "rm":
         from megarl.trainers.common import scalar_head_hf_dir
 
-        init = initial_checkpoint(recipe, tag, scalar_head_hf_dir(recipe.model.path, recipe.trainer.output_dir,
-                                                                  "sequence", tag), "rm_init")
-    else:
-        init = initial_checkpoint(recipe, tag)
-    return run_ranks_and_export(recipe, tag, train_rank, init)
+        return initial_checkpoint(recipe, "rm", scalar_head_hf_dir(recipe.model.path, recipe.trainer.output_dir,
+                                                                   "sequence", "rm"), "rm_init")
+    return initial_checkpoint(recipe, recipe.stage)
+
+
+def run(recipe: Recipe) -> int:
+    return run_ranks_and_export(recipe, recipe.stage, train_rank, prepare(recipe))
 
 
 # ---- data -> packed micro-batches -------------------------------------------------------------
@@ -161,7 +163,8 @@ def pair_objective(output, mb: dict, recipe: Recipe):
 
 def kto_objective(output, mb: dict, recipe: Recipe):
     """KTO loss of one packed micro-batch: z0 is the mean policy/reference log-ratio of the KL
-    partners of this micro-batch across the data-parallel ranks (no gradient)."""
+    partners of this micro-batch across the data-parallel ranks (no gradient). The logged `kl` is
+    that estimate itself; the loss uses it clamped at 0, as the paper does."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -180,9 +183,9 @@ def kto_objective(output, mb: dict, recipe: Recipe):
                        desirable_weight=p.kto_desirable_weight, undesirable_weight=p.kto_undesirable_weight)
     reward = m["reward"].double()
     dw, uw = desirable.double() * w.double(), (~desirable).double() * w.double()
-    stats = torch.stack([(loss.detach().double() * w.double()).sum(), w.double().sum(), dw.sum(),
-                         (reward * dw).sum(), uw.sum(), (reward * uw).sum(), float(m["kl_baseline"]) * torch.ones(
-                             (), dtype=torch.float64), torch.ones((), dtype=torch.float64)])
+    one = torch.ones((), dtype=torch.float64)
+    stats = torch.stack([(loss.detach().double() * w.double()).sum(), w.double().sum(), dw.sum(), (reward * dw).sum(),
+                         uw.sum(), (reward * uw).sum(), z0.detach().double(), one])
     return (loss * w).sum(), stats
 
 
@@ -371,7 +374,14 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     from megarl.models.hf_config import BuildOptions
     from megarl.models.train import TrainState, run_schedule
     from megarl.runtime.device import select_device
-    from megarl.trainers.common import build_trainable, lr_scheduler, resume_stage, save_stage_checkpoint, total_steps
+    from megarl.trainers.common import (
+        build_trainable,
+        lr_scheduler,
+        resume_stage,
+        save_stage_checkpoint,
+        stop_requested,
+        total_steps,
+    )
 
     t, p, stage = recipe.trainer, recipe.preference, recipe.stage
     options = BuildOptions.from_recipe(recipe.model, select_device(recipe.cluster.device))
@@ -483,13 +493,14 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
             if logger:
                 logger.log(step, record)
                 print(f"[{stage}] step {step}/{steps} {_brief(record)}", flush=True)
-            stop_now = t.max_steps_this_run is not None and taken >= t.max_steps_this_run
+            signalled = stop_requested(t.output_dir)
+            stop_now = signalled or (t.max_steps_this_run is not None and taken >= t.max_steps_this_run)
             if step == steps or stop_now or (t.save_freq and step % t.save_freq == 0):
                 save_stage_checkpoint(state, init_ckpt, os.path.join(ckpt_root, f"step_{step:06d}"),
                                       {"step": step, "sampler": sampler.state_dict(),
                                        "scheduler": scheduler.state_dict()})
             if stop_now and step < steps:
-                return {"finished": False, "step": step, "steps": steps}
+                return {"finished": False, "step": step, "steps": steps, "signal": signalled}
     finally:
         if logger:
             logger.close()

@@ -21,7 +21,7 @@ import time
 import torch
 
 from megarl.config.recipe import Recipe
-from megarl.trainers.common import CKPT_DIR, METRICS_FILE, has_hf_weights, initial_checkpoint
+from megarl.trainers.common import CKPT_DIR, EXIT_CHECKPOINTED, METRICS_FILE, has_hf_weights, initial_checkpoint
 
 TAG = "rl"
 
@@ -253,8 +253,11 @@ def run(recipe: Recipe) -> int:
                if recipe.reward.reward_model else None)
 
     if not ray.is_initialized():
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        if os.environ.get("RAY_ADDRESS"):  # a cluster the launcher (megarl launch) brought up
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, configure_logging=False)
+        else:  # a private local cluster; logical CPUs >= actors (threads are set explicitly)
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
+                     configure_logging=False)
     threads = max(1, (os.cpu_count() or 1) // recipe.derived.train_world_size)
     fleet = actor = reference = critic = reward_model = None
     critic_init = (initial_checkpoint(recipe, TAG, critic_hf_dir(recipe, TAG), "critic_init")
@@ -494,7 +497,7 @@ def run(recipe: Recipe) -> int:
                 checkpoint(step)
             if stop_now and step < t.steps:
                 print(f"[{TAG}] stopping at step {step}; `megarl train` with trainer.resume=auto continues", flush=True)
-                return 0
+                return EXIT_CHECKPOINTED if stop.signal is not None else 0
         bar.close()
         final = latest_checkpoint(ckpt_root)
         out = os.path.join(t.output_dir, "hf")

@@ -23,9 +23,14 @@ from megarl.config.recipe import Recipe
 from megarl.trainers.common import CKPT_DIR, METRICS_FILE, initial_checkpoint, run_ranks_and_export
 
 
-def run(recipe: Recipe) -> int:
+def prepare(recipe: Recipe) -> str:
+    """The starting megatron checkpoint (an HF model.path is converted once)."""
     os.makedirs(recipe.trainer.output_dir, exist_ok=True)
-    return run_ranks_and_export(recipe, "sft", train_rank, initial_checkpoint(recipe, "sft"))
+    return initial_checkpoint(recipe, "sft")
+
+
+def run(recipe: Recipe) -> int:
+    return run_ranks_and_export(recipe, "sft", train_rank, prepare(recipe))
 
 
 def _padded_length(samples: list, multiple: int) -> int:
@@ -62,7 +67,14 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     from megarl.models.hf_config import BuildOptions
     from megarl.models.train import train_step
     from megarl.runtime.device import select_device
-    from megarl.trainers.common import build_trainable, lr_scheduler, resume_stage, save_stage_checkpoint, total_steps
+    from megarl.trainers.common import (
+        build_trainable,
+        lr_scheduler,
+        resume_stage,
+        save_stage_checkpoint,
+        stop_requested,
+        total_steps,
+    )
 
     t = recipe.trainer
     options = BuildOptions.from_recipe(recipe.model, select_device(recipe.cluster.device))
@@ -114,9 +126,10 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
                 f.write(json.dumps(record) + "\n")
             print(f"[sft] step {step}/{steps} loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
                   f"lr {record['lr']:.2e}", flush=True)
-        stop_now = t.max_steps_this_run is not None and taken >= t.max_steps_this_run
+        signalled = stop_requested(t.output_dir)
+        stop_now = signalled or (t.max_steps_this_run is not None and taken >= t.max_steps_this_run)
         if step == steps or stop_now or (t.save_freq and step % t.save_freq == 0):
             save(step)
         if stop_now and step < steps:
-            return {"finished": False, "step": step, "steps": steps}
+            return {"finished": False, "step": step, "steps": steps, "signal": signalled}
     return {"finished": True, "step": step, "steps": steps}
