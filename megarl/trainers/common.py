@@ -152,14 +152,22 @@ def optimizer_config(recipe, lr: float | None = None):
                            params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32))
 
 
-def build_trainable(recipe, init_ckpt: str, options):
+def build_options(recipe):
+    """How this rank builds the model (implementation, recompute, device) from the recipe."""
+    from megarl.models.hf_config import BuildOptions
+    from megarl.runtime.device import select_device
+
+    return BuildOptions.from_recipe(recipe.model, select_device(recipe.cluster.device))
+
+
+def build_trainable(recipe, init_ckpt: str):
     """This rank's model chunks loaded from `init_ckpt`, DDP-wrapped, with their optimizer, in
     megatron's per-token loss mode (a loss function returns (Σ loss, count))."""
     from megarl.checkpoint.hf import load_converted
     from megarl.models.train import wrap_for_training
 
-    chunks, config, _ = load_converted(init_ckpt, recipe.parallel, seed=recipe.trainer.seed, options=options,
-                                       dtype=recipe.model.dtype)
+    chunks, config, _ = load_converted(init_ckpt, recipe.parallel, seed=recipe.trainer.seed,
+                                       options=build_options(recipe), dtype=recipe.model.dtype)
     config.calculate_per_token_loss = True
     return wrap_for_training(chunks, config, optimizer_config(recipe),
                              distributed_optimizer=recipe.optim.distributed_optimizer)

@@ -197,6 +197,8 @@ def summarize(stage: str, sums, prefix: str = "") -> dict[str, float]:
     """Named means from reduced metric sums."""
     s = dict(zip(metric_names(stage), (float(v) for v in sums)))
     if stage == "kto":
+        # kl: KTO's KL-baseline estimate (mean policy/reference log-ratio on mismatched pairs; it
+        # can be negative on data the policy did not sample — the loss uses max(0, kl))
         out = {"loss": s["loss"] / max(s["examples"], 1), "kl": s["kl"] / max(s["kl_batches"], 1)}
         if s["desirable"]:
             out["reward/desirable"] = s["reward_desirable"] / s["desirable"]
@@ -371,10 +373,9 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
 
     from megarl.data.preference import PreferenceDataset
     from megarl.metrics import MetricsLogger
-    from megarl.models.hf_config import BuildOptions
     from megarl.models.train import TrainState, run_schedule
-    from megarl.runtime.device import select_device
     from megarl.trainers.common import (
+        build_options,
         build_trainable,
         lr_scheduler,
         resume_stage,
@@ -384,8 +385,7 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     )
 
     t, p, stage = recipe.trainer, recipe.preference, recipe.stage
-    options = BuildOptions.from_recipe(recipe.model, select_device(recipe.cluster.device))
-    state = build_trainable(recipe, init_ckpt, options)
+    state = build_trainable(recipe, init_ckpt)
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(init_ckpt, "hf"))
     kind = "kto" if stage == "kto" else "preference"
@@ -407,7 +407,7 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     batches = _Batches(recipe, tokenizer.pad_token_id)
     reference = None
     if p.reference in ("model", "precomputed"):
-        reference = ReferenceLogps(recipe, init_ckpt, options, batches)
+        reference = ReferenceLogps(recipe, init_ckpt, build_options(recipe), batches)
         if p.reference == "precomputed":
             t0 = time.perf_counter()
             reference.precompute("train", data)

@@ -64,9 +64,7 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     from transformers import AutoTokenizer
 
     from megarl.data.sft import SFTDataset
-    from megarl.models.hf_config import BuildOptions
     from megarl.models.train import train_step
-    from megarl.runtime.device import select_device
     from megarl.trainers.common import (
         build_trainable,
         lr_scheduler,
@@ -77,8 +75,7 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     )
 
     t = recipe.trainer
-    options = BuildOptions.from_recipe(recipe.model, select_device(recipe.cluster.device))
-    state = build_trainable(recipe, init_ckpt, options)
+    state = build_trainable(recipe, init_ckpt)
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(init_ckpt, "hf"))
     rejected = (recipe.data.rejected_path or os.path.join(t.output_dir, "rejected_rows.jsonl")

@@ -84,3 +84,40 @@ def test_local_launch_stops_on_usr1_with_a_checkpoint_and_resumes(tmp_path, conv
     out = _launch(["configs/tiny/sft_cpu.yaml", *sets], timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed from" in out.stdout and [json.loads(line)["step"] for line in open(metrics)] == list(range(1, 41))
+
+
+def _processes_with(tag: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if tag in cmdline:
+            found.append(f"{pid}: {cmdline[:160]}")
+    return found
+
+
+def test_local_ray_cluster_starts_waits_and_stops_by_pid(tmp_path):
+    from megarl.launch.nodes import LaunchError, NodeMap
+    from megarl.launch.ray_cluster import RayCluster
+
+    cluster = RayCluster(NodeMap(["localhost"], gpus_per_node=0, cpus_per_node=2), str(tmp_path / "logs"))
+    try:
+        cluster.start(timeout=120)
+        assert [p.poll() for _, p, _ in cluster.procs] == [None]
+        assert _processes_with(cluster.temp_dir), "the head's processes carry its temp dir"
+        assert oct(os.stat(cluster.auth_env()["RAY_AUTH_TOKEN_PATH"]).st_mode & 0o777) == "0o600"
+        # a node that never brings what the job needs: a clear error naming what Ray shows
+        greedy = RayCluster(NodeMap(["localhost"], gpus_per_node=4, cpus_per_node=2), str(tmp_path / "logs"),
+                            port=cluster.port)
+        greedy.tag, greedy.log_dir = cluster.tag, cluster.log_dir  # join the running cluster's token and logs
+        with pytest.raises(LaunchError, match=r"shows .*'GPU': 0.0.*want .*'GPU': 4"):
+            greedy.wait_for_resources(time.monotonic() + 15)
+    finally:
+        assert cluster.stop(grace=30) == []          # SIGTERM was enough
+    deadline = time.monotonic() + 30
+    while _processes_with(cluster.temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(cluster.temp_dir) == []
+    assert os.path.isfile(tmp_path / "logs" / "ray_head_localhost.log")

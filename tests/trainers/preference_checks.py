@@ -12,8 +12,11 @@ from megarl.config.recipe import PreferenceConfig
 
 
 def _recipe(stage: str, loss_type: str, parallel: ParallelConfig, micro: int):
+    """`sigmoid_ftx` is the sigmoid loss plus an SFT term (ftx 0.5) on the chosen response."""
+    ftx = 0.5 if loss_type.endswith("_ftx") else 0.0
     return SimpleNamespace(stage=stage, parallel=parallel, trainer=SimpleNamespace(micro_batch_per_rank=micro),
-                           preference=PreferenceConfig(loss_type=loss_type, beta=0.5, reference="none"))
+                           preference=PreferenceConfig(loss_type=loss_type.removesuffix("_ftx"), beta=0.5,
+                                                       reference="none", ftx=ftx))
 
 
 def pipeline_pair_losses(ckpt: str, parallel: dict, rows_path: str, loss_types: list[str], ref: torch.Tensor,

@@ -71,6 +71,8 @@ def _examples(path, kind, hf_dir):
 def _expected_pair_loss(loss_type, logps, ref):
     pc, pr, rc, rr = logps[:, 0, 0], logps[:, 1, 0], ref[:, 0, 0], ref[:, 1, 0]
     avg_c, avg_r = pc / logps[:, 0, 1], pr / logps[:, 1, 1]
+    if loss_type == "sigmoid_ftx":  # + 0.5 × the chosen response's token-mean NLL
+        return _expected_pair_loss("sigmoid", logps, ref) + 0.5 * float((-avg_c).mean())
     fn = PREFERENCE_LOSSES.get(loss_type)
     if loss_type in ("orpo", "simpo"):
         loss, _ = fn(policy_chosen_avg=avg_c, policy_rejected_avg=avg_r, chosen_nll=-avg_c, beta=BETA)
@@ -97,7 +99,7 @@ def test_packed_pipeline_objective_matches_single_rank_and_library(converted, pr
     kto_ref = kto_logps.clone()
     kto_ref[..., 0] += torch.randn(kto_ref.shape[:2], generator=g, dtype=torch.float64)
 
-    types = ["sigmoid", "ipo", "hinge", "simpo", "orpo"]
+    types = ["sigmoid", "ipo", "hinge", "simpo", "orpo", "sigmoid_ftx"]
     results = {}
     for layout, world in LAYOUTS:
         got = run_local_group("tests.trainers.preference_checks:pipeline_pair_losses", world,

@@ -139,6 +139,7 @@ def test_ppo_with_critic_learns_values_and_checkpoints_both(rl_setup):
             "--set", f"model.path={model}", "--set", f"critic.path={model}", "--set", f"data.train={root / 'rl.jsonl'}",
             "--set", f"data.eval={root / 'eval.jsonl'}", "--set", f"trainer.output_dir={out}",
             "--set", "trainer.steps=4", "--set", "trainer.prompts_per_step=4", "--set", "trainer.eval_freq=0",
+            "--set", "trainer.samples_per_minibatch=8",
             "--set", "trainer.save_freq=2", "--set", "rollout.max_response_length=48", "--set", "trainer.resume=never",
             "--set", f"reward.reward_model={{path: {rm_hf}, component: safety, weight: 0.5}}"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
