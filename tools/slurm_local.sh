@@ -70,6 +70,8 @@ ClusterName=megarl-local
 SlurmctldHost=${HOST}
 SlurmUser=root
 AuthType=auth/munge
+# a requeued job may start again once its old credential expired (default 120 s): 10 s here
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/${PROCTRACK}

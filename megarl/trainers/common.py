@@ -119,7 +119,10 @@ def run_ranks_and_export(recipe, tag: str, train_rank, init: str) -> int:
     from megarl.runtime.local_group import run_local_group
 
     watch_stop_signals(recipe.trainer.output_dir, tag)
-    if os.environ.get("WORLD_SIZE"):  # we are one rank of a launched job
+    if os.environ.get("WORLD_SIZE"):  # we are one rank of a launched job (srun via megarl launch, torchrun)
+        from megarl.runtime import cpu_compat
+
+        cpu_compat.install()  # before megatron is imported, as run_local_group does for its ranks
         result = train_rank(recipe, init)
         if os.environ.get("RANK", "0") != "0":
             return 0  # rank 0 reports and exports
