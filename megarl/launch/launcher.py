@@ -26,14 +26,14 @@ from megarl.trainers.common import EXIT_CHECKPOINTED
 
 
 def driver_plan(recipe, recipe_path: str, overrides: list[str], nodes: NodeMap, cluster: RayCluster | None):
-    """(argv, extra env) of the driver. Ray stages: `megarl train` on the head with RAY_ADDRESS.
+    """(argv, extra env) of the driver. Ray stages: `megarl train` on the head with RAY_ADDRESS
+    (the token variables join at start, once the cluster's token exists).
     Other stages: `megarl train` itself (local gloo ranks) locally; under Slurm one process per
     training rank across the nodes (`srun` + megarl.launch.rank, torch.distributed rendezvous on
     the head)."""
     sets = [a for o in overrides for a in ("--set", o)]
     if cluster is not None:
         return [sys.executable, "-m", "megarl.cli", "train", recipe_path, *sets], {"RAY_ADDRESS": cluster.address}
-    # (the auth token variables are added at start, once the cluster's token exists)
     if not nodes.slurm:
         return [sys.executable, "-m", "megarl.cli", "train", recipe_path, *sets], {}
     world = recipe.derived.train_world_size

@@ -145,3 +145,13 @@ def _mean_loss_everywhere(outputs: Iterable[dict]) -> float:
             t += torch.tensor([float(o["loss"]), 1.0], dtype=torch.float64)
     dist.all_reduce(t)
     return (t[0] / t[1].clamp(min=1.0)).item()
+
+
+def sums_from_reporter(sums: torch.Tensor) -> torch.Tensor:
+    """Metric sums of the reporting rank (last pipeline stage, tp 0, cp 0, dp 0; already reduced
+    over DP there), on every rank: the other ranks contribute zeros to one world all-reduce."""
+    reporter = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+                and ps.get_context_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0)
+    shared = sums.clone() if reporter else torch.zeros_like(sums)
+    dist.all_reduce(shared)
+    return shared

@@ -282,13 +282,11 @@ def _reduce_sums(local, last_stage: bool):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from megarl.models.train import sums_from_reporter
+
     if last_stage and ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(local, group=ps.get_data_parallel_group())
-    reporter = (last_stage and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-                and ps.get_context_parallel_rank() == 0)
-    shared = local.clone() if reporter else local.zero_()
-    dist.all_reduce(shared)
-    return shared
+    return sums_from_reporter(local)
 
 
 class ReferenceLogps:

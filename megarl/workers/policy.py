@@ -107,12 +107,9 @@ class PolicyWorker:
     def _from_reporter(self, sums: torch.Tensor) -> torch.Tensor:
         """The metric sums of the reporting rank of data-parallel replica 0 (already reduced over
         DP on the last stage), on every rank of the gang."""
-        import torch.distributed as dist
+        from megarl.models.train import sums_from_reporter
 
-        mine = self._reporter() and self.coords()["dp"] == 0
-        shared = sums.clone() if mine else torch.zeros_like(sums)
-        dist.all_reduce(shared)
-        return shared
+        return sums_from_reporter(sums)
 
     def _my_rows(self, n: int) -> slice:
         from megatron.core import parallel_state as ps
