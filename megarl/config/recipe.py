@@ -102,6 +102,11 @@ class WeightSyncConfig:
     bf16 engines need ~5e-2)."""
     timeout_s: float = 600.0
     """A sync that makes no progress for this long (a peer died) fails instead of waiting."""
+    transport: Literal["auto", "broadcast", "shared_memory"] = "auto"
+    """How the bytes travel (megarl.sync.transport). broadcast: over the sync group (NCCL/gloo),
+    works across nodes. shared_memory: TP ranks write their shards into /dev/shm buffers the
+    engines read in place, for a single-node CPU run. auto (resolved at load): shared_memory on
+    one CPU node without FP8, else broadcast."""
 
 
 @dataclass

@@ -308,6 +308,7 @@ def _rollout(r: Recipe, shape, rollout_gpus: int, issues: _Issues) -> None:
         issues.add("rollout.weight_sync.timeout_s", f"expected > 0 seconds, got {ws.timeout_s}")
     if ws.logprob_tolerance <= 0:
         issues.add("rollout.weight_sync.logprob_tolerance", f"expected > 0, got {ws.logprob_tolerance}")
+    _resolve_sync_transport(r, issues)
     if ro.quantization == "fp8" and r.cluster.device == "cpu":
         issues.add("rollout.quantization", "FP8 rollout engines need GPUs (vLLM's CPU build has no FP8 linear "
                    "kernels); remove rollout.quantization for a CPU run")
@@ -417,3 +418,27 @@ def summary(r: Recipe) -> str:
 
 
 __all__ = ["resolve_recipe", "summary", "Derived"]
+
+
+def _resolve_sync_transport(r: Recipe, issues) -> None:
+    """rollout.weight_sync.transport: auto becomes shared_memory on one CPU node without FP8, else
+    broadcast; an explicit shared_memory that cannot work is refused with the reason."""
+    from megarl.runtime.device import select_device
+
+    ws, ro = r.rollout.weight_sync, r.rollout
+    try:
+        cpu = not select_device(r.cluster.device).is_cuda
+    except (ValueError, RuntimeError):   # e.g. cuda asked for where there is none (a login node)
+        cpu = r.cluster.device == "cpu"
+    reasons = []
+    if r.cluster.nodes > 1:
+        reasons.append(f"cluster.nodes is {r.cluster.nodes} (engines on other nodes cannot map the trainer's memory)")
+    if not cpu:
+        reasons.append("the run is on GPUs (the CUDA-IPC variant for colocated GPUs is not built)")
+    if ro.quantization:
+        reasons.append(f"rollout.quantization is {ro.quantization} (FP8 needs each tensor whole on the sender)")
+    if ws.transport == "auto":
+        ws.transport = "broadcast" if reasons else "shared_memory"
+    elif ws.transport == "shared_memory" and reasons:
+        issues.add("rollout.weight_sync.transport", "shared_memory cannot be used: " + "; ".join(reasons)
+                   + ". Use broadcast (or auto)")

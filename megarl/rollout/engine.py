@@ -59,6 +59,9 @@ class RolloutEngine:
     def __init__(self, config: EngineConfig):
         from vllm import LLM
 
+        from megarl.rollout.vllm_compat import keep_freed_memory
+
+        keep_freed_memory()
         kwargs = dict(model=config.model_path, dtype=config.dtype, max_model_len=config.max_model_len,
                       tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
                       seed=config.seed, logprobs_mode="processed_logprobs",

@@ -32,6 +32,7 @@ from megarl.config.parallel import ParallelConfig
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 HEADER_BYTES = 32  # int64[4]: magic, weight version, bucket index, crc32 of the payload
+TRANSPORTS = ("broadcast", "shared_memory")
 ALIGN = 64         # every tensor starts on a 64-byte boundary (aligned views on the receiver)
 
 
@@ -126,12 +127,15 @@ class WeightSyncPlan:
     """num_attention_heads / num_key_value_heads / head_dim / hidden_size: what splitting a fused
     QKV tensor needs (`hf_map.split_qkv`)."""
     fingerprint: str = field(default="", compare=False)
+    transport: str = "broadcast"
+    """How bucket bytes travel (megarl.sync.transport): "broadcast" over the group, or
+    "shared_memory" slots when every sender, TP peer and engine is on one CPU host."""
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
     def build(cls, trainer: ParallelConfig, engines: EngineLayout, arch: str, cfg: dict,
               bucket_bytes: int = 512 << 20, dtype: str = "float32",
-              quantization: str | None = None) -> WeightSyncPlan:
+              quantization: str | None = None, transport: str = "broadcast") -> WeightSyncPlan:
         """The plan for a resolved trainer layout (`trainer.world_size` set) and an engine layout.
         `cfg` is the HF config.json of the actor; `dtype` the engine's; `quantization` None or
         "fp8" (linear weights sent as float8_e4m3fn + per-tensor scales)."""
@@ -142,6 +146,11 @@ class WeightSyncPlan:
             raise UnsupportedLayout(f"engine dtype {dtype!r} is not one of float32, bfloat16, float16")
         if quantization not in (None, "fp8"):
             raise UnsupportedLayout(f"rollout quantization {quantization!r} is not supported (None or 'fp8')")
+        if transport not in TRANSPORTS:
+            raise UnsupportedLayout(f"weight sync transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        if transport == "shared_memory" and quantization:
+            raise UnsupportedLayout("the shared_memory weight sync writes TP shards where they lie, but FP8 "
+                                    "quantization needs each tensor whole: use transport broadcast with fp8")
         if trainer.world_size is None:
             raise ValueError("WeightSyncPlan.build needs a resolved trainer layout (world_size set)")
         if bucket_bytes < 1 << 16:
@@ -192,9 +201,9 @@ class WeightSyncPlan:
         plan = cls(arch, trainer, engines, dtype, bucket_bytes, quantization, senders, tuple(buckets), layers,
                    num_experts, bool(cfg.get("tie_word_embeddings", False)),
                    {k: cfg[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")
-                    if cfg.get(k) is not None})
+                    if cfg.get(k) is not None}, transport=transport)
         digest = hashlib.sha256(repr((plan.arch, plan.trainer, plan.engines, plan.dtype, plan.quantization,
-                                      plan.buckets)).encode()).hexdigest()[:16]
+                                      plan.transport, plan.buckets)).encode()).hexdigest()[:16]
         object.__setattr__(plan, "fingerprint", digest)
         return plan
 
@@ -245,7 +254,7 @@ class WeightSyncPlan:
         return (f"weight sync plan {self.fingerprint}: {self.arch}, {self.num_params:,} params, {mb:.1f} MiB "
                 f"{self.dtype}{' + fp8 linears' if self.quantization else ''} in {len(self.buckets)} buckets "
                 f"(<= {self.bucket_bytes / 2**20:.0f} MiB, largest {largest:.1f} MiB) from {len(self.senders)} "
-                f"sender(s) to {self.engines.receivers} engine worker(s)")
+                f"sender(s) to {self.engines.receivers} engine worker(s) by {self.transport}")
 
 
 # ---- the layout map ---------------------------------------------------------------------------

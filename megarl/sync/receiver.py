@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -66,68 +68,132 @@ def check_plan_against_checkpoint(plan: WeightSyncPlan, model_dir: str) -> None:
                               + "; ".join(parts))
 
 
+def _where(bucket) -> str:
+    return f"bucket {bucket.index} from sender {bucket.sender} ({bucket.entries[0].megatron_name} ...)"
+
+
 class BucketReceiver:
     """Receives a plan's buckets in order, verified, as (HF name, tensor) pairs."""
 
-    def __init__(self, plan: WeightSyncPlan, group: SyncGroup, recyclable: Callable[[], bool] | None = None):
-        """`recyclable()` is asked after a bucket's tensors were consumed: True when the consumer
-        holds no reference to them any more, so the buffer can receive another bucket (fresh
-        buffers per bucket pay their page faults every time). None: never reuse."""
-        self.plan, self.group, self.recyclable = plan, group, recyclable
+    def __init__(self, plan: WeightSyncPlan, group: SyncGroup, release: Callable[[torch.Tensor], None] | None = None):
+        """The tensors yielded for a bucket are views of its buffer, valid until the buffer is
+        reused two buckets later. `release(buffer)` is called before that: the consumer must then
+        stop referring to it (vLLM's reload buffers an incomplete layer's tensors by reference;
+        `_detach_pending_layer_loads` copies those out). None: the consumer copies at once."""
+        self.plan, self.group, self.release = plan, group, release
         self.error: WeightSyncError | None = None
         self.stats: dict = {}
+        self._clock = {"wait": 0.0, "verify": 0.0, "load": 0.0}
 
     def tensors(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield the plan's HF tensors bucket by bucket; stats (seconds waiting for the network,
         verifying, and inside the consumer, i.e. vLLM loading) land in `self.stats`."""
         t0 = time.perf_counter()
-        buckets = self.plan.buckets
-        received = 0
-        wait = verify = load = 0.0
+        self._clock = {"wait": 0.0, "verify": 0.0, "load": 0.0}
+        if self.plan.transport == "shared_memory":
+            yield from self._shared(version)
+        else:
+            yield from self._broadcast(version)
+        self.stats = {"bytes": self.plan.total_bytes, "buckets": len(self.plan.buckets),
+                      "seconds": time.perf_counter() - t0, **{f"{k}_seconds": v for k, v in self._clock.items()}}
 
-        free: list[torch.Tensor] = []
+    def _broadcast(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        buckets = self.plan.buckets
         largest = max((b.nbytes for b in buckets), default=0) + HEADER_BYTES
+        pool = [torch.empty(largest, dtype=torch.uint8) for _ in range(min(2, len(buckets)))]
 
         def post(i):
             b = buckets[i]
-            whole = free.pop() if free else torch.empty(largest, dtype=torch.uint8)
-            buf = whole[:HEADER_BYTES + b.nbytes]
-            return b, whole, buf, self.group.broadcast(b.sender, buf)
+            buf = pool[i % len(pool)][:HEADER_BYTES + b.nbytes]
+            return buf, self.group.broadcast(b.sender, buf)
 
         nxt = post(0) if buckets else None
-        for i in range(len(buckets)):
-            bucket, whole, buf, work = nxt
-            nxt = post(i + 1) if i + 1 < len(buckets) else None   # overlap: next recv in flight
+        for i, bucket in enumerate(buckets):
+            buf, work = nxt
+            if i + 1 < len(buckets):   # overlap: the next recv goes into the other buffer
+                if i >= 1 and self.release is not None:
+                    self.release(pool[(i + 1) % len(pool)])
+                nxt = post(i + 1)
             t = time.perf_counter()
             work.wait()
-            wait += time.perf_counter() - t
-            received += bucket.nbytes
-            if self.error is not None:
-                free.append(whole)
-                continue  # draining after a failure: receive, load nothing
-            t = time.perf_counter()
+            self._clock["wait"] += time.perf_counter() - t
+            yield from self._verified(buf, bucket, version)
+
+    def _shared(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """A helper thread waits for each bucket's doorbell and verifies its checksum while this
+        thread hands the previous bucket to the consumer (torch releases the GIL in both)."""
+        ready: queue.Queue = queue.Queue()
+        checks = {"wait": 0.0, "verify": 0.0}
+
+        def ring_and_verify():
+            position = {s.index: 0 for s in self.plan.senders}
             try:
-                check_header(buf, version, bucket.index,
-                             f"bucket {bucket.index} from sender {bucket.sender} "
-                             f"({bucket.entries[0].megatron_name} ...)")
-            except WeightSyncError as e:
-                self.error = e
-                free.append(whole)
-                continue
-            finally:
-                verify += time.perf_counter() - t
-            payload = buf[HEADER_BYTES:]
-            t = time.perf_counter()
-            for entry in bucket.entries:
-                for spec in entry.hf:
-                    yield spec.name, payload[spec.offset:spec.offset + spec.nbytes].view(
-                        getattr(torch, spec.dtype)).view(spec.shape)
-            load += time.perf_counter() - t
-            if self.recyclable is not None and self.recyclable():
-                free.append(whole)
-            del buf, payload
-        self.stats = {"bytes": received, "buckets": len(buckets), "seconds": time.perf_counter() - t0,
-                      "wait_seconds": wait, "verify_seconds": verify, "load_seconds": load}
+                for bucket in self.plan.buckets:
+                    s = bucket.sender
+                    t = time.perf_counter()
+                    rung = self.group.wait_bell(s)
+                    checks["wait"] += time.perf_counter() - t
+                    if rung != bucket.index:
+                        raise WeightSyncError(f"sender {s} rang for bucket {rung}, the plan expects bucket "
+                                              f"{bucket.index} (sender and receiver plans disagree)")
+                    slot = self.group.slots[s].slot(position[s])
+                    position[s] += 1
+                    t = time.perf_counter()
+                    error = None
+                    try:
+                        check_header(slot[:HEADER_BYTES + bucket.nbytes], version, bucket.index, _where(bucket))
+                    except WeightSyncError as e:
+                        error = e
+                    checks["verify"] += time.perf_counter() - t
+                    ready.put((bucket, slot, error))
+            except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which raises it
+                ready.put(e)
+
+        helper = threading.Thread(target=ring_and_verify, name="megarl-sync-verify", daemon=True)
+        helper.start()
+        acks: list = []
+        try:
+            for _ in self.plan.buckets:
+                t = time.perf_counter()
+                item = ready.get()
+                self._clock["wait"] += time.perf_counter() - t
+                if isinstance(item, BaseException):
+                    raise item
+                bucket, slot, error = item
+                if error is not None and self.error is None:
+                    self.error = error
+                if self.error is None:
+                    yield from self._tensors_of(slot[:HEADER_BYTES + bucket.nbytes], bucket)
+                if self.release is not None:
+                    self.release(slot)
+                acks.append(self.group.ack(bucket.sender))
+            for work, _ in acks:
+                work.wait()
+        finally:
+            helper.join()
+        self._clock["verify"] += checks["verify"]
+
+    def _verified(self, buf: torch.Tensor, bucket, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.error is not None:
+            return  # draining after a failure: receive, load nothing
+        t = time.perf_counter()
+        try:
+            check_header(buf, version, bucket.index, _where(bucket))
+        except WeightSyncError as e:
+            self.error = e
+            return
+        finally:
+            self._clock["verify"] += time.perf_counter() - t
+        yield from self._tensors_of(buf, bucket)
+
+    def _tensors_of(self, buf: torch.Tensor, bucket) -> Iterator[tuple[str, torch.Tensor]]:
+        payload = buf[HEADER_BYTES:]
+        t = time.perf_counter()
+        for entry in bucket.entries:
+            for spec in entry.hf:
+                yield spec.name, payload[spec.offset:spec.offset + spec.nbytes].view(
+                    getattr(torch, spec.dtype)).view(spec.shape)
+        self._clock["load"] += time.perf_counter() - t
 
 
 class WeightReceiverExtension:
@@ -145,7 +211,7 @@ class WeightReceiverExtension:
         group = getattr(self, "_megarl_sync", None)
         if group is None:
             raise WeightSyncError("this engine has not joined a weight sync group (megarl_sync_join)")
-        receiver = BucketReceiver(group.plan, group, recyclable=_no_pending_layer_loads)
+        receiver = BucketReceiver(group.plan, group, release=_detach_pending_layer_loads)
         self.megarl_reload_weights(receiver.tensors(version))
         if receiver.error is not None:
             raise receiver.error
@@ -172,10 +238,20 @@ class WeightReceiverExtension:
         self._megarl_sync = None
 
 
-def _no_pending_layer_loads() -> bool:
-    """True when vLLM's layerwise reload holds no buffered (unprocessed) weights: every tensor
-    handed over so far has been copied into the model. It buffers a layer's tensors by reference
-    until the layer is complete (vllm/model_executor/model_loader/reload/layerwise.py)."""
+def _detach_pending_layer_loads(buffer: torch.Tensor) -> int:
+    """Copy out every tensor vLLM's layerwise reload still buffers by reference inside `buffer`
+    (a layer's tensors are kept until the layer is complete, and a layer's weight and bias may
+    come in different buckets: vllm/model_executor/model_loader/reload/layerwise.py). Returns
+    how many were copied; the buffer can then be rewritten."""
     from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
-    return not any(info.loaded_weights for info in list(LAYERWISE_INFO.values()))
+    lo = buffer.data_ptr()
+    hi = lo + buffer.numel() * buffer.element_size()
+    copied = 0
+    for info in list(LAYERWISE_INFO.values()):
+        for _, bound in info.loaded_weights:
+            for key, value in list(bound.arguments.items()):
+                if isinstance(value, torch.Tensor) and value.device.type == "cpu" and lo <= value.data_ptr() < hi:
+                    bound.arguments[key] = value.clone()
+                    copied += 1
+    return copied

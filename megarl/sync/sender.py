@@ -1,12 +1,18 @@
 """The trainer side of a weight sync: every actor rank walks the same plan.
 
-For each sender in plan order, for each of its buckets, for each tensor: the ranks of the
-sender's tensor-parallel (or expert-TP) group gather the shards to the sender, which rebuilds the
-TP=1 tensor (`ShardRule`), turns it into HF tensors (`hf_map.hf_tensors`), casts (or FP8-quantizes)
-them into the bucket at the plan's offsets, stamps the header and broadcasts the bucket to the
-engines. Building bucket k+1 overlaps the broadcast of bucket k; at most two buckets exist at a
-time, so the extra memory is two buckets plus the largest gathered tensor, never the model.
-Ranks of other data-parallel replicas do nothing.
+For each sender in plan order, for each of its buckets, for each tensor, the shards of the
+sender's tensor-parallel (or expert-TP) group are written into the bucket as HF tensors at the
+plan's offsets (q/k/v and gate/up rows or a split dimension, cast to the engine dtype, or
+FP8-quantized whole); the sender stamps the header (checksum) and hands the bucket over:
+
+- transport "broadcast": the group's ranks gather the shards to the sender, which packs the bucket
+  and broadcasts it to the engines. Packing bucket k+1 overlaps the broadcast of bucket k.
+- transport "shared_memory": every rank of the group writes its own shard into the sender's
+  shared slot (no gather), a barrier of the group says the bucket is complete, the sender rings
+  the engines; engines read bucket k while the ranks write bucket k+1 into the other slot.
+
+At most two buckets exist at a time, so the extra memory is two buckets (plus, for broadcast,
+the largest gathered tensor), never the model. Ranks of other data-parallel replicas do nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch.distributed as dist
 
 from megarl.checkpoint.hf_map import hf_tensors
 from megarl.sync.plan import HEADER_BYTES, SyncEntry, UnsupportedLayout, WeightSyncPlan
-from megarl.sync.transport import SyncGroup, write_header
+from megarl.sync.transport import SharedSlots, SyncGroup, sender_prefix, write_header
 
 
 def _unwrap(module):
@@ -98,9 +104,33 @@ class WeightSender:
 
     # ---- group ----------------------------------------------------------------------------
     def join(self, rendezvous, store=None, generation: int = 0) -> None:
-        """Senders join their broadcast group (blocks until the engines join too)."""
+        """Senders join their group (blocks until the engines join too). Called on every actor rank:
+        with shared_memory the TP peers map their sender's slots, and the sender removes the
+        slot files once every peer and engine has them mapped."""
+        self.peer_slots: dict[int, SharedSlots] = {}
+        shared = self.plan.transport == "shared_memory"
+        if shared and self.sender is None:
+            peer_of = [s for s in self.plan.senders if self._participates(s)]
+            if peer_of:
+                store = _client_store(rendezvous)
+                for s in peer_of:
+                    name = sender_prefix(self.plan, generation, s.index)
+                    self.peer_slots[s.index] = SharedSlots.open(store.get(name + "/slots").decode(),
+                                                                f"trainer rank {dist.get_rank()}")
+                    store.set(f"{name}/mapped/{dist.get_rank()}", "1")
         if self.sender is not None:
             self.group = SyncGroup(self.plan, self.sender.index, rendezvous, store=store, generation=generation)
+            if shared:
+                name = sender_prefix(self.plan, generation, self.sender.index)
+                self.group.store.wait([f"{name}/mapped/{r}" for r in self._peer_ranks(self.sender)])
+                self.group.slots[self.sender.index].unlink()
+
+    def _peer_ranks(self, s) -> list[int]:
+        """Global ranks (other than this sender) that hold shards of sender `s`'s split tensors."""
+        used = {e.shard.group for b in self.plan.buckets_of(s.index) for e in b.entries
+                if e.shard.kind != "replicated" and self._group_size[e.shard.group] > 1}
+        me = dist.get_rank()
+        return sorted({r for g in used for r in dist.get_process_group_ranks(self._groups[g]) if r != me})
 
     # ---- sending --------------------------------------------------------------------------
     @torch.no_grad()
@@ -108,51 +138,112 @@ class WeightSender:
         """Collective over the actor ranks (and the engines, for the senders). Returns stats:
         bytes, buckets, seconds, and where the time went (gather, pack, checksum, send_wait)."""
         t0 = time.perf_counter()
+        self._clock = {"gather": 0.0, "pack": 0.0, "checksum": 0.0, "send_wait": 0.0}
         sent = buckets = 0
-        clock = {"gather": 0.0, "pack": 0.0, "checksum": 0.0, "send_wait": 0.0}
         for s in self.plan.senders:
             mine = self.sender is not None and self.sender.index == s.index
             if not mine and not self._participates(s):
                 continue
-            mine_buckets = self.plan.buckets_of(s.index)
-            # Two bucket buffers, reused: the next bucket is packed while the previous one is on
-            # the wire (fresh buffers per bucket would pay their page faults every time).
-            pool = [torch.empty(HEADER_BYTES + max(b.nbytes for b in mine_buckets), dtype=torch.uint8)
-                    for _ in range(min(2, len(mine_buckets)))] if mine else []
-            in_flight: list = []
-            for k, bucket in enumerate(mine_buckets):
-                buf = None
+            if self.plan.transport == "shared_memory":
+                n, b = self._send_shared(s, mine, version)
+            else:
+                n, b = self._send_broadcast(s, mine, version)
+            sent, buckets = sent + n, buckets + b
+        return {"bytes": sent, "buckets": buckets, "seconds": time.perf_counter() - t0,
+                **{f"{k}_seconds": v for k, v in self._clock.items()}}
+
+    def _timed(self, what: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self._clock[what] += time.perf_counter() - t
+        return out
+
+    def _stamp(self, buf: torch.Tensor, version: int, bucket) -> None:
+        self._timed("checksum", write_header, buf, version, bucket.index)
+        if self.corrupt_bucket == bucket.index:
+            buf[HEADER_BYTES + bucket.nbytes // 2] ^= 0x5A
+
+    def _send_broadcast(self, s, mine: bool, version: int) -> tuple[int, int]:
+        mine_buckets = self.plan.buckets_of(s.index)
+        # Two bucket buffers, reused: the next bucket is packed while the previous one is on
+        # the wire (fresh buffers per bucket would pay their page faults every time).
+        pool = [torch.empty(HEADER_BYTES + max(b.nbytes for b in mine_buckets), dtype=torch.uint8)
+                for _ in range(min(2, len(mine_buckets)))] if mine else []
+        in_flight: list = []
+        sent = 0
+        for k, bucket in enumerate(mine_buckets):
+            buf = None
+            if mine:
+                if len(in_flight) == len(pool):      # the buffer we are about to reuse must be sent
+                    self._timed("send_wait", in_flight.pop(0).wait)
+                buf = pool[k % len(pool)][:HEADER_BYTES + bucket.nbytes]
+            for entry in bucket.entries:
+                parts = self._timed("gather", self._gather, entry, s, mine)
                 if mine:
-                    t = time.perf_counter()
-                    if len(in_flight) == len(pool):      # the buffer we are about to reuse must be sent
-                        in_flight.pop(0).wait()
-                    clock["send_wait"] += time.perf_counter() - t
-                    buf = pool[k % len(pool)][:HEADER_BYTES + bucket.nbytes]
-                for entry in bucket.entries:
-                    t = time.perf_counter()
-                    parts = self._gather(entry, s, root=mine)
-                    clock["gather"] += time.perf_counter() - t
-                    if mine:
-                        t = time.perf_counter()
-                        self._pack(entry, parts, buf)
-                        clock["pack"] += time.perf_counter() - t
-                if not mine:
-                    continue
-                t = time.perf_counter()
-                write_header(buf, version, bucket.index)
-                clock["checksum"] += time.perf_counter() - t
-                if self.corrupt_bucket == bucket.index:
-                    buf[HEADER_BYTES + bucket.nbytes // 2] ^= 0x5A
+                    self._timed("pack", self._pack, entry, dict(enumerate(parts)), len(parts), buf)
+            if mine:
+                self._stamp(buf, version, bucket)
                 in_flight.append(self.group.broadcast(s.index, buf))
                 sent += bucket.nbytes
-                buckets += 1
-            t = time.perf_counter()
-            for work in in_flight:
-                work.wait()
-            clock["send_wait"] += time.perf_counter() - t
-            self._workspace = None
-        return {"bytes": sent, "buckets": buckets, "seconds": time.perf_counter() - t0,
-                **{f"{k}_seconds": v for k, v in clock.items()}}
+        for work in in_flight:
+            self._timed("send_wait", work.wait)
+        self._workspace = None
+        return sent, len(mine_buckets) if mine else 0
+
+    def _send_shared(self, s, mine: bool, version: int) -> tuple[int, int]:
+        """Every rank writes its own shards into the slot; `gather` time is the barriers'."""
+        slots = self.group.slots[s.index] if mine else self.peer_slots[s.index]
+        acks: list = []    # per bucket: the works that complete when every engine is done with it
+        sent = 0
+        mine_buckets = self.plan.buckets_of(s.index)
+        for k, bucket in enumerate(mine_buckets):
+            groups = [g for g in self._bucket_groups(bucket) if self._member(s, g)]
+            if mine and k >= len(slots.buffers):        # the slot still holds bucket k - SLOTS
+                for work in acks[k - len(slots.buffers)][:2]:
+                    self._timed("send_wait", work.wait)
+            for g in groups:                             # the slot is free for everyone
+                self._timed("gather", dist.barrier, group=self._groups[g])
+            buf = slots.slot(k)[:HEADER_BYTES + bucket.nbytes]
+            for entry in bucket.entries:
+                parts = self._own_parts(entry, s, mine)
+                if parts:
+                    self._timed("pack", self._pack, entry, parts, self._group_size[entry.shard.group], buf)
+            for g in groups:                             # every shard of the bucket is written
+                self._timed("gather", dist.barrier, group=self._groups[g])
+            if mine:
+                self._stamp(buf, version, bucket)
+                acks.append(self.group.ring(s.index, bucket.index))
+                sent += bucket.nbytes
+        for works in acks:
+            for work in works[:2]:
+                self._timed("send_wait", work.wait)
+        return sent, len(acks)
+
+    def _bucket_groups(self, bucket) -> list[str]:
+        """The TP / expert-TP groups whose ranks write shards of this bucket (sorted: every rank
+        enters the barriers in the same order)."""
+        return sorted({e.shard.group for e in bucket.entries
+                       if e.shard.kind != "replicated" and self._group_size[e.shard.group] > 1})
+
+    def _member(self, s, group: str) -> bool:
+        """Is this rank in sender `s`'s TP group ("tp": the dense shards of its stage) or expert-TP
+        group ("etp": the shards of its experts)? The same ranks `_gather` collects from."""
+        if s.pp_rank != self.pp:
+            return False
+        if group == "tp":
+            return s.ep_rank == 0 and self.dp == 0 and self.cp == 0
+        return s.ep_rank == self.ep and self.edp == 0
+
+    def _own_parts(self, entry: SyncEntry, s, mine: bool) -> dict[int, torch.Tensor]:
+        """{rank in the entry's TP group: shard} this rank writes: its own shard of a split tensor,
+        or the whole tensor (sender only) when it is replicated or not split."""
+        rule = entry.shard
+        if rule.kind == "replicated" or self._group_size[rule.group] == 1:
+            return {0: self.params[(entry.chunk, entry.local_name)].detach()} if mine else {}
+        if not self._member(s, rule.group):
+            return {}
+        local = self.params[(entry.chunk, entry.local_name)]
+        return {dist.get_rank(self._groups[rule.group]): local.detach()}
 
     def _participates(self, s) -> bool:
         """A non-sender rank gathers shards for sender `s` when it is in that sender's TP group
@@ -193,34 +284,35 @@ class WeightSender:
         dist.gather(shard, parts, dst=dist.get_global_rank(group, 0), group=group)
         return parts
 
-    def _pack(self, entry: SyncEntry, parts: list[torch.Tensor], buf: torch.Tensor) -> None:
-        """Write the entry's HF tensors into the bucket straight from the shards: each shard's rows
-        (or columns) of q/k/v, gate/up or the plain tensor are copied (and cast) into place, so
-        no full-size intermediate is ever built."""
+    def _pack(self, entry: SyncEntry, parts: dict[int, torch.Tensor], size: int, buf: torch.Tensor) -> None:
+        """Write the entry's HF tensors into the bucket straight from shards {TP rank: shard} of a
+        `size`-way split (all of them after a gather, one when each rank writes its own): each
+        shard's rows (or columns) of q/k/v, gate/up or the plain tensor are copied (and cast) into
+        place, so no full-size intermediate is ever built."""
         payload = buf[HEADER_BYTES:]
         if self.plan.quantization == "fp8":
-            return self._pack_fp8(entry, parts, payload)
+            return self._pack_fp8(entry, [parts[r] for r in range(size)], payload)
         views = [payload[t.offset:t.offset + t.nbytes].view(getattr(torch, t.dtype)).view(t.shape) for t in entry.hf]
-        rule, size = entry.shard, len(parts)
+        rule = entry.shard
         if entry.how == "qkv":
             dims = self.plan.qkv_dims
             heads, groups = dims["num_attention_heads"], dims.get("num_key_value_heads") or dims["num_attention_heads"]
             d = dims.get("head_dim") or dims["hidden_size"] // heads
             per = heads // groups * d
             g = groups // size
-            for r, part in enumerate(parts):
+            for r, part in parts.items():
                 grouped = part.reshape(g, per + 2 * d, *part.shape[1:])
                 for view, lo, hi, width in ((views[0], 0, per, per), (views[1], per, per + d, d),
                                             (views[2], per + d, per + 2 * d, d)):
                     rows = view.narrow(0, r * g * width, g * width)
                     rows.view(g, width, *part.shape[1:]).copy_(grouped[:, lo:hi])
         elif entry.how == "fc1":
-            for r, part in enumerate(parts):
+            for r, part in parts.items():
                 half = part.shape[0] // 2
                 views[0].narrow(0, r * half, half).copy_(part[:half])
                 views[1].narrow(0, r * half, half).copy_(part[half:])
         elif rule.kind == "split" and size > 1:
-            for r, part in enumerate(parts):
+            for r, part in parts.items():
                 views[0].narrow(rule.dim, r * part.shape[rule.dim], part.shape[rule.dim]).copy_(part)
         else:
             views[0].copy_(parts[0])
@@ -239,6 +331,13 @@ class WeightSender:
                                     f"{[t.name for t in entry.hf]}")
         for (_, t), spec in zip(wire, entry.hf):
             payload[spec.offset:spec.offset + spec.nbytes].view(getattr(torch, spec.dtype)).view(spec.shape).copy_(t)
+
+
+def _client_store(rendezvous) -> dist.TCPStore:
+    from datetime import timedelta
+
+    return dist.TCPStore(rendezvous.host, rendezvous.port, is_master=False,
+                         timeout=timedelta(seconds=rendezvous.timeout_s), use_libuv=True)
 
 
 def full_tensor(entry: SyncEntry, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -5,9 +5,20 @@ process-group objects (`ProcessGroupGloo` on CPU, `ProcessGroupNCCL` on GPUs —
 `runtime.device`, nothing else differs) over a TCPStore, so it never touches the default
 process group: the trainer ranks keep megatron's world, the vLLM workers keep vLLM's.
 
-There is one broadcast group per sender: {sender} ∪ receivers. A bucket is broadcast from its
-sender to exactly the engines, never to the other senders, and senders of different pipeline
-stages do not wait on each other's groups.
+There is one group per sender: {sender} ∪ receivers, and senders of different pipeline stages
+do not wait on each other's groups. The plan's `transport` says how a bucket's bytes travel:
+
+- "broadcast": the bucket is broadcast from its sender to exactly the engines (never to the other
+  senders). Works across nodes; on one CPU host every byte crosses the loopback socket twice
+  (TP gather, then broadcast) and costs CPU on both ends.
+- "shared_memory" (every party on one host, CPU): the sender owns SLOTS bucket buffers in
+  /dev/shm that its TP peers and every engine worker map. Each TP rank writes its own shard
+  straight into the slot (no gather), the engines read the bucket where it lies (no copy on the
+  wire), and two small groups carry a doorbell (bucket k is in slot k % SLOTS) and an ack (every
+  engine is done with it, the slot may be rewritten). Separate groups, because an engine verifies
+  the next bucket (waiting for its bell) while it is still loading the previous one (not yet
+  acked), and a group's operations must be issued in the same order everywhere. Same interface as a CUDA-IPC variant for
+  colocated GPUs would have (slots shared by IPC handle instead of by file); that one is not built.
 
 Wire format of a bucket: a 32-byte header int64[MAGIC, weight version, bucket index, checksum]
 followed by the payload (HF tensors at the plan's offsets). The receiver recomputes the checksum
@@ -16,6 +27,9 @@ followed by the payload (HF tensors at the plan's offsets). The receiver recompu
 
 from __future__ import annotations
 
+import json
+import os
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -92,8 +106,80 @@ def open_store(host: str = "127.0.0.1", port: int = 0, timeout_s: float = 600.0)
     return store, store.port
 
 
+SLOTS = 3   # shared-memory buckets per sender: one being loaded, one being verified, one being written
+SHM_DIR = "/dev/shm"
+
+
+class SharedSlots:
+    """A sender's bucket buffers in shared memory (files in /dev/shm, mapped MAP_SHARED).
+
+    The sender's lead creates them under fresh names and publishes the paths in the store; its TP
+    peers and the engines map them, and the lead unlinks the files once everyone has, so nothing
+    is left in /dev/shm even if a process dies later (the mappings live until the processes end)."""
+
+    def __init__(self, paths: list[str], nbytes: int):
+        self.paths, self.nbytes = list(paths), nbytes
+        self.buffers = [torch.from_file(p, shared=True, size=nbytes, dtype=torch.uint8) for p in self.paths]
+
+    @classmethod
+    def create(cls, tag: str, nbytes: int, count: int = SLOTS) -> SharedSlots:
+        paths = []
+        try:
+            for i in range(count):
+                path = os.path.join(SHM_DIR, f"megarl-sync-{tag}-{uuid.uuid4().hex[:12]}-{i}")
+                paths.append(path)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                try:
+                    # reserve the pages now: a sparse file on a full tmpfs would SIGBUS at first write
+                    os.posix_fallocate(fd, 0, nbytes)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            for p in paths:
+                if os.path.exists(p):
+                    os.unlink(p)
+            free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize if os.path.isdir(SHM_DIR) else 0
+            raise WeightSyncError(f"the shared-memory weight sync needs {count} x {nbytes / 2**20:.0f} MiB in "
+                                  f"{SHM_DIR} ({free / 2**20:.0f} MiB free): {e.strerror}. Lower "
+                                  "rollout.weight_sync.bucket_mb, give the container a larger /dev/shm "
+                                  "(docker --shm-size), or set rollout.weight_sync.transport: broadcast") from None
+        return cls(paths, nbytes)
+
+    @classmethod
+    def open(cls, published: str, where: str) -> SharedSlots:
+        """Map the slots whose paths the lead published; a process on another host cannot."""
+        meta = json.loads(published)
+        missing = [p for p in meta["paths"] if not os.path.exists(p)]
+        if missing:
+            raise WeightSyncError(f"{where}: the shared-memory weight sync buffers {missing[0]} do not exist here; "
+                                  "this process is not on the trainer's host. Set rollout.weight_sync.transport: "
+                                  "broadcast when engines and trainer ranks are on different nodes")
+        return cls(meta["paths"], meta["nbytes"])
+
+    def publish(self) -> str:
+        return json.dumps({"paths": self.paths, "nbytes": self.nbytes})
+
+    def slot(self, bucket_position: int) -> torch.Tensor:
+        return self.buffers[bucket_position % len(self.buffers)]
+
+    def unlink(self) -> None:
+        for p in self.paths:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+def slot_bytes(plan: WeightSyncPlan, sender: int) -> int:
+    return HEADER_BYTES + max((b.nbytes for b in plan.buckets_of(sender)), default=0)
+
+
+def sender_prefix(plan: WeightSyncPlan, generation: int, sender: int) -> str:
+    return f"megarl-sync/{plan.fingerprint}/{generation}/sender{sender}"
+
+
 class SyncGroup:
-    """This process's membership in the sync world: the per-sender broadcast groups it belongs to.
+    """This process's membership in the sync world: the per-sender groups it belongs to.
 
     A sender joins only its own group (as rank 0); a receiver joins every sender's group (as
     1 + its receiver index). Groups are joined in sender order, so no two processes wait on each
@@ -111,19 +197,57 @@ class SyncGroup:
         num_senders = len(plan.senders)
         self.is_sender = sync_rank < num_senders
         self.groups: dict[int, object] = {}
+        self.ack_groups: dict[int, object] = {}
+        self.slots: dict[int, SharedSlots] = {}
+        shared = plan.transport == "shared_memory"
         for s in plan.senders:
             if self.is_sender and s.index != sync_rank:
                 continue
             member = 0 if self.is_sender else 1 + (sync_rank - num_senders)
-            prefix = dist.PrefixStore(f"megarl-sync/{plan.fingerprint}/{generation}/sender{s.index}", store)
-            self.groups[s.index] = _process_group(prefix, member, 1 + plan.engines.receivers, timeout, self.device)
+            name = sender_prefix(plan, generation, s.index)
+            if shared and self.is_sender:
+                self.slots[s.index] = SharedSlots.create(f"{plan.fingerprint[:8]}-g{generation}-s{s.index}",
+                                                         slot_bytes(plan, s.index))
+                store.set(name + "/slots", self.slots[s.index].publish())
+            elif shared:  # engines map the slots before joining, so the join proves they have
+                self.slots[s.index] = SharedSlots.open(store.get(name + "/slots").decode(),
+                                                       f"engine worker {sync_rank - num_senders}")
+            size = 1 + plan.engines.receivers
+            self.groups[s.index] = _process_group(dist.PrefixStore(name, store), member, size, timeout, self.device)
+            if shared:
+                self.ack_groups[s.index] = _process_group(dist.PrefixStore(name + "/acks", store), member, size,
+                                                          timeout, torch.device("cpu"))
 
     def broadcast(self, sender: int, buf: torch.Tensor):
         """Start broadcasting `buf` from `sender` to the receivers; returns the async work."""
         return self.groups[sender].broadcast(buf, 0)
 
+    # shared_memory transport: bucket k of a sender lies in its slot k % SLOTS
+    def ring(self, sender: int, bucket: int) -> list:
+        """Sender: bucket `bucket` is in its slot. Returns the works to keep alive: the doorbell
+        and the ack, which completes once every engine is done with the slot."""
+        bell = torch.tensor([bucket], dtype=torch.int64)
+        ack = torch.zeros(1, dtype=torch.int64)
+        return [self.groups[sender].broadcast(bell, 0), self.ack_groups[sender].allreduce([ack]), bell, ack]
+
+    def wait_bell(self, sender: int) -> int:
+        """Receiver: the index of the bucket that is now in the sender's next slot."""
+        bell = torch.empty(1, dtype=torch.int64)
+        self.groups[sender].broadcast(bell, 0).wait()
+        return int(bell[0])
+
+    def ack(self, sender: int):
+        """Receiver: done with the current slot (async; keep the returned work until it completes)."""
+        ack = torch.zeros(1, dtype=torch.int64)
+        return self.ack_groups[sender].allreduce([ack]), ack
+
     def close(self) -> None:
+        for slots in self.slots.values():
+            if self.is_sender:  # the creator's files (normally unlinked right after the join)
+                slots.unlink()
+        self.slots.clear()
         self.groups.clear()
+        self.ack_groups.clear()
         self.store = None
 
 

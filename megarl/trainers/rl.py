@@ -98,7 +98,8 @@ class WeightSync:
         dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[recipe.model.dtype]
         self.plan = WeightSyncPlan.build(recipe.parallel, EngineLayout(ro.engines, ro.engine_tp),
                                          hf_cfg["model_type"], hf_cfg, bucket_bytes=ro.weight_sync.bucket_mb << 20,
-                                         dtype=dtype, quantization=ro.quantization)
+                                         dtype=dtype, quantization=ro.quantization,
+                                         transport=ro.weight_sync.transport)
         self.actor, self.fleet, self.config = actor, fleet, ro.weight_sync
         self.generation = 0
         port = actor.call("sync_open_store", "127.0.0.1", ro.weight_sync.timeout_s)[0]

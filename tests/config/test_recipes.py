@@ -303,6 +303,20 @@ def test_weight_sync_options(tmp_path):
         "bucket_mb": 256, "verify_logprobs": True}}})))
     assert r.rollout.weight_sync.bucket_mb == 256 and r.rollout.weight_sync.verify_logprobs
     assert r.rollout.quantization == "fp8"
+    assert r.rollout.weight_sync.transport == "broadcast"         # auto: FP8 needs whole tensors
+
+
+def test_weight_sync_transport_resolves_once_at_load(tmp_path):
+    cpu = merge(GRPO, {"cluster": {"device": "cpu"}})
+    assert load_recipe(write(tmp_path, cpu)).rollout.weight_sync.transport == "shared_memory"
+    two_nodes = merge(cpu, {"cluster": {"nodes": 2, "gpus_per_node": 2}})
+    assert load_recipe(write(tmp_path, two_nodes)).rollout.weight_sync.transport == "broadcast"
+    assert load_recipe(write(tmp_path, merge(cpu, {"rollout": {"weight_sync": {"transport": "broadcast"}}}))
+                       ).rollout.weight_sync.transport == "broadcast"
+    assert_error(tmp_path, merge(two_nodes, {"rollout": {"weight_sync": {"transport": "shared_memory"}}}),
+                 "rollout.weight_sync.transport", "cluster.nodes is 2")
+    gpu = merge(GRPO, {"cluster": {"device": "cuda"}, "rollout": {"weight_sync": {"transport": "shared_memory"}}})
+    assert_error(tmp_path, gpu, "rollout.weight_sync.transport", "CUDA-IPC variant for colocated GPUs is not built")
 
 
 def test_dapo_options(tmp_path):

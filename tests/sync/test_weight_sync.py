@@ -89,6 +89,30 @@ def test_plan_refuses_what_the_map_does_not_know(cfgs):
         shard_rule("decoder.layers.0.self_attention.linear_q_down_proj.weight")  # MLA: not mapped
     with pytest.raises(UnsupportedLayout, match="mtp.layers.0"):
         locate("mtp.layers.0.enorm.weight", 4, 1, 1, 0, 1)
+    with pytest.raises(UnsupportedLayout, match="'nvlink' is not one of broadcast, shared_memory"):
+        _plan(cfg, "qwen2", {}, 1, world=1, transport="nvlink")
+    with pytest.raises(UnsupportedLayout, match="FP8 quantization needs each tensor whole"):
+        _plan(cfg, "qwen2", {}, 1, world=1, transport="shared_memory", quantization="fp8")
+
+
+def test_shared_memory_slots_refuse_a_receiver_on_another_host():
+    """An engine that cannot see the sender's /dev/shm files (another node) is told what to set."""
+    from megarl.sync.transport import SLOTS, SharedSlots
+
+    slots = SharedSlots.create("test", 1 << 16)
+    try:
+        published = slots.publish()
+        peer = SharedSlots.open(published, "engine worker 0")
+        slots.slot(1)[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+        assert peer.slot(1 + SLOTS)[:4].tolist() == [1, 2, 3, 4]   # one mapping: bucket k lies in slot k % SLOTS
+    finally:
+        slots.unlink()
+    assert peer.slot(1)[:4].tolist() == [1, 2, 3, 4]          # mappings outlive the files
+    with pytest.raises(WeightSyncError, match="not on the trainer's host.*transport: broadcast"):
+        SharedSlots.open(published, "engine worker 0")
+    with pytest.raises(WeightSyncError, match=r"needs 3 x .* MiB in /dev/shm .*bucket_mb.*--shm-size"):
+        SharedSlots.create("test", 1 << 50)                    # more than any /dev/shm holds: refused up front
+    assert _shm_files() == []
 
 
 def test_plan_refuses_an_engine_with_another_model(cfgs, tiny_hf_models):
@@ -202,6 +226,12 @@ def _engines_round(engines, score: bool = True):
     return receive
 
 
+def _shm_files() -> list[str]:
+    import os
+
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("megarl-sync-"))
+
+
 def _max_diff(a, b) -> float:
     return max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s, t))
 
@@ -218,17 +248,18 @@ def test_sync_into_one_then_two_engines(arch, parallel, hosts, converted, cfgs):
     a, b = hosts.get(arch, 0), hosts.get(arch, 1)
     before = a.call("prompt_logprobs", SEQS)
     rounds = [dict(plan=_plan(cfg, arch, parallel, 1, bucket_bytes=256 << 10), port=_free_port(), version=1),
-              dict(plan=_plan(cfg, arch, parallel, 2, bucket_bytes=256 << 10), port=_free_port(), version=2,
-                   generation=1)]
+              dict(plan=_plan(cfg, arch, parallel, 2, bucket_bytes=256 << 10, transport="shared_memory"),
+                   port=_free_port(), version=2, generation=1)]
     trainer, (one, two) = _run(converted[arch]["ckpt"], parallel, rounds, [_engines_round([a]), _engines_round([a, b])])
     ref = _trainer_logprobs(trainer)
     assert _max_diff(before, ref) > 0.05                       # the sync has something to change
-    assert one[0]["ok"] and _max_diff(one[1], ref) <= TOL      # one engine
-    assert two[0]["ok"] and two[1]["ok"]                       # two engines
+    assert one[0]["ok"] and _max_diff(one[1], ref) <= TOL      # one engine, broadcast
+    assert two[0]["ok"] and two[1]["ok"]                       # two engines, shared memory
     assert _max_diff(two[2], ref) <= TOL and _max_diff(two[3], ref) <= TOL
     assert b.call("generate_version", SEQS[1]) == 2
     senders = [o["rounds"][0] for o in trainer]
     assert all(s["buckets"] > 0 for s in senders)              # both stages / both EP ranks sent
+    assert _shm_files() == []                                  # the slots were unlinked at the join
 
 
 @pytest.mark.dist
@@ -240,6 +271,7 @@ def test_tp2_sync_detects_corruption_refuses_unknown_layouts_and_carries_fp8(hos
     cfg = cfgs[arch]
     a, b = hosts.get(arch, 0), hosts.get(arch, 1)
     plan1 = _plan(cfg, arch, parallel, 1, bucket_bytes=128 << 10)
+    shm1 = _plan(cfg, arch, parallel, 1, bucket_bytes=128 << 10, transport="shared_memory")
     plain = [IsolatedActor("tests.sync.sync_checks:PlainReceiver") for _ in range(2)]
 
     def plain_round(r):
@@ -263,9 +295,13 @@ def test_tp2_sync_detects_corruption_refuses_unknown_layouts_and_carries_fp8(hos
         dict(extra_param=True, plan=plan1),
         dict(plan=_plan(cfg, arch, parallel, 1), port=_free_port(), version=5, receiver=0),
         dict(plan=_plan(cfg, arch, parallel, 1, quantization="fp8"), port=_free_port(), version=5, receiver=1),
+        # shared memory: both TP ranks write their shards into the slots; corruption is caught the same way
+        dict(plan=shm1, port=_free_port(), version=6, corrupt_bucket=3, generation=4),
+        dict(plan=_plan(cfg, arch, parallel, 2, bucket_bytes=128 << 10, transport="shared_memory"),
+             port=_free_port(), version=7, generation=5),
     ]
     receivers = [_engines_round([a]), _engines_round([a, b]), failing_round, _engines_round([a]), None, None,
-                 plain_round, plain_round]
+                 plain_round, plain_round, failing_round, _engines_round([a, b])]
     try:
         trainer, res = _run(converted[arch]["ckpt"], parallel, rounds, receivers)
     finally:
@@ -279,7 +315,12 @@ def test_tp2_sync_detects_corruption_refuses_unknown_layouts_and_carries_fp8(hos
     assert not bad["ok"] and "bucket 2" in bad["error"] and "checksum mismatch" in bad["error"]
     assert not bad["consistent"] and "mix of versions" in res[2][-1]
     assert res[3][0]["ok"] and _max_diff(res[3][1], ref) <= TOL
-    assert a.call("generate_version", SEQS[1]) == 4
+    bad = res[8][0]
+    assert not bad["ok"] and "bucket 3" in bad["error"] and "checksum mismatch" in bad["error"]
+    assert not bad["consistent"] and "mix of versions" in res[8][-1]
+    assert res[9][0]["ok"] and res[9][1]["ok"] and _max_diff(res[9][2], ref) <= TOL and _max_diff(res[9][3], ref) <= TOL
+    assert a.call("generate_version", SEQS[1]) == 7
+    assert _shm_files() == []
     # unknown layouts are refused by name
     refusals = trainer[0]["refusals"]
     assert "weight sync plan was built for" in refusals["wrong_plan"] and "'pp': 2" in refusals["wrong_plan"]
