@@ -252,7 +252,8 @@ def main() -> None:
             best = min(range(args.repeats), key=lambda i: rank0["sync"][transport][i])
             print(f"{transport} sender:", {k: round(v, 3) for k, v in rank0["stats"][transport][best].items()})
             print(f"{transport} receiver:",
-                  {k: round(v, 3) for k, v in engine_out["receiver_stats"][transport][best].items()})
+                  {k: round(v, 3) if isinstance(v, float) else v
+                   for k, v in engine_out["receiver_stats"][transport][best].items()})
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -201,9 +201,13 @@ class WeightReceiverExtension:
 
     def megarl_sync_join(self, plan: WeightSyncPlan, rendezvous: Rendezvous, engine_index: int,
                          generation: int = 0) -> int:
+        from megarl.sync.direct_load import DirectLoader
+
         check_plan_against_checkpoint(plan, self.vllm_config.model_config.model)
         worker = getattr(self, "rank", 0) or 0
         rank = plan.receiver_rank(engine_index, worker)
+        self._megarl_direct, self._megarl_direct_why = DirectLoader.build(
+            self.model_runner.get_model(), plan.hf_shapes(), plan.engines.tensor_parallel_size)
         self._megarl_sync = SyncGroup(plan, rank, rendezvous, generation=generation)
         return rank
 
@@ -211,11 +215,20 @@ class WeightReceiverExtension:
         group = getattr(self, "_megarl_sync", None)
         if group is None:
             raise WeightSyncError("this engine has not joined a weight sync group (megarl_sync_join)")
-        receiver = BucketReceiver(group.plan, group, release=_detach_pending_layer_loads)
-        self.megarl_reload_weights(receiver.tensors(version))
-        if receiver.error is not None:
-            raise receiver.error
-        return receiver.stats
+        direct = getattr(self, "_megarl_direct", None)
+        if direct is not None:   # kernel-format fast path (sync/direct_load.py)
+            receiver = BucketReceiver(group.plan, group, release=direct.detach)
+            direct.load(receiver.tensors(version))
+            if receiver.error is not None:
+                raise receiver.error
+            direct.finish()
+        else:
+            receiver = BucketReceiver(group.plan, group, release=_detach_pending_layer_loads)
+            self.megarl_reload_weights(receiver.tensors(version))
+            if receiver.error is not None:
+                raise receiver.error
+        return {**receiver.stats, "load_path": "direct" if direct is not None else "reload",
+                "reload_reason": getattr(self, "_megarl_direct_why", "")}
 
     def megarl_reload_weights(self, named_tensors) -> None:
         """vLLM's in-place reload plus the fixes it needs (rollout/vllm_compat.py)."""
