@@ -185,9 +185,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=32)
-    parser.add_argument("--engine-threads", type=int, default=os.cpu_count(),
-                        help="torch threads of the engine process (vLLM's CPU default: the host's cores); "
-                             "the two trainer ranks use one each")
+    parser.add_argument("--engine-threads", type=int, default=1,
+                        help="torch threads of the engine process (the two trainer ranks use one each)")
     args = parser.parse_args()
 
     from megarl.config.parallel import ParallelConfig

@@ -104,9 +104,9 @@ class WeightSyncConfig:
     """A sync that makes no progress for this long (a peer died) fails instead of waiting."""
     transport: Literal["auto", "broadcast", "shared_memory"] = "auto"
     """How the bytes travel (megarl.sync.transport). broadcast: over the sync group (NCCL/gloo),
-    works across nodes. shared_memory: TP ranks write their shards into /dev/shm buffers the
-    engines read in place, for a single-node CPU run. auto (resolved at load): shared_memory on
-    one CPU node without FP8, else broadcast."""
+    works across nodes. shared_memory: TP ranks write their shards into shared buffers the
+    engines read in place (/dev/shm on CPU; CUDA IPC on GPUs, untested on hardware), one node
+    only. auto (resolved at load): shared_memory on one CPU node without FP8, else broadcast."""
 
 
 @dataclass

@@ -422,7 +422,8 @@ __all__ = ["resolve_recipe", "summary", "Derived"]
 
 def _resolve_sync_transport(r: Recipe, issues) -> None:
     """rollout.weight_sync.transport: auto becomes shared_memory on one CPU node without FP8, else
-    broadcast; an explicit shared_memory that cannot work is refused with the reason."""
+    broadcast (on GPUs too: NCCL is the proven path, the CUDA-IPC slots are opt-in); an explicit
+    shared_memory that cannot work is refused with the reason."""
     from megarl.runtime.device import select_device
 
     ws, ro = r.rollout.weight_sync, r.rollout
@@ -433,12 +434,10 @@ def _resolve_sync_transport(r: Recipe, issues) -> None:
     reasons = []
     if r.cluster.nodes > 1:
         reasons.append(f"cluster.nodes is {r.cluster.nodes} (engines on other nodes cannot map the trainer's memory)")
-    if not cpu:
-        reasons.append("the run is on GPUs (the CUDA-IPC variant for colocated GPUs is not built)")
     if ro.quantization:
         reasons.append(f"rollout.quantization is {ro.quantization} (FP8 needs each tensor whole on the sender)")
     if ws.transport == "auto":
-        ws.transport = "broadcast" if reasons else "shared_memory"
+        ws.transport = "shared_memory" if cpu and not reasons else "broadcast"
     elif ws.transport == "shared_memory" and reasons:
         issues.add("rollout.weight_sync.transport", "shared_memory cannot be used: " + "; ".join(reasons)
                    + ". Use broadcast (or auto)")

@@ -96,6 +96,10 @@ class DirectLoader:
         return loader, ""
 
     def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Apply each module as soon as all its tensors are in. Pieces left over by a failed sync
+        are dropped first: they must never complete a module of the next one."""
+        for t in self.targets:
+            t.got = {}
         for name, tensor in named_tensors:
             target = self.by_name[name]
             target.got[name] = tensor

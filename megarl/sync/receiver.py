@@ -100,7 +100,7 @@ class BucketReceiver:
     def _broadcast(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         buckets = self.plan.buckets
         largest = max((b.nbytes for b in buckets), default=0) + HEADER_BYTES
-        pool = [torch.empty(largest, dtype=torch.uint8) for _ in range(min(2, len(buckets)))]
+        pool = [torch.empty(largest, dtype=torch.uint8, device=self.group.device) for _ in range(min(2, len(buckets)))]
 
         def post(i):
             b = buckets[i]
@@ -208,7 +208,7 @@ class WeightReceiverExtension:
         rank = plan.receiver_rank(engine_index, worker)
         self._megarl_direct, self._megarl_direct_why = DirectLoader.build(
             self.model_runner.get_model(), plan.hf_shapes(), plan.engines.tensor_parallel_size)
-        self._megarl_sync = SyncGroup(plan, rank, rendezvous, generation=generation)
+        self._megarl_sync = SyncGroup(plan, rank, rendezvous, generation=generation, device=_worker_device(self))
         return rank
 
     def megarl_sync_receive(self, version: int) -> dict:
@@ -249,6 +249,12 @@ class WeightReceiverExtension:
         if group is not None:
             group.close()
         self._megarl_sync = None
+
+
+def _worker_device(worker) -> torch.device:
+    """Where this vLLM worker keeps its weights (buckets are received there: NCCL on GPUs)."""
+    device = getattr(worker, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
 
 
 def _detach_pending_layer_loads(buffer: torch.Tensor) -> int:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from megarl.checkpoint.hf_map import hf_tensors
 from megarl.sync.plan import HEADER_BYTES, SyncEntry, UnsupportedLayout, WeightSyncPlan
-from megarl.sync.transport import SharedSlots, SyncGroup, sender_prefix, write_header
+from megarl.sync.transport import SyncGroup, open_slots, sender_prefix, write_header
 
 
 def _unwrap(module):
@@ -58,6 +58,7 @@ class WeightSender:
             for name, p in chunk.named_parameters():
                 self.params[(v, name)] = p
         self.entries = plan.local_entries(self.pp, self.ep)
+        self.device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self._check_params()
         if self.ep == 0:
             lead = self.tp == 0 and self.dp == 0 and self.cp == 0
@@ -107,7 +108,7 @@ class WeightSender:
         """Senders join their group (blocks until the engines join too). Called on every actor rank:
         with shared_memory the TP peers map their sender's slots, and the sender removes the
         slot files once every peer and engine has them mapped."""
-        self.peer_slots: dict[int, SharedSlots] = {}
+        self.peer_slots: dict = {}
         shared = self.plan.transport == "shared_memory"
         if shared and self.sender is None:
             peer_of = [s for s in self.plan.senders if self._participates(s)]
@@ -115,11 +116,12 @@ class WeightSender:
                 store = _client_store(rendezvous)
                 for s in peer_of:
                     name = sender_prefix(self.plan, generation, s.index)
-                    self.peer_slots[s.index] = SharedSlots.open(store.get(name + "/slots").decode(),
-                                                                f"trainer rank {dist.get_rank()}")
+                    self.peer_slots[s.index] = open_slots(store.get(name + "/slots").decode(),
+                                                          f"trainer rank {dist.get_rank()}")
                     store.set(f"{name}/mapped/{dist.get_rank()}", "1")
         if self.sender is not None:
-            self.group = SyncGroup(self.plan, self.sender.index, rendezvous, store=store, generation=generation)
+            self.group = SyncGroup(self.plan, self.sender.index, rendezvous, store=store, generation=generation,
+                                   device=self.device)
             if shared:
                 name = sender_prefix(self.plan, generation, self.sender.index)
                 self.group.store.wait([f"{name}/mapped/{r}" for r in self._peer_ranks(self.sender)])
@@ -167,7 +169,7 @@ class WeightSender:
         mine_buckets = self.plan.buckets_of(s.index)
         # Two bucket buffers, reused: the next bucket is packed while the previous one is on
         # the wire (fresh buffers per bucket would pay their page faults every time).
-        pool = [torch.empty(HEADER_BYTES + max(b.nbytes for b in mine_buckets), dtype=torch.uint8)
+        pool = [torch.empty(HEADER_BYTES + max(b.nbytes for b in mine_buckets), dtype=torch.uint8, device=self.device)
                 for _ in range(min(2, len(mine_buckets)))] if mine else []
         in_flight: list = []
         sent = 0
@@ -278,7 +280,8 @@ class WeightSender:
             n = shard.numel()
             need = n * size * shard.element_size()
             if self._workspace is None or self._workspace.numel() < need:
-                self._workspace = torch.empty(max(need, self.plan.bucket_bytes // 4), dtype=torch.uint8)
+                self._workspace = torch.empty(max(need, self.plan.bucket_bytes // 4), dtype=torch.uint8,
+                                              device=shard.device)
             flat = self._workspace[:need].view(shard.dtype)
             parts = [flat[r * n:(r + 1) * n].view(shard.shape) for r in range(size)]
         dist.gather(shard, parts, dst=dist.get_global_rank(group, 0), group=group)

@@ -17,7 +17,10 @@ do not wait on each other's groups. The plan's `transport` says how a bucket's b
   wire), and two small groups carry a doorbell (bucket k is in slot k % SLOTS) and an ack (every
   engine is done with it, the slot may be rewritten). Separate groups, because an engine verifies
   the next bucket (waiting for its bell) while it is still loading the previous one (not yet
-  acked), and a group's operations must be issued in the same order everywhere. Same interface as a CUDA-IPC variant for
+  acked), and a group's operations must be issued in the same order everywhere. Both control
+  groups are gloo (a few bytes each). On GPUs the slots are device buffers shared by CUDA IPC
+  handle (`CudaIpcSlots`, chosen by the device like the backend; written for colocated GPUs and
+  not runnable here: only its selection is tested on CPU). Same interface as a CUDA-IPC variant for
   colocated GPUs would have (slots shared by IPC handle instead of by file); that one is not built.
 
 Wire format of a bucket: a 32-byte header int64[MAGIC, weight version, bucket index, checksum]
@@ -111,7 +114,7 @@ SHM_DIR = "/dev/shm"
 
 
 class SharedSlots:
-    """A sender's bucket buffers in shared memory (files in /dev/shm, mapped MAP_SHARED).
+    """A sender's bucket buffers in host shared memory (files in /dev/shm, mapped MAP_SHARED).
 
     The sender's lead creates them under fresh names and publishes the paths in the store; its TP
     peers and the engines map them, and the lead unlinks the files once everyone has, so nothing
@@ -157,7 +160,7 @@ class SharedSlots:
         return cls(meta["paths"], meta["nbytes"])
 
     def publish(self) -> str:
-        return json.dumps({"paths": self.paths, "nbytes": self.nbytes})
+        return json.dumps({"kind": "file", "paths": self.paths, "nbytes": self.nbytes})
 
     def slot(self, bucket_position: int) -> torch.Tensor:
         return self.buffers[bucket_position % len(self.buffers)]
@@ -168,6 +171,68 @@ class SharedSlots:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+
+
+class CudaIpcSlots:
+    """The GPU variant: bucket buffers in the sender's GPU memory, opened by TP peers and engine
+    workers through CUDA IPC handles (torch.multiprocessing's reductions). A peer maps the buffer
+    on its own index of the same physical GPU (matched by UUID: processes may see different
+    CUDA_VISIBLE_DEVICES). The sender keeps the buffers alive; nothing to unlink."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.buffers = buffers
+
+    @classmethod
+    def create(cls, tag: str, nbytes: int, count: int = SLOTS, device: torch.device | None = None) -> CudaIpcSlots:
+        return cls([torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)])
+
+    def publish(self) -> str:
+        import base64
+        import pickle
+
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        handles = [reduce_tensor(b) for b in self.buffers]
+        uuid_ = str(torch.cuda.get_device_properties(self.buffers[0].device).uuid)
+        return json.dumps({"kind": "cuda_ipc", "gpu": uuid_,
+                           "handles": base64.b64encode(pickle.dumps(handles)).decode()})
+
+    @classmethod
+    def open(cls, meta: dict, where: str) -> CudaIpcSlots:
+        import base64
+        import pickle
+
+        local = [i for i in range(torch.cuda.device_count())
+                 if str(torch.cuda.get_device_properties(i).uuid) == meta["gpu"]]
+        if not local:
+            raise WeightSyncError(f"{where}: the sender's GPU {meta['gpu']} is not visible here, so its CUDA IPC "
+                                  "buffers cannot be opened. Set rollout.weight_sync.transport: broadcast")
+        buffers = []
+        for rebuild, args in pickle.loads(base64.b64decode(meta["handles"])):
+            args = list(args)
+            args[6] = local[0]     # rebuild_cuda_tensor's storage_device: this process's index of that GPU
+            buffers.append(rebuild(*args))
+        return cls(buffers)
+
+    def slot(self, bucket_position: int) -> torch.Tensor:
+        return self.buffers[bucket_position % len(self.buffers)]
+
+    def unlink(self) -> None:
+        pass
+
+
+def create_slots(tag: str, nbytes: int, device: torch.device) -> SharedSlots | CudaIpcSlots:
+    """The shared bucket buffers for a sender on `device` (the one place that picks the kind)."""
+    if device.type == "cuda":
+        return CudaIpcSlots.create(tag, nbytes, device=device)
+    return SharedSlots.create(tag, nbytes)
+
+
+def open_slots(published: str, where: str) -> SharedSlots | CudaIpcSlots:
+    meta = json.loads(published)
+    if meta["kind"] == "cuda_ipc":
+        return CudaIpcSlots.open(meta, where)
+    return SharedSlots.open(published, where)
 
 
 def slot_bytes(plan: WeightSyncPlan, sender: int) -> int:
@@ -198,7 +263,7 @@ class SyncGroup:
         self.is_sender = sync_rank < num_senders
         self.groups: dict[int, object] = {}
         self.ack_groups: dict[int, object] = {}
-        self.slots: dict[int, SharedSlots] = {}
+        self.slots: dict[int, SharedSlots | CudaIpcSlots] = {}
         shared = plan.transport == "shared_memory"
         for s in plan.senders:
             if self.is_sender and s.index != sync_rank:
@@ -206,14 +271,15 @@ class SyncGroup:
             member = 0 if self.is_sender else 1 + (sync_rank - num_senders)
             name = sender_prefix(plan, generation, s.index)
             if shared and self.is_sender:
-                self.slots[s.index] = SharedSlots.create(f"{plan.fingerprint[:8]}-g{generation}-s{s.index}",
-                                                         slot_bytes(plan, s.index))
+                self.slots[s.index] = create_slots(f"{plan.fingerprint[:8]}-g{generation}-s{s.index}",
+                                                   slot_bytes(plan, s.index), self.device)
                 store.set(name + "/slots", self.slots[s.index].publish())
             elif shared:  # engines map the slots before joining, so the join proves they have
-                self.slots[s.index] = SharedSlots.open(store.get(name + "/slots").decode(),
-                                                       f"engine worker {sync_rank - num_senders}")
+                self.slots[s.index] = open_slots(store.get(name + "/slots").decode(),
+                                                 f"engine worker {sync_rank - num_senders}")
             size = 1 + plan.engines.receivers
-            self.groups[s.index] = _process_group(dist.PrefixStore(name, store), member, size, timeout, self.device)
+            data_device = torch.device("cpu") if shared else self.device   # shared: the group only rings
+            self.groups[s.index] = _process_group(dist.PrefixStore(name, store), member, size, timeout, data_device)
             if shared:
                 self.ack_groups[s.index] = _process_group(dist.PrefixStore(name + "/acks", store), member, size,
                                                           timeout, torch.device("cpu"))

@@ -315,8 +315,10 @@ def test_weight_sync_transport_resolves_once_at_load(tmp_path):
                        ).rollout.weight_sync.transport == "broadcast"
     assert_error(tmp_path, merge(two_nodes, {"rollout": {"weight_sync": {"transport": "shared_memory"}}}),
                  "rollout.weight_sync.transport", "cluster.nodes is 2")
-    gpu = merge(GRPO, {"cluster": {"device": "cuda"}, "rollout": {"weight_sync": {"transport": "shared_memory"}}})
-    assert_error(tmp_path, gpu, "rollout.weight_sync.transport", "CUDA-IPC variant for colocated GPUs is not built")
+    gpu = merge(GRPO, {"cluster": {"device": "cuda"}})
+    assert load_recipe(write(tmp_path, gpu)).rollout.weight_sync.transport == "broadcast"   # NCCL by default
+    ipc = merge(gpu, {"rollout": {"weight_sync": {"transport": "shared_memory"}}})
+    assert load_recipe(write(tmp_path, ipc)).rollout.weight_sync.transport == "shared_memory"   # opt-in
 
 
 def test_dapo_options(tmp_path):

@@ -95,6 +95,28 @@ def test_plan_refuses_what_the_map_does_not_know(cfgs):
         _plan(cfg, "qwen2", {}, 1, world=1, transport="shared_memory", quantization="fp8")
 
 
+def test_slot_kind_follows_the_device(monkeypatch):
+    """CUDA senders get CUDA-IPC slots (GPU-only: here only the selection and the refusal on a host
+    without that GPU run), CPU senders /dev/shm files."""
+    import json
+
+    from megarl.sync import transport
+
+    made = []
+    monkeypatch.setattr(transport.CudaIpcSlots, "create",
+                        classmethod(lambda cls, tag, nbytes, count=3, device=None: made.append(device) or "ipc"))
+    assert transport.create_slots("t", 1 << 16, torch.device("cuda", 1)) == "ipc" and made == [torch.device("cuda", 1)]
+    cpu = transport.create_slots("t", 1 << 16, torch.device("cpu"))
+    try:
+        assert isinstance(cpu, transport.SharedSlots)
+        assert isinstance(transport.open_slots(cpu.publish(), "engine worker 0"), transport.SharedSlots)
+    finally:
+        cpu.unlink()
+    published = json.dumps({"kind": "cuda_ipc", "gpu": "GPU-0000", "handles": ""})
+    with pytest.raises(WeightSyncError, match="GPU GPU-0000 is not visible here.*transport: broadcast"):
+        transport.open_slots(published, "engine worker 0")
+
+
 def test_shared_memory_slots_refuse_a_receiver_on_another_host():
     """An engine that cannot see the sender's /dev/shm files (another node) is told what to set."""
     from megarl.sync.transport import SLOTS, SharedSlots
@@ -350,3 +372,35 @@ def test_verify_logprobs_names_the_disagreeing_engine():
     assert compare_logprobs(ref, [ref, [[-1.0, -2.00001], [-0.5]]], 1e-3) <= 1e-4
     with pytest.raises(WeightSyncError, match=r"engine 1 .* token 2 of verification sequence 0"):
         compare_logprobs(ref, [ref, [[-1.0, -2.5], [-0.5]]], 1e-3)
+
+
+def test_direct_loader_uses_bucket_views_and_drops_a_failed_syncs_leftovers():
+    from megarl.sync.direct_load import DirectLoader, _concat
+
+    buf = torch.arange(12.0)
+    a, b = buf[:4].view(2, 2), buf[4:8].view(2, 2)
+    fused = _concat([a, b])                                   # back to back in one bucket: a view, no copy
+    assert fused.shape == (4, 2) and fused.data_ptr() == a.data_ptr() and torch.equal(fused, buf[:8].view(4, 2))
+    swapped = _concat([b, a])                                 # not in order: copied
+    assert swapped.data_ptr() != b.data_ptr() and torch.equal(swapped, torch.cat([b, a]))
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(2))
+            self.bias = torch.nn.Parameter(torch.zeros(2))
+
+    model = torch.nn.Sequential()
+    model.add_module("norm", RMSNorm())
+    loader, why = DirectLoader.build(model, {"norm.weight": (2,), "norm.bias": (2,)}, 1)
+    assert loader is not None, why
+    loader.load([("norm.weight", torch.ones(2))])             # a sync that failed after one tensor
+    loader.load([("norm.bias", torch.full((2,), 2.0))])       # must not complete the module with the stale weight
+    assert model.norm.weight.tolist() == [0, 0] and model.norm.bias.tolist() == [0, 0]
+    loader.load([("norm.weight", torch.full((2,), 3.0)), ("norm.bias", torch.full((2,), 4.0))])
+    loader.finish()
+    assert model.norm.weight.tolist() == [3, 3] and model.norm.bias.tolist() == [4, 4]
+    assert DirectLoader.build(model, {"norm.weight": (2,)}, 1)[0] is None           # a tensor the plan never sends
+    assert "engine tensor parallelism" in DirectLoader.build(model, {}, 2)[1]
+    model.add_module("odd", torch.nn.Linear(2, 2))
+    assert "odd (Linear" in DirectLoader.build(model, {"norm.weight": (2,), "norm.bias": (2,)}, 1)[1]
