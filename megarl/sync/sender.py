@@ -9,10 +9,11 @@ FP8-quantized whole); the sender stamps the header (checksum) and hands the buck
   and broadcasts it to the engines. Packing bucket k+1 overlaps the broadcast of bucket k.
 - transport "shared_memory": every rank of the group writes its own shard into the sender's
   shared slot (no gather), a barrier of the group says the bucket is complete, the sender rings
-  the engines; engines read bucket k while the ranks write bucket k+1 into the other slot.
+  the engines; engines load bucket k and verify k+1 while the ranks write k+2 into the third slot.
 
-At most two buckets exist at a time, so the extra memory is two buckets (plus, for broadcast,
-the largest gathered tensor), never the model. Ranks of other data-parallel replicas do nothing.
+The extra memory is two bucket buffers plus the largest gathered tensor (broadcast), or the
+sender's three shared slots, mapped once by every engine (shared_memory) — never the model.
+Ranks of other data-parallel replicas do nothing.
 """
 
 from __future__ import annotations
