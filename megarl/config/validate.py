@@ -423,21 +423,27 @@ __all__ = ["resolve_recipe", "summary", "Derived"]
 def _resolve_sync_transport(r: Recipe, issues) -> None:
     """rollout.weight_sync.transport: auto becomes shared_memory on one CPU node without FP8, else
     broadcast (on GPUs too: NCCL is the proven path, the CUDA-IPC slots are opt-in); an explicit
-    shared_memory that cannot work is refused with the reason."""
-    from megarl.runtime.device import select_device
+    shared_memory that cannot work is refused with the reason. With `cluster.device: auto` (and
+    no MEGARL_DEVICE) the device is only known where torch runs, so a still-open auto is settled
+    by the driver with the same rule (`sync_transport`); validation stays torch-free."""
+    from megarl.runtime.device import DEVICE_ENV
 
     ws, ro = r.rollout.weight_sync, r.rollout
-    try:
-        cpu = not select_device(r.cluster.device).is_cuda
-    except (ValueError, RuntimeError):   # e.g. cuda asked for where there is none (a login node)
-        cpu = r.cluster.device == "cpu"
+    declared = r.cluster.device if r.cluster.device != "auto" else os.environ.get(DEVICE_ENV, "auto").lower()
     reasons = []
     if r.cluster.nodes > 1:
         reasons.append(f"cluster.nodes is {r.cluster.nodes} (engines on other nodes cannot map the trainer's memory)")
     if ro.quantization:
         reasons.append(f"rollout.quantization is {ro.quantization} (FP8 needs each tensor whole on the sender)")
-    if ws.transport == "auto":
-        ws.transport = "shared_memory" if cpu and not reasons else "broadcast"
-    elif ws.transport == "shared_memory" and reasons:
+    if ws.transport == "shared_memory" and reasons:
         issues.add("rollout.weight_sync.transport", "shared_memory cannot be used: " + "; ".join(reasons)
                    + ". Use broadcast (or auto)")
+    elif ws.transport == "auto" and (reasons or declared in ("cpu", "cuda")):
+        ws.transport = sync_transport("auto", declared == "cpu", r.cluster.nodes, ro.quantization)
+
+
+def sync_transport(requested: str, cpu: bool, nodes: int, quantization: str | None) -> str:
+    """The transport `auto` stands for: shared_memory on one CPU node without FP8, else broadcast."""
+    if requested != "auto":
+        return requested
+    return "shared_memory" if cpu and nodes == 1 and not quantization else "broadcast"

@@ -91,15 +91,20 @@ class WeightSync:
     """The actor gang's senders and the fleet's engines joined in one sync group (megarl.sync)."""
 
     def __init__(self, recipe: Recipe, actor: Gang, fleet, hf_cfg: dict):
+        from megarl.config.validate import sync_transport
+        from megarl.runtime.device import select_device
         from megarl.sync.plan import EngineLayout, WeightSyncPlan
         from megarl.sync.transport import Rendezvous
 
         ro = recipe.rollout
         dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[recipe.model.dtype]
+        # `auto` is settled at load unless the device is only known here (cluster.device: auto)
+        transport = sync_transport(ro.weight_sync.transport, not select_device(recipe.cluster.device).is_cuda,
+                                   recipe.cluster.nodes, ro.quantization)
         self.plan = WeightSyncPlan.build(recipe.parallel, EngineLayout(ro.engines, ro.engine_tp),
                                          hf_cfg["model_type"], hf_cfg, bucket_bytes=ro.weight_sync.bucket_mb << 20,
                                          dtype=dtype, quantization=ro.quantization,
-                                         transport=ro.weight_sync.transport)
+                                         transport=transport)
         self.actor, self.fleet, self.config = actor, fleet, ro.weight_sync
         self.generation = 0
         port = actor.call("sync_open_store", "127.0.0.1", ro.weight_sync.timeout_s)[0]

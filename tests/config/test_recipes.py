@@ -306,7 +306,18 @@ def test_weight_sync_options(tmp_path):
     assert r.rollout.weight_sync.transport == "broadcast"         # auto: FP8 needs whole tensors
 
 
-def test_weight_sync_transport_resolves_once_at_load(tmp_path):
+def test_weight_sync_transport_resolves_once_at_load(tmp_path, monkeypatch):
+    from megarl.config.validate import sync_transport
+
+    monkeypatch.delenv("MEGARL_DEVICE", raising=False)
+    # device auto: only torch knows, so validation (torch-free) leaves it to the driver's same rule
+    assert load_recipe(write(tmp_path, GRPO)).rollout.weight_sync.transport == "auto"
+    assert sync_transport("auto", True, 1, None) == "shared_memory"
+    assert sync_transport("auto", False, 1, None) == "broadcast"
+    assert sync_transport("broadcast", True, 1, None) == "broadcast"
+    monkeypatch.setenv("MEGARL_DEVICE", "cpu")
+    assert load_recipe(write(tmp_path, GRPO)).rollout.weight_sync.transport == "shared_memory"
+    monkeypatch.delenv("MEGARL_DEVICE")
     cpu = merge(GRPO, {"cluster": {"device": "cpu"}})
     assert load_recipe(write(tmp_path, cpu)).rollout.weight_sync.transport == "shared_memory"
     two_nodes = merge(cpu, {"cluster": {"nodes": 2, "gpus_per_node": 2}})
