@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megarl.sync.transport import copy_if_inside
+
 NORM_CLASSES = ("RMSNorm", "LayerNorm", "GemmaRMSNorm")
 
 
@@ -108,14 +110,11 @@ class DirectLoader:
 
     def detach(self, buffer: torch.Tensor) -> int:
         """Copy out tensors still waiting for the rest of their module that live in `buffer`."""
-        lo = buffer.data_ptr()
-        hi = lo + buffer.numel() * buffer.element_size()
-        copied = 0
+        detach, copied = copy_if_inside(buffer), 0
         for t in self.targets:
             for n, x in t.got.items():
-                if lo <= x.data_ptr() < hi:
-                    t.got[n] = x.clone()
-                    copied += 1
+                t.got[n] = detach(x)
+                copied += t.got[n] is not x
         return copied
 
     def finish(self) -> None:

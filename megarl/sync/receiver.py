@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from megarl.sync.plan import HEADER_BYTES, WeightSyncPlan
-from megarl.sync.transport import Rendezvous, SyncGroup, WeightSyncError, check_header
+from megarl.sync.transport import Rendezvous, SyncGroup, WeightSyncError, check_header, copy_if_inside
 
 
 def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
@@ -264,13 +264,10 @@ def _detach_pending_layer_loads(buffer: torch.Tensor) -> int:
     how many were copied; the buffer can then be rewritten."""
     from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
-    lo = buffer.data_ptr()
-    hi = lo + buffer.numel() * buffer.element_size()
-    copied = 0
+    detach, copied = copy_if_inside(buffer), 0
     for info in list(LAYERWISE_INFO.values()):
         for _, bound in info.loaded_weights:
             for key, value in list(bound.arguments.items()):
-                if isinstance(value, torch.Tensor) and value.device.type == "cpu" and lo <= value.data_ptr() < hi:
-                    bound.arguments[key] = value.clone()
-                    copied += 1
+                bound.arguments[key] = detach(value)
+                copied += bound.arguments[key] is not value
     return copied

@@ -251,11 +251,7 @@ class WeightSender:
     def _participates(self, s) -> bool:
         """A non-sender rank gathers shards for sender `s` when it is in that sender's TP group
         (dense tensors) or expert-TP group (its experts)."""
-        if s.pp_rank != self.pp:
-            return False
-        dense = s.ep_rank == 0 and self.dp == 0 and self.cp == 0 and self.tp_size > 1
-        expert = s.ep_rank == self.ep and self.edp == 0 and self.etp_size > 1
-        return dense or expert
+        return any(self._member(s, g) and self._group_size[g] > 1 for g in ("tp", "etp"))
 
     _workspace: torch.Tensor | None = None
 
@@ -264,16 +260,11 @@ class WeightSender:
         None elsewhere. Shards land in a reused workspace, not fresh allocations."""
         local = self.params.get((entry.chunk, entry.local_name))
         rule = entry.shard
-        expert = ".local_experts." in entry.local_name
         size = self._group_size[rule.group]
         if rule.kind == "replicated" or size == 1:
             return [local.detach()] if root else None
-        # Only the sender's own (dp 0) group gathers; other members of this rank's group skip it.
-        if not root:
-            if expert and not (s.ep_rank == self.ep and self.edp == 0):
-                return None
-            if not expert and not (self.dp == 0 and self.cp == 0):
-                return None
+        if not root and not self._member(s, rule.group):
+            return None  # only the sender's own (dp 0) group gathers; other replicas' groups skip it
         group = self._groups[rule.group]
         shard = local.detach().contiguous()
         parts = None

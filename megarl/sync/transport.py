@@ -235,6 +235,17 @@ def open_slots(published: str, where: str) -> SharedSlots | CudaIpcSlots:
     return SharedSlots.open(published, where)
 
 
+def copy_if_inside(buffer: torch.Tensor):
+    """tensor -> tensor, or a private copy when it lies in `buffer` (which is about to be reused)."""
+    lo = buffer.data_ptr()
+    hi = lo + buffer.numel() * buffer.element_size()
+
+    def detach(x):
+        inside = isinstance(x, torch.Tensor) and x.device == buffer.device and lo <= x.data_ptr() < hi
+        return x.clone() if inside else x
+    return detach
+
+
 def slot_bytes(plan: WeightSyncPlan, sender: int) -> int:
     return HEADER_BYTES + max((b.nbytes for b in plan.buckets_of(sender)), default=0)
 
