@@ -46,7 +46,6 @@ class DirectLoader:
     def __init__(self, targets: list[_Target]):
         self.targets = targets
         self.by_name = {n: t for t in targets for n in t.names()}
-        self.applied = 0
 
     @classmethod
     def build(cls, model: torch.nn.Module, hf_shapes: dict[str, tuple[int, ...]],
@@ -121,7 +120,6 @@ class DirectLoader:
         waiting = [n for t in self.targets for n in t.got]
         if waiting:
             raise RuntimeError(f"direct load ended with incomplete modules (waiting: {waiting[:3]})")
-        self.applied = 0
 
     @torch.no_grad()
     def _apply(self, target: _Target) -> None:
@@ -146,7 +144,6 @@ class DirectLoader:
                 if module.weight.numel() and module.weight.data_ptr() == w.data_ptr():
                     module.weight = torch.nn.Parameter(w.clone(), requires_grad=False)  # must not alias a bucket
         target.got = {}
-        self.applied += 1
 
 
 def _concat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -216,17 +216,15 @@ class WeightReceiverExtension:
         if group is None:
             raise WeightSyncError("this engine has not joined a weight sync group (megarl_sync_join)")
         direct = getattr(self, "_megarl_direct", None)
-        if direct is not None:   # kernel-format fast path (sync/direct_load.py)
-            receiver = BucketReceiver(group.plan, group, release=direct.detach)
-            direct.load(receiver.tensors(version))
-            if receiver.error is not None:
-                raise receiver.error
+        # kernel-format fast path (sync/direct_load.py), else vLLM's layerwise reload
+        consume, release = ((direct.load, direct.detach) if direct is not None
+                            else (self.megarl_reload_weights, _detach_pending_layer_loads))
+        receiver = BucketReceiver(group.plan, group, release=release)
+        consume(receiver.tensors(version))
+        if receiver.error is not None:
+            raise receiver.error
+        if direct is not None:
             direct.finish()
-        else:
-            receiver = BucketReceiver(group.plan, group, release=_detach_pending_layer_loads)
-            self.megarl_reload_weights(receiver.tensors(version))
-            if receiver.error is not None:
-                raise receiver.error
         return {**receiver.stats, "load_path": "direct" if direct is not None else "reload",
                 "reload_reason": getattr(self, "_megarl_direct_why", "")}
 
