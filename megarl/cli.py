@@ -123,7 +123,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from megarl.data.checks import CheckContext, check_dataset
 
-    stage, tokenizer_dir = args.stage, args.tokenizer
+    stage, model_cfg = args.stage, None
     ctx = CheckContext(max_prompt_length=args.max_prompt_length, max_length=args.max_length,
                        max_tool_output_tokens=args.max_tool_output_tokens)
     tools_file = args.tools
@@ -132,7 +132,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
         if recipe is None:
             return 2
         stage = stage or recipe.stage
-        tokenizer_dir = tokenizer_dir or recipe.model.tokenizer or recipe.model.path
+        model_cfg = recipe.model
         if recipe.rollout is not None:
             ctx.max_prompt_length = ctx.max_prompt_length or recipe.rollout.max_prompt_length
             mt = recipe.rollout.multi_turn
@@ -147,14 +147,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
         from megarl.rollout.tool_spec import load_tool_specs
 
         ctx.tools = {t.name for t in load_tool_specs(tools_file)}
-    if tokenizer_dir and args.recipe and not args.tokenizer and not os.path.isdir(tokenizer_dir):
-        print(f"note: the recipe's tokenizer {tokenizer_dir!r} is not on this machine; token-length checks "
-              "are skipped (give --tokenizer DIR to run them)", file=sys.stderr)
-        tokenizer_dir = None
-    if tokenizer_dir:
-        from transformers import AutoTokenizer
-
-        ctx.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ctx.tokenizer = _data_check_tokenizer(args.tokenizer, model_cfg)
     report = check_dataset(args.dataset, stage, ctx)
     print(report.render())
     if args.rejected_out and report.rejected:
@@ -163,6 +156,28 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.summary()))
     return 1 if report.rejected else 0
+
+
+def _data_check_tokenizer(explicit_dir: str | None, model_cfg):
+    """The tokenizer for the token-length checks: --tokenizer, else the recipe's (model.tokenizer, or the
+    model's own: a converted checkpoint's hf/ or model.path) when it is on this machine, else none.
+    The recipe's trust_remote_code applies either way."""
+    import dataclasses
+
+    from megarl.config.recipe import ModelConfig
+    from megarl.data.tokenizer import load_tokenizer, tokenizer_dir
+
+    if explicit_dir:
+        return load_tokenizer(dataclasses.replace(model_cfg or ModelConfig(), tokenizer=explicit_dir), explicit_dir)
+    if model_cfg is None:
+        return None
+    converted_hf = os.path.join(model_cfg.path, "hf")
+    directory = tokenizer_dir(model_cfg, converted_hf if os.path.isdir(converted_hf) else model_cfg.path)
+    if not os.path.isdir(directory):
+        print(f"note: the recipe's tokenizer {directory!r} is not on this machine; token-length checks "
+              "are skipped (give --tokenizer DIR to run them)", file=sys.stderr)
+        return None
+    return load_tokenizer(model_cfg, directory)
 
 
 def _cmd_env(args: argparse.Namespace) -> int:

@@ -4,15 +4,20 @@ the policy generated (tool outputs, prompt and padding are 0); scalar scores are
 
 Every estimator returns (advantages [B, T], returns [B, T]), zero where mask is 0, and never NaN
 (groups of one sample or with identical rewards get advantage 0).
+
+KL in the reward (`kl.placement: reward`) arrives as `token_rewards`; the outcome estimators then
+score each sequence by its summed token rewards (`outcome_scores`), so the penalty is not lost.
+Estimators take only their own settings (`estimator_kwargs` selects them from the recipe's).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 
-from megarl.algorithms.masked import group_mean_std, masked_whiten
+from megarl.algorithms.masked import compute_dtype, group_mean_std, masked_whiten
 from megarl.registry import Registry
 
 
@@ -25,10 +30,11 @@ def compute_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.T
 
     over the unmasked tokens of each sequence in order; masked tokens (tool outputs in a multi-turn
     trajectory) are transparent: the recursion skips them. `bootstrap_values` [B] is V of the state
-    after the last token for truncated sequences (0 for finished ones, the default).
+    after the last token for truncated sequences (0 for finished ones, the default). Computed in
+    `compute_dtype(token_rewards, values)` (float64 stays float64).
     """
     b, t = token_rewards.shape
-    dtype = torch.float32
+    dtype = compute_dtype(token_rewards, values)
     r, v, m = token_rewards.to(dtype), values.to(dtype), mask.to(dtype)
     next_value = torch.zeros(b, dtype=dtype) if bootstrap_values is None else bootstrap_values.to(dtype)
     last_gae = torch.zeros(b, dtype=dtype)
@@ -85,12 +91,14 @@ def scores_to_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """G_t = Σ_{s≥t} γ^{s−t} r_s over unmasked tokens (masked tokens are skipped)."""
+    """G_t = Σ_{s≥t} γ^{s−t} r_s over unmasked tokens (masked tokens are skipped), computed in
+    `compute_dtype(token_rewards)`."""
     b, t = token_rewards.shape
-    ret = torch.zeros(b, t, dtype=torch.float32)
-    running = torch.zeros(b, dtype=torch.float32)
-    m = mask.to(torch.float32)
-    r = token_rewards.to(torch.float32)
+    dtype = compute_dtype(token_rewards)
+    ret = torch.zeros(b, t, dtype=dtype)
+    running = torch.zeros(b, dtype=dtype)
+    m = mask.to(dtype)
+    r = token_rewards.to(dtype)
     for i in reversed(range(t)):
         updated = r[:, i] + gamma * running
         running = torch.where(m[:, i] > 0, updated, running)
@@ -104,7 +112,8 @@ def reinforce_pp_advantage(token_rewards: torch.Tensor, mask: torch.Tensor, gamm
     per-token rewards (outcome score on the last token minus any per-token KL penalty), discounted
     returns G_t, and the advantage G_t whitened over every response token of the batch."""
     returns = discounted_returns(token_rewards, mask, gamma)
-    return masked_whiten(returns.float(), mask.float()).to(token_rewards.dtype), returns
+    dtype = compute_dtype(returns)
+    return masked_whiten(returns.to(dtype), mask.to(dtype)).to(token_rewards.dtype), returns
 
 
 def reinforce_pp_baseline_advantage(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor
@@ -113,7 +122,8 @@ def reinforce_pp_baseline_advantage(scores: torch.Tensor, group_ids: torch.Tenso
     tokens, then whiten over every response token of the batch."""
     mean, _, _ = group_mean_std(scores, group_ids)
     token = (scores - mean).unsqueeze(-1) * mask
-    return masked_whiten(token.float(), mask.float()).to(scores.dtype), token
+    dtype = compute_dtype(token)
+    return masked_whiten(token.to(dtype), mask.to(dtype)).to(scores.dtype), token
 
 
 def remax_advantage(scores: torch.Tensor, baseline_scores: torch.Tensor, mask: torch.Tensor
@@ -145,38 +155,59 @@ def _need(inputs: AdvantageInputs, name: str, *fields: str) -> None:
         raise ValueError(f"advantage estimator {name!r} needs {', '.join(missing)}")
 
 
+def outcome_scores(x: AdvantageInputs, name: str) -> torch.Tensor:
+    """The [B] score an outcome estimator (grpo, rloo, reinforce_pp_baseline, remax) normalises.
+
+    With `token_rewards` (KL in the reward: r_t = score·[t = last] − β·KL_t, Ziegler et al. 2019)
+    it is their masked per-sequence sum, score_i − β Σ_t KL_{i,t}, as verl does: reading the raw
+    scalar score would silently drop the KL penalty. Without them it is `scores`."""
+    if x.token_rewards is not None:
+        return (x.token_rewards * x.mask.to(x.token_rewards.dtype)).sum(-1)
+    _need(x, name, "scores")
+    return x.scores
+
+
 @ADVANTAGE_ESTIMATORS.register("gae")
-def _gae(x: AdvantageInputs, gamma: float = 1.0, lam: float = 1.0, **_):
+def _gae(x: AdvantageInputs, gamma: float = 1.0, lam: float = 1.0):
     _need(x, "gae", "values")
     rewards = x.token_rewards if x.token_rewards is not None else scores_to_token_rewards(x.scores, x.mask)
     return compute_gae(rewards, x.values, x.mask, gamma, lam)
 
 
 @ADVANTAGE_ESTIMATORS.register("grpo")
-def _grpo(x: AdvantageInputs, norm_adv_by_std: bool = True, **_):
-    _need(x, "grpo", "scores", "group_ids")
-    return grpo_advantage(x.scores, x.group_ids, x.mask, norm_by_std=norm_adv_by_std)
+def _grpo(x: AdvantageInputs, norm_adv_by_std: bool = True):
+    _need(x, "grpo", "group_ids")
+    return grpo_advantage(outcome_scores(x, "grpo"), x.group_ids, x.mask, norm_by_std=norm_adv_by_std)
 
 
 @ADVANTAGE_ESTIMATORS.register("rloo")
-def _rloo(x: AdvantageInputs, **_):
-    _need(x, "rloo", "scores", "group_ids")
-    return rloo_advantage(x.scores, x.group_ids, x.mask)
+def _rloo(x: AdvantageInputs):
+    _need(x, "rloo", "group_ids")
+    return rloo_advantage(outcome_scores(x, "rloo"), x.group_ids, x.mask)
 
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp")
-def _rpp(x: AdvantageInputs, gamma: float = 1.0, **_):
+def _rpp(x: AdvantageInputs, gamma: float = 1.0):
     rewards = x.token_rewards if x.token_rewards is not None else scores_to_token_rewards(x.scores, x.mask)
     return reinforce_pp_advantage(rewards, x.mask, gamma)
 
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")
-def _rpp_baseline(x: AdvantageInputs, **_):
-    _need(x, "reinforce_pp_baseline", "scores", "group_ids")
-    return reinforce_pp_baseline_advantage(x.scores, x.group_ids, x.mask)
+def _rpp_baseline(x: AdvantageInputs):
+    _need(x, "reinforce_pp_baseline", "group_ids")
+    return reinforce_pp_baseline_advantage(outcome_scores(x, "reinforce_pp_baseline"), x.group_ids, x.mask)
 
 
 @ADVANTAGE_ESTIMATORS.register("remax")
-def _remax(x: AdvantageInputs, **_):
-    _need(x, "remax", "scores", "baseline_scores")
-    return remax_advantage(x.scores, x.baseline_scores, x.mask)
+def _remax(x: AdvantageInputs):
+    _need(x, "remax", "baseline_scores")
+    return remax_advantage(outcome_scores(x, "remax"), x.baseline_scores, x.mask)
+
+
+def estimator_kwargs(name: str, *, gamma: float, lam: float, norm_adv_by_std: bool) -> dict:
+    """The subset of the recipe's estimator settings that estimator `name` takes (gae: gamma, lam;
+    reinforce_pp: gamma; grpo: norm_adv_by_std; the others none), since the estimators refuse
+    arguments they do not use. Unknown names raise the registry's KeyError."""
+    accepted = inspect.signature(ADVANTAGE_ESTIMATORS.get(name)).parameters
+    settings = {"gamma": gamma, "lam": lam, "norm_adv_by_std": norm_adv_by_std}
+    return {k: v for k, v in settings.items() if k in accepted}

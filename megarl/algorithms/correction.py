@@ -52,10 +52,17 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
 
 def mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
                      threshold: float = 2.0) -> dict[str, torch.Tensor]:
-    """How far the rollout is from the trainer: k3 KL(trainer ‖ rollout) per token, mean |Δlogp|,
-    and the fraction of tokens whose probability ratio leaves [1/C, C]."""
+    """How far the rollout is from the trainer, over the masked tokens:
+
+    - mismatch_k3_kl: KL(π_rollout ‖ π_train) per token, k3 estimate (Schulman 2020, "Approximating
+      KL Divergence"): tokens are samples of the rollout policy q, so with r = p/q = π_train/π_rollout
+      k3 = (r − 1) − log r, unbiased for KL(q ‖ p) and ≥ 0
+    - mismatch_abs_logp_diff: mean |log π_train − log π_rollout|
+    - mismatch_frac_over_threshold: fraction of tokens whose ratio leaves [1/C, C]
+    """
     delta = (old_logp - rollout_logp).detach()
-    k3 = kl_k3(old_logp.detach(), rollout_logp.detach())
+    # kl_k3(logp, ref_logp) estimates KL(π ‖ π_ref) from samples of π: here π is the rollout policy
+    k3 = kl_k3(rollout_logp.detach(), old_logp.detach())
     return {
         "mismatch_k3_kl": masked_mean(k3, mask),
         "mismatch_abs_logp_diff": masked_mean(delta.abs(), mask),

@@ -3,7 +3,9 @@
 Inputs are [B, T] token tensors: `logp` (current policy, differentiable), `old_logp` (the policy
 that produced the update's data, no grad), `advantages`, and `mask` (1 = a generated token that is
 trained on). Each policy loss returns (per-token loss [B, T], metrics dict); `aggregate_loss` turns
-per-token losses into the scalar that is optimised.
+per-token losses into the scalar that is optimised. Policy losses take only their own options (an
+inapplicable one, e.g. dual_clip for gspo, is a TypeError); their keyword defaults are the papers'
+and are mirrored, torch-free, by `megarl.config.recipe.POLICY_LOSS_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -28,17 +30,29 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-me
     - seq-mean-token-sum-norm:  Σ_{i,t} m·L / (B · norm_length)     (Dr. GRPO: a constant length normaliser,
                                                                      norm_length defaults to T)
     Sequences with no unmasked token contribute 0 (never NaN).
+
+    Computed as Σ w·L / Σ m with w = `loss_weights(mask, mode, norm_length)`: one definition of
+    every mode, also for losses summed over micro-batches and data-parallel shares.
     """
     m = mask.to(loss.dtype)
+    return (loss * loss_weights(m, mode, norm_length or loss.shape[-1])).sum() / m.sum().clamp(min=1.0)
+
+
+def loss_weights(mask: torch.Tensor, mode: str, norm_length: int) -> torch.Tensor:
+    """Per-token weights w [B, T] so that Σ w·L / Σ mask is the `mode` aggregation of
+    `aggregate_loss` over these B sequences (one optimizer update's mini-batch). Σ w·L may then be
+    summed over any split into micro-batches and data-parallel shares and divided once by the
+    mini-batch's token count, which is what megatron's per-token loss mode does."""
+    n_tok = mask.sum().clamp(min=1.0)
+    n_seq = max(mask.shape[0], 1)
     if mode == "token-mean":
-        return (loss * m).sum() / m.sum().clamp(min=1.0)
-    b = loss.shape[0]
-    if mode == "seq-mean-token-sum":
-        return (loss * m).sum(-1).sum() / max(b, 1)
+        return mask.clone()
     if mode == "seq-mean-token-mean":
-        return ((loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / max(b, 1)
+        return mask * n_tok / (n_seq * mask.sum(-1, keepdim=True).clamp(min=1.0))
+    if mode == "seq-mean-token-sum":
+        return mask * n_tok / n_seq
     if mode == "seq-mean-token-sum-norm":
-        return (loss * m).sum() / (max(b, 1) * (norm_length or loss.shape[-1]))
+        return mask * n_tok / (n_seq * norm_length)
     raise KeyError(f"unknown loss aggregation {mode!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
 
 
@@ -71,7 +85,7 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
 
 
 def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              clip_low: float = 3e-4, clip_high: float = 4e-4, **_):
+              clip_low: float = 3e-4, clip_high: float = 4e-4):
     """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): a sequence-level ratio
 
         s_i = exp((1/|y_i|) Σ_t (logp_t − old_logp_t)),
@@ -93,11 +107,14 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 
 def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-               clip_low: float = 1.0, clip_high: float = 0.28, **_):
+               clip_low: float = 1.0, clip_high: float = 0.28):
     """CISPO (MiniMax 2025, "MiniMax-M1"): REINFORCE with a clipped, stop-gradient importance weight,
     so clipped tokens still get gradient:
 
         L = −sg[clip(ρ, 1 − ε_low, 1 + ε_high)] · A · logp
+
+    The paper bounds the weight from above only: the default ε_low = 1 makes the lower bound 0,
+    which a ratio never goes below.
     """
     ratio, log_ratio = _ratio(logp, old_logp)
     weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high).detach()

@@ -29,13 +29,24 @@ def group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return inverse, int(uniq.numel())
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype to accumulate in: the widest input dtype, at least float32 (bf16/fp16 sums drift,
+    and float64 inputs must not be rounded to float32)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def group_mean_std(scores: torch.Tensor, group_ids: torch.Tensor, unbiased: bool = True):
-    """Per-sample mean, std and size of its group. Std is 0 for groups of one."""
+    """Per-sample mean, std and size of its group, computed in `compute_dtype(scores)`. Std is 0
+    for groups of one."""
     idx, groups = group_index(group_ids)
-    work = scores.float()
-    count = torch.zeros(groups).index_add_(0, idx, torch.ones_like(work))
-    mean = torch.zeros(groups).index_add_(0, idx, work) / count
-    sq = torch.zeros(groups).index_add_(0, idx, (work - mean[idx]) ** 2)
+    work = scores.to(compute_dtype(scores))
+    zeros = torch.zeros(groups, dtype=work.dtype)
+    count = zeros.index_add(0, idx, torch.ones_like(work))
+    mean = zeros.index_add(0, idx, work) / count
+    sq = zeros.index_add(0, idx, (work - mean[idx]) ** 2)
     denom = (count - 1).clamp(min=1.0) if unbiased else count
     std = torch.where(count > 1, (sq / denom).sqrt(), torch.zeros_like(sq))
     return mean[idx].to(scores.dtype), std[idx].to(scores.dtype), count[idx]

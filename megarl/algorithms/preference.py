@@ -1,7 +1,8 @@
 """Preference and reward-model losses. Inputs are per-sequence [B] tensors: summed response
 log-probs under the policy (`policy_chosen`, `policy_rejected`) and the reference
 (`ref_chosen`, `ref_rejected`); length-normalised variants take average log-probs. Each loss
-returns (per-pair loss [B], metrics) — average it over the batch.
+returns (per-pair loss [B], metrics) — average it over the batch. Losses take only their own
+options (label_smoothing on hinge/IPO, say, is a TypeError rather than silently ignored).
 
 With h = (π_c − ref_c) − (π_r − ref_r) (the implicit reward margin):
 """
@@ -26,7 +27,7 @@ def _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
 
 @PREFERENCE_LOSSES.register("sigmoid")
 def dpo_sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
-                     label_smoothing: float = 0.0, **_):
+                     label_smoothing: float = 0.0):
     """DPO (Rafailov et al. 2023) with conservative label smoothing ε (Mitchell 2023, cDPO):
     L = −(1 − ε) log σ(β h) − ε log σ(−β h)."""
     chosen, rejected, metrics = _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
@@ -36,14 +37,14 @@ def dpo_sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, b
 
 
 @PREFERENCE_LOSSES.register("hinge")
-def dpo_hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1, **_):
+def dpo_hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1):
     """SLiC-style hinge (Zhao et al. 2023): L = max(0, 1 − β h)."""
     chosen, rejected, metrics = _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     return torch.relu(1.0 - (chosen - rejected)), metrics
 
 
 @PREFERENCE_LOSSES.register("ipo")
-def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1, **_):
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1):
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm..."): L = (h − 1/(2β))²; pass average
     per-token log-probs as in the paper's implementation."""
     _, _, metrics = _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
@@ -53,7 +54,7 @@ def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 @PREFERENCE_LOSSES.register("robust")
 def robust_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
-                    label_smoothing: float = 0.1, **_):
+                    label_smoothing: float = 0.1):
     """Robust DPO (Chowdhury et al. 2024) for labels flipped with probability ε:
     L = ((1 − ε)(−log σ(β h)) − ε(−log σ(−β h))) / (1 − 2ε)   (unbiased under label noise)."""
     chosen, rejected, metrics = _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
@@ -64,12 +65,14 @@ def robust_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
 
 
 def _log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
-    """log(p / (1 − p)) of the length-normalised sequence probability p = exp(avg_logp)."""
-    return avg_logp - torch.log1p(-torch.exp(avg_logp.clamp(max=-1e-6)))
+    """log(p / (1 − p)) of the length-normalised sequence probability p = exp(avg_logp), with
+    log(1 − e^x) = log(−expm1(x)): log1p(−exp(x)) loses all but a few digits for x near 0, where
+    exp(x) rounds to 1 (Mächler 2012, "Accurately Computing log(1 − exp(−|a|))")."""
+    return avg_logp - torch.log(-torch.expm1(avg_logp.clamp(max=-1e-6)))
 
 
 @PREFERENCE_LOSSES.register("orpo")
-def orpo_loss(policy_chosen_avg, policy_rejected_avg, chosen_nll, beta: float = 0.1, **_):
+def orpo_loss(policy_chosen_avg, policy_rejected_avg, chosen_nll, beta: float = 0.1):
     """ORPO (Hong et al. 2024), reference-free: L = NLL(chosen) − β log σ(log odds_c − log odds_r),
     odds from the average per-token log-probs; `chosen_nll` is the chosen response's token-mean NLL."""
     ratio = _log_odds(policy_chosen_avg) - _log_odds(policy_rejected_avg)
@@ -79,7 +82,7 @@ def orpo_loss(policy_chosen_avg, policy_rejected_avg, chosen_nll, beta: float = 
 
 
 @PREFERENCE_LOSSES.register("simpo")
-def simpo_loss(policy_chosen_avg, policy_rejected_avg, beta: float = 2.0, gamma: float = 0.5, **_):
+def simpo_loss(policy_chosen_avg, policy_rejected_avg, beta: float = 2.0, gamma: float = 0.5):
     """SimPO (Meng et al. 2024), reference-free: L = −log σ(β·avg_logp_c − β·avg_logp_r − γ)."""
     chosen, rejected = beta * policy_chosen_avg, beta * policy_rejected_avg
     return -F.logsigmoid(chosen - rejected - gamma), {
@@ -89,7 +92,7 @@ def simpo_loss(policy_chosen_avg, policy_rejected_avg, beta: float = 2.0, gamma:
 
 @PREFERENCE_LOSSES.register("kto")
 def kto_loss(policy_logp, ref_logp, desirable, kl_baseline, beta: float = 0.1, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0, **_):
+             undesirable_weight: float = 1.0):
     """KTO (Ethayarajh et al. 2024) on unpaired feedback. With r = log π(y|x) − log π_ref(y|x) and
     z0 = max(0, KL estimate) (no gradient):
         desirable:    L = λ_D (1 − σ(β (r − z0)))

@@ -22,8 +22,9 @@ import torch
 from megarl.checkpoint.hf_map import CheckpointMismatch
 from megarl.config.parallel import ParallelConfig
 
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+MODEL_SIDE_FILES = ("config.json", "generation_config.json")
 MARKER = "megarl_checkpoint.json"
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -50,9 +51,23 @@ def build_model_for(cfg: dict, parallel: ParallelConfig, dtype: str, seed: int =
     return chunks, config, args
 
 
-def convert_hf_to_megatron(hf_dir: str, out_dir: str) -> dict:
-    """HF safetensors -> megatron dist checkpoint, streamed tensor by tensor (see stream.py).
-    Collective over a world-size-1 group."""
+def copy_side_files(src_dir: str, dst_dir: str, tokenizer_dir: str | None = None) -> None:
+    """config.json, generation_config.json, the tokenizer files and any remote-code *.py (what
+    trust_remote_code loads) from `src_dir` into `dst_dir`; the tokenizer files come from
+    `tokenizer_dir` instead when given (the recipe's model.tokenizer), so a checkpoint and its
+    export carry the tokenizer the model is trained with."""
+    tokenizer_dir = tokenizer_dir or src_dir
+    wanted = [(src_dir, name) for name in MODEL_SIDE_FILES] + [(tokenizer_dir, name) for name in TOKENIZER_FILES]
+    wanted += [(d, name) for d in sorted({src_dir, tokenizer_dir}) for name in os.listdir(d) if name.endswith(".py")]
+    os.makedirs(dst_dir, exist_ok=True)
+    for directory, name in wanted:
+        if os.path.isfile(os.path.join(directory, name)):
+            shutil.copy(os.path.join(directory, name), os.path.join(dst_dir, name))
+
+
+def convert_hf_to_megatron(hf_dir: str, out_dir: str, tokenizer_dir: str | None = None) -> dict:
+    """HF safetensors -> megatron dist checkpoint, streamed tensor by tensor (see stream.py), with
+    the tokenizer from `tokenizer_dir` when given (else hf_dir's). Collective over a world-size-1 group."""
     import torch.distributed as dist
 
     from megarl.checkpoint.paths import PARTIAL_SUFFIX
@@ -74,13 +89,10 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     written = stream_convert(hf_dir, tmp, arch, cfg, dtype)
-    os.makedirs(os.path.join(tmp, "hf"), exist_ok=True)
-    for name in HF_SIDE_FILES:
-        if os.path.isfile(os.path.join(hf_dir, name)):
-            shutil.copy(os.path.join(hf_dir, name), os.path.join(tmp, "hf", name))
+    copy_side_files(hf_dir, os.path.join(tmp, "hf"), tokenizer_dir)
     with open(os.path.join(tmp, MARKER), "w") as f:
-        json.dump({"format": "megatron-dist", "arch": arch, "dtype": dtype, "source": os.path.abspath(hf_dir)},
-                  f, indent=1)
+        json.dump({"format": "megatron-dist", "arch": arch, "dtype": dtype, "source": os.path.abspath(hf_dir),
+                   "tokenizer": os.path.abspath(tokenizer_dir) if tokenizer_dir else None}, f, indent=1)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return {"arch": arch, "dtype": dtype, "chunks": written}
@@ -107,17 +119,16 @@ def load_converted(ckpt_dir: str, parallel: ParallelConfig, seed: int = 1234, op
     return chunks, config, args
 
 
-def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, shard_bytes: int = 1 << 30) -> dict:
-    """Megatron dist checkpoint -> HF safetensors + config + tokenizer, streamed one parameter at a
-    time (see stream.py). Collective over a world-size-1 group."""
+def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, shard_bytes: int = 1 << 30,
+                           tokenizer_dir: str | None = None) -> dict:
+    """Megatron dist checkpoint -> HF safetensors + config + tokenizer (from `tokenizer_dir` when
+    given, else the checkpoint's hf/), streamed one parameter at a time (see stream.py). Collective
+    over a world-size-1 group."""
     from megarl.checkpoint.stream import stream_export
 
     marker = read_marker(ckpt_dir)
     cfg = _hf_cfg(os.path.join(ckpt_dir, "hf"))
     os.makedirs(out_dir, exist_ok=True)
     summary = stream_export(ckpt_dir, out_dir, marker["arch"], cfg, marker["dtype"], shard_bytes)
-    for name in HF_SIDE_FILES:
-        src = os.path.join(ckpt_dir, "hf", name)
-        if os.path.isfile(src):
-            shutil.copy(src, os.path.join(out_dir, name))
+    copy_side_files(os.path.join(ckpt_dir, "hf"), out_dir, tokenizer_dir)
     return {"arch": marker["arch"], **summary}

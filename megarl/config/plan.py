@@ -11,10 +11,16 @@ Memory model (bytes per GPU; P = parameters held by the GPU):
   recompute, plus 5·a·s²·b/(tp·cp) without it; full recompute keeps 2·s·b·h/(tp·cp) per layer plus
   one layer's working set. 1F1B keeps up to pp micro-batches in flight on the first stage, i.e. the
   activations of all L layers; logits add s·b·V/tp × 4 (fp32 for the loss) on the last stage.
-- rollout engine: weights / engine_tp; the KV cache gets gpu_memory_utilization × GPU − weights;
-  one token of KV is 2 · L · kv_heads · head_dim · 2 bytes / engine_tp.
-- colocated placement time-shares the GPUs: training states are offloaded during rollout and the
-  engine sleeps during training, so the peak is the larger of the two phases.
+- rollout engine: weights / engine_tp; the KV cache gets kv_cache_bytes when set, else
+  gpu_memory_utilization × GPU − weights; one token of KV is 2 · L · kv_heads · head_dim · 2 bytes
+  / engine_tp. The reward model is a forward-only scalar-head model (its config.json's shape when
+  local, else the actor's).
+- nothing is offloaded and no engine sleeps (not built yet): every role holds its memory for the
+  whole run, so the roles sharing a GPU add up. colocated: actor (weights + grads + optimizer),
+  reference, critic, reward model and engine on every GPU; separate: the training roles on the
+  training GPUs, the engines on the rollout GPUs (the reward model on its own GPUs when
+  reward_model_gpus > 0). RL roles are separate processes, each with its own runtime overhead;
+  sft/rm/dpo/kto keep the reference in the actor's process.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megarl.config.recipe import RL_STAGES, ModelShape, Recipe
+from megarl.config.shapes import local_hf_config, shape_from_hf_config
 
 GiB = 1024**3
 GPU_TYPES = {"h100-80gb": 80, "h200-141gb": 141, "a100-80gb": 80, "a100-40gb": 40, "b200-192gb": 192,
@@ -64,8 +71,9 @@ class RoleMemory:
         return self.params + self.grads + self.optimizer + self.activations + self.kv_cache + OVERHEAD_GIB
 
 
-def _training_role(r: Recipe, role: str, trainable: bool, value_head: bool = False) -> RoleMemory:
-    s, p = r.model.shape, r.parallel
+def _training_role(r: Recipe, role: str, trainable: bool, value_head: bool = False,
+                   shape: ModelShape | None = None) -> RoleMemory:
+    s, p = shape or r.model.shape, r.parallel
     dense, expert = param_counts(s, value_head)
     local = dense / (p.tp * p.pp) + expert / (p.ep * p.expert_tp * p.pp)
     pbytes = DTYPE_BYTES[r.model.dtype]
@@ -103,7 +111,8 @@ def _rollout_role(r: Recipe, gpu_gib: float) -> RoleMemory:
     weights = (dense + expert) * DTYPE_BYTES[r.model.dtype] / ro.engine_tp / GiB
     head_dim = s.hidden_size // s.num_attention_heads
     kv_per_token = 2 * s.num_layers * s.num_kv_heads * head_dim * 2 / ro.engine_tp
-    kv_budget = max(ro.gpu_memory_utilization * gpu_gib - weights, 0.0)
+    kv_budget = ro.kv_cache_bytes / GiB if ro.kv_cache_bytes is not None \
+        else max(ro.gpu_memory_utilization * gpu_gib - weights, 0.0)
     seq = ro.max_prompt_length + ro.max_response_length
     concurrent = int(kv_budget * GiB / (kv_per_token * seq)) if kv_per_token else 0
     per_engine = r.derived.samples_per_step / ro.engines
@@ -121,15 +130,42 @@ def memory_table(r: Recipe) -> tuple[list[RoleMemory], float]:
         roles.append(_training_role(r, "reference", trainable=False))
     if r.derived.needs_critic:
         roles.append(_training_role(r, "critic", trainable=True, value_head=True))
+    if r.reward is not None and r.reward.reward_model is not None:
+        roles.append(_reward_model_role(r))
     if r.stage in RL_STAGES:
         roles.append(_rollout_role(r, gpu_gib))
     return roles, gpu_gib
 
 
+def _reward_model_role(r: Recipe) -> RoleMemory:
+    path = r.reward.reward_model.path
+    local = next((d for d in (path, f"{path}/hf") if local_hf_config(d)), None)  # HF dir / converted checkpoint
+    shape = shape_from_hf_config(local)[1] if local else r.model.shape
+    m = _training_role(r, "reward_model", trainable=False, value_head=True, shape=shape)
+    m.note += "" if local else " (shape assumed = the actor's: no config.json on this machine)"
+    return m
+
+
+def gpu_pools(r: Recipe, roles: list[RoleMemory]) -> list[tuple[str, list[RoleMemory], float]]:
+    """(GPUs, the roles resident on each of them, GiB per GPU) for the recipe's placement. Every role
+    holds its memory for the whole run (no offload, no engine sleep), so a GPU's roles add up."""
+    if r.cluster.placement.mode == "colocated":
+        pools = [("every GPU", roles)]
+    else:
+        rm_pool = "reward-model GPUs" if r.cluster.placement.reward_model_gpus > 0 else "training GPUs"
+        pool_of = {"rollout": "rollout GPUs", "reward_model": rm_pool}
+        pools = [(name, [m for m in roles if pool_of.get(m.role, "training GPUs") == name])
+                 for name in ("training GPUs", "rollout GPUs", "reward-model GPUs")]
+    counted_twice = 0 if r.stage in RL_STAGES else OVERHEAD_GIB  # sft/rm/dpo/kto: one process per rank
+    return [(name, members, sum(m.total for m in members) - counted_twice * (len(members) - 1))
+            for name, members in pools if members]
+
+
 def gpu_map(r: Recipe) -> list[str]:
     c, p, d = r.cluster, r.parallel, r.derived
     lines = []
-    trainers = "actor" + (" + reference" if d.needs_reference else "") + (" + critic" if d.needs_critic else "")
+    trainers = "actor" + (" + reference" if d.needs_reference else "") + (" + critic" if d.needs_critic else "") \
+        + (" + reward model" if r.reward is not None and r.reward.reward_model is not None else "")
     train_nodes = d.train_world_size // c.gpus_per_node if d.train_world_size % c.gpus_per_node == 0 else None
     lines.append(f"training ranks 0-{d.train_world_size - 1} ({trainers}): {p.describe()}")
     per_stage = d.train_world_size // p.pp
@@ -145,8 +181,8 @@ def gpu_map(r: Recipe) -> list[str]:
     if r.rollout is not None:
         ro = r.rollout
         if c.placement.mode == "colocated":
-            lines.append(f"rollout: {ro.engines} vLLM engines × tp {ro.engine_tp} time-share GPUs 0-"
-                         f"{ro.engines * ro.engine_tp - 1} with training")
+            lines.append(f"rollout: {ro.engines} vLLM engines × tp {ro.engine_tp} on GPUs 0-"
+                         f"{ro.engines * ro.engine_tp - 1}, resident alongside the training roles")
         else:
             start = d.train_world_size
             lines.append(f"rollout: {ro.engines} vLLM engines × tp {ro.engine_tp} on GPUs {start}-"
@@ -175,8 +211,40 @@ def batch_table(r: Recipe) -> list[tuple[str, str]]:
     return rows
 
 
+def _pool_lines(r: Recipe, roles: list[RoleMemory], gpu_gib: float) -> tuple[list[str], bool]:
+    """Each GPU pool's resident roles added up, the engine budget that would fit, and what the
+    runtime does not do yet."""
+    out, fits = ["", "per GPU, every resident role at once (nothing is offloaded, no engine sleeps):"], True
+    for name, members, gib in gpu_pools(r, roles):
+        ok = gib <= gpu_gib
+        fits &= ok
+        out.append(f"  {name} ({r.cluster.placement.mode}): {' + '.join(m.role for m in members)} = "
+                   f"{gib:.1f} GiB  {'fits' if ok else 'DOES NOT FIT'}")
+        if not ok and any(m.role == "rollout" for m in members) and r.rollout.kv_cache_bytes is None:
+            out.append("    " + _engine_budget_hint(r, members, gpu_gib))
+    if r.rollout is not None:
+        tp = r.rollout.engine_tp
+        out.append("  note: the runtime does not place roles by cluster.placement yet (placement and the memory "
+                   "hand-off come with the multi-node/GPU work): its Ray actors request no GPUs, so training rank "
+                   f"r uses GPU r and every engine uses {'GPU 0' if tp == 1 else f'GPUs 0-{tp - 1}'} of the node it "
+                   "runs on, whatever the placement says. The sums above are for the placement the recipe asks for.")
+    return out, fits
+
+
+def _engine_budget_hint(r: Recipe, members: list[RoleMemory], gpu_gib: float) -> str:
+    """vLLM starts after the training roles and claims gpu_memory_utilization × GPU; what is left."""
+    engine = next(m for m in members if m.role == "rollout")
+    others = sum(m.total for m in members if m is not engine)
+    room = gpu_gib - others - OVERHEAD_GIB
+    if room <= engine.params:
+        return (f"the other roles leave {max(room, 0):.1f} GiB, not even the engine's {engine.params:.1f} GiB of "
+                "weights: shard more (tp/pp/engine_tp) or use placement separate")
+    return (f"the other roles leave {room:.1f} GiB for the engine: rollout.gpu_memory_utilization <= "
+            f"{room / gpu_gib:.2f} ({room - engine.params:.1f} GiB of KV cache) would fit")
+
+
 def render_plan(r: Recipe) -> tuple[str, bool]:
-    """The plan as text, and whether every role fits."""
+    """The plan as text, and whether every role fits, alone and with the roles sharing its GPUs."""
     from megarl.config.validate import summary
 
     roles, gpu_gib = memory_table(r)
@@ -192,23 +260,16 @@ def render_plan(r: Recipe) -> tuple[str, bool]:
     out += [f"  {k:<28} {v}" for k, v in batch_table(r)]
     out += ["", f"memory per GPU on {r.cluster.gpu_type} ({gpu_gib} GiB), GiB "
                 f"(+{OVERHEAD_GIB:.0f} GiB runtime overhead in each total):",
-            f"  {'role':<10} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'kv':>7} {'total':>7}  fits"]
+            f"  {'role':<12} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'kv':>7} {'total':>7}  fits"]
     fits_all = True
     for m in roles:
         ok = m.total <= gpu_gib
         fits_all &= ok
-        out.append(f"  {m.role:<10} {m.params:7.1f} {m.grads:7.1f} {m.optimizer:7.1f} {m.activations:7.1f} "
+        out.append(f"  {m.role:<12} {m.params:7.1f} {m.grads:7.1f} {m.optimizer:7.1f} {m.activations:7.1f} "
                    f"{m.kv_cache:7.1f} {m.total:7.1f}  {'yes' if ok else 'NO'}   {m.note}")
-    if r.rollout is not None and r.cluster.placement.mode == "colocated":
-        train = [m for m in roles if m.role != "rollout"]
-        train_phase = sum(m.total - OVERHEAD_GIB for m in train) + OVERHEAD_GIB
-        roll = next(m for m in roles if m.role == "rollout")
-        peak = max(train_phase, roll.total)
-        ok = peak <= gpu_gib
-        fits_all &= ok
-        out.append(f"  colocated peak: training phase {train_phase:.1f} (all training roles resident), "
-                   f"rollout phase {roll.total:.1f} (training states offloaded) -> {peak:.1f} GiB  "
-                   f"{'fits' if ok else 'DOES NOT FIT'}")
+    pool_lines, pools_fit = _pool_lines(r, roles, gpu_gib)
+    out += pool_lines
+    fits_all &= pools_fit
     out += ["", "how each number is computed:"] + ["  " + line for line in __doc__.split("Memory model")[1]
                                                    .strip().splitlines()[1:]]
     return "\n".join(out), fits_all

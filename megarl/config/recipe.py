@@ -41,8 +41,10 @@ class ModelConfig:
     path: str = ""
     """HF model directory/name or a converted megatron checkpoint directory."""
     tokenizer: str | None = None
-    """Tokenizer directory; defaults to `path`."""
+    """Tokenizer directory (must exist); defaults to the model's own (the converted checkpoint's
+    hf/ or `path`). Every tokenizer load goes through megarl.data.tokenizer.load_tokenizer."""
     trust_remote_code: bool = False
+    """Let transformers and vLLM run Python code shipped with the model/tokenizer (off by default)."""
     architecture: Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"] | None = None
     """Filled from config.json when available."""
     shape_preset: str | None = None
@@ -54,7 +56,9 @@ class ModelConfig:
     fp8: Literal["e4m3", "hybrid"] | None = None
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
     finetuning: Literal["full", "lora"] = "full"
+    """lora is not implemented yet (refused at load)."""
     lora_rank: int = 0
+    """Not implemented yet: anything but 0 is refused at load."""
     recompute: Literal["none", "selective", "full"] = "selective"
     """Activation recomputation: trades compute for activation memory."""
 
@@ -106,7 +110,8 @@ class WeightSyncConfig:
     """How the bytes travel (megarl.sync.transport). broadcast: over the sync group (NCCL/gloo),
     works across nodes. shared_memory: TP ranks write their shards into shared buffers the
     engines read in place (/dev/shm on CPU; CUDA IPC on GPUs, untested on hardware), one node
-    only. auto (resolved at load): shared_memory on one CPU node without FP8, else broadcast."""
+    only. auto (settled when the run starts, megarl.sync.choice): shared_memory on one CPU node
+    without FP8, else broadcast."""
 
 
 @dataclass
@@ -145,6 +150,7 @@ class RewardFunctionConfig:
 class RewardModelConfig:
     path: str
     type: Literal["full", "lora"] = "full"
+    """lora is not implemented yet (refused at load)."""
     weight: float = 1.0
     component: Literal["task", "format", "efficiency", "safety"] = "task"
 
@@ -175,6 +181,7 @@ class KLConfig:
     coef: float = 0.0
     """0 disables the KL term (and the reference model unless another consumer needs it)."""
     placement: Literal["loss", "reward"] = "loss"
+    """reward needs coef > 0 (with 0 it would subtract nothing)."""
     estimator: Literal["k1", "k2", "k3"] = "k3"
     clamp: float | None = 10.0
     controller: Literal["fixed", "adaptive"] = "fixed"
@@ -201,19 +208,43 @@ class OverlongConfig:
     penalty: float = 1.0
 
 
+# The papers' defaults of each policy loss, filled in at load for the algorithm keys a recipe leaves
+# unset; kept here so that validation stays torch-free. The clip values are the keyword defaults of
+# megarl.algorithms.losses (a test keeps the two equal).
+POLICY_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Schulman et al. 2017, "Proximal Policy Optimization Algorithms"
+    "ppo": {"clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "loss_agg_mode": "token-mean"},
+    # Zheng et al. 2025, "Group Sequence Policy Optimization"
+    "gspo": {"clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4, "loss_agg_mode": "seq-mean-token-mean"},
+    # MiniMax 2025, "MiniMax-M1": no lower bound on the IS weight (1 − 1.0 = 0)
+    "cispo": {"clip_ratio_low": 1.0, "clip_ratio_high": 0.28, "loss_agg_mode": "token-mean"},
+}
+# Recipe keys of `preference` each loss uses, with the paper's default for an unset key (SimPO,
+# Meng et al. 2024: β = 2.0, γ = 0.5; the DPO family and KTO: β = 0.1). The stage rm trains with
+# the Bradley–Terry loss, which uses none of them.
+PREFERENCE_LOSS_OPTIONS: dict[str, dict[str, float]] = {
+    "sigmoid": {"beta": 0.1, "label_smoothing": 0.0}, "robust": {"beta": 0.1, "label_smoothing": 0.1},
+    "simpo": {"beta": 2.0, "simpo_gamma": 0.5}, "hinge": {"beta": 0.1}, "ipo": {"beta": 0.1}, "orpo": {"beta": 0.1},
+    "kto": {"beta": 0.1},
+}
+
+
 @dataclass
 class AlgorithmConfig:
     advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"] = "grpo"
+    """remax is not implemented yet (it needs a greedy baseline rollout; refused at load)."""
     norm_adv_by_std: bool = True
     """GRPO: divide by the group std (false = Dr.GRPO)."""
     policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
-    """> clip_ratio_low is DAPO's clip-higher."""
+    clip_ratio_low: float | None = None
+    """Lower clip ε_low; unset = the policy_loss's paper default (POLICY_LOSS_DEFAULTS), set at load."""
+    clip_ratio_high: float | None = None
+    """Upper clip ε_high (> clip_ratio_low is DAPO's clip-higher); unset = the paper default."""
     dual_clip: float | None = None
     """Dual-clip constant c > 1 for negative advantages (None = off)."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                           "seq-mean-token-sum-norm"] = "token-mean"
+                           "seq-mean-token-sum-norm"] | None = None
+    """Unset = the policy_loss's paper default (POLICY_LOSS_DEFAULTS), set at load."""
     kl: KLConfig = field(default_factory=KLConfig)
     entropy_coef: float = 0.0
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
@@ -232,11 +263,16 @@ class AlgorithmConfig:
 @dataclass
 class PreferenceConfig:
     loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "orpo", "simpo", "kto"] = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
+    beta: float | None = None
+    """Strength of the implicit reward / KL regularisation; unset: the loss's paper default (simpo 2.0,
+    the others 0.1; PREFERENCE_LOSS_OPTIONS). The rm stage does not use it."""
+    label_smoothing: float | None = None
+    """sigmoid: cDPO smoothing ε (unset: 0); robust: the label-flip rate ε (unset: 0.1). Refused
+    (when not 0) for losses that do not use it; after load it is a number (0 = none)."""
     ftx: float = 0.0
     """Weight of an SFT term on the chosen response."""
-    simpo_gamma: float = 0.5
+    simpo_gamma: float | None = None
+    """SimPO's target margin γ (unset: 0.5); refused for other losses (stays unset for them)."""
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     reference: Literal["auto", "model", "precomputed", "none"] = "auto"
@@ -300,7 +336,8 @@ class LoggingConfig:
 @dataclass
 class PlacementConfig:
     mode: Literal["colocated", "separate"] = "colocated"
-    """colocated: training and rollout time-share every GPU; separate: disjoint GPU pools."""
+    """colocated: training and rollout share every GPU; separate: disjoint GPU pools. Read by
+    `megarl plan` and validation only: the runtime does not place roles by it yet."""
     rollout_gpus: int = 0
     """GPUs reserved for rollout engines when mode=separate."""
     reward_model_gpus: int = 0

@@ -4,9 +4,14 @@
 and returns every rule the recipe breaks (each naming its key). Rules, by group:
 - stage <-> groups: ppo needs a reward and a critic (GAE); grpo needs n > 1 and a reward; dpo/kto
   need preference data; groups a stage does not use are refused rather than silently ignored
-- preference: label smoothing only with the sigmoid loss; orpo/simpo run without a reference model;
+- preference: label_smoothing only with sigmoid/robust, simpo_gamma only with simpo (unset: the
+  loss's default); orpo/simpo run without a reference model;
   reference `auto` resolves to model (or none); no context parallelism for the packed pairs
-- reward model type lora only when the model is fine-tuned with lora
+- not implemented yet, so refused by name rather than ignored or failing mid-run: lora finetuning,
+  lora_rank, lora reward models, the remax estimator
+- model.tokenizer names an existing directory; KL placed in the reward needs kl.coef > 0
+- algorithm: unset clip_ratio_low/high and loss_agg_mode become the policy loss's paper defaults
+  (POLICY_LOSS_DEFAULTS); dual_clip only with the ppo loss
 - layout: tp·pp·cp·dp = training GPUs; heads and kv heads divisible by tp; layers by pp·vpp;
   experts by ep; sequence parallel for MoE with tp > 1
 - batches: prompts per step × n divides into mini-batches, and each mini-batch into micro-batches
@@ -25,6 +30,8 @@ import os
 
 from megarl.config.errors import ConfigIssue
 from megarl.config.recipe import (
+    POLICY_LOSS_DEFAULTS,
+    PREFERENCE_LOSS_OPTIONS,
     PREFERENCE_STAGES,
     RL_STAGES,
     AlgorithmConfig,
@@ -57,6 +64,7 @@ def resolve_recipe(r: Recipe) -> list[ConfigIssue]:
     _data(r, shape, issues)
     _algorithm(r, issues)
     _model_impl(r, issues)
+    _not_implemented(r, issues)
     if not issues:
         _batches(r, issues)
     if not issues:
@@ -167,12 +175,10 @@ def _preference(r: Recipe, issues: _Issues) -> None:
         issues.add("preference.loss_type", f"stage kto uses loss_type kto, got {p.loss_type!r}")
     if r.stage == "dpo" and p.loss_type == "kto":
         issues.add("preference.loss_type", "loss_type kto needs unpaired data: use stage kto")
-    if r.stage == "dpo" and p.label_smoothing and p.loss_type != "sigmoid":
-        issues.add("preference.label_smoothing", f"label smoothing (conservative DPO) is defined for the "
-                   f"sigmoid loss only; loss_type is {p.loss_type!r}")
+    _preference_options(r, issues)
     if not 0 <= p.label_smoothing < 0.5:
         issues.add("preference.label_smoothing", f"expected 0 <= label_smoothing < 0.5, got {p.label_smoothing}")
-    if p.beta <= 0:
+    if p.beta is not None and p.beta <= 0:
         issues.add("preference.beta", f"expected beta > 0, got {p.beta}")
     reference_free = p.loss_type in REFERENCE_FREE_LOSSES
     if reference_free and p.reference in ("model", "precomputed"):
@@ -192,13 +198,29 @@ def _preference(r: Recipe, issues: _Issues) -> None:
                    "which context parallelism does not split yet; use cp: 1 (tp/pp/dp/sp all work)")
 
 
+def _preference_options(r: Recipe, issues: _Issues) -> None:
+    """beta / label_smoothing / simpo_gamma: an unset one becomes the loss's default (PREFERENCE_LOSS_OPTIONS);
+    one set for a loss that does not use it is refused (label_smoothing 0 is harmless and allowed).
+    Afterwards label_smoothing is a number (0 = none); simpo_gamma stays unset unless the loss is simpo."""
+    p = r.preference
+    loss = "bradley_terry" if r.stage == "rm" else p.loss_type
+    used = PREFERENCE_LOSS_OPTIONS.get(loss, {})
+    for key in ("beta", "label_smoothing", "simpo_gamma"):
+        value = getattr(p, key)
+        if key in used:
+            setattr(p, key, used[key] if value is None else value)
+        elif value is not None and not (key == "label_smoothing" and value == 0):
+            what = "stage rm's Bradley-Terry loss" if r.stage == "rm" else f"loss_type {loss!r}"
+            takers = ", ".join(n for n, options in PREFERENCE_LOSS_OPTIONS.items() if key in options)
+            issues.add(f"preference.{key}", f"{what} does not use {key} (only {takers}); remove it")
+    if p.label_smoothing is None:
+        p.label_smoothing = 0.0
+
+
 def _reward(r: Recipe, issues: _Issues) -> None:
     rw: RewardConfig | None = r.reward
     if rw is None:
         return
-    if rw.reward_model and rw.reward_model.type == "lora" and r.model.finetuning != "lora":
-        issues.add("reward.reward_model.type", "a lora reward model needs model.finetuning: lora "
-                   f"(it is {r.model.finetuning!r})")
     if rw.reward_model:
         for cfg_path in (os.path.join(rw.reward_model.path, "config.json"),
                          os.path.join(rw.reward_model.path, "hf", "config.json")):  # HF dir / megatron checkpoint
@@ -308,7 +330,7 @@ def _rollout(r: Recipe, shape, rollout_gpus: int, issues: _Issues) -> None:
         issues.add("rollout.weight_sync.timeout_s", f"expected > 0 seconds, got {ws.timeout_s}")
     if ws.logprob_tolerance <= 0:
         issues.add("rollout.weight_sync.logprob_tolerance", f"expected > 0, got {ws.logprob_tolerance}")
-    _resolve_sync_transport(r, issues)
+    _check_sync_transport(r, issues)
     if ro.quantization == "fp8" and r.cluster.device == "cpu":
         issues.add("rollout.quantization", "FP8 rollout engines need GPUs (vLLM's CPU build has no FP8 linear "
                    "kernels); remove rollout.quantization for a CPU run")
@@ -338,10 +360,16 @@ def _algorithm(r: Recipe, issues: _Issues) -> None:
     a = r.algorithm
     if a is None:
         return
+    for key, default in POLICY_LOSS_DEFAULTS[a.policy_loss].items():  # resolved once: workers read values
+        if getattr(a, key) is None:
+            setattr(a, key, default)
     if a.clip_ratio_low < 0 or a.clip_ratio_high < 0:
         issues.add("algorithm.clip_ratio_low", "clip ratios must be >= 0")
     if a.dual_clip is not None and a.dual_clip <= 1:
         issues.add("algorithm.dual_clip", f"dual-clip constant must be > 1, got {a.dual_clip}")
+    if a.dual_clip is not None and a.policy_loss != "ppo":
+        issues.add("algorithm.dual_clip", f"only the ppo loss has a dual clip; policy_loss {a.policy_loss!r} "
+                   "would ignore it")
     for name in ("gamma", "lam"):
         v = getattr(a, name)
         if not 0 <= v <= 1:
@@ -352,6 +380,9 @@ def _algorithm(r: Recipe, issues: _Issues) -> None:
         issues.add("algorithm.kl.target", "the adaptive KL controller needs a target KL")
     if a.kl.coef < 0:
         issues.add("algorithm.kl.coef", f"expected >= 0, got {a.kl.coef}")
+    if a.kl.placement == "reward" and a.kl.coef == 0:
+        issues.add("algorithm.kl.placement", "placement reward with kl.coef 0 subtracts nothing from the "
+                   "reward; set kl.coef > 0 or remove placement")
     r.derived.needs_reference = a.kl.coef > 0
     r.derived.needs_critic = r.stage == "ppo"
 
@@ -366,10 +397,30 @@ def _model_impl(r: Recipe, issues: _Issues) -> None:
             issues.add("model.fp8", "FP8 training needs GPUs with Transformer Engine; cluster.device is cpu")
     if m.transformer_impl == "transformer_engine" and r.cluster.device == "cpu":
         issues.add("model.transformer_impl", "Transformer Engine needs CUDA; use local or auto on cpu")
-    if m.finetuning == "lora" and m.lora_rank < 1:
-        issues.add("model.lora_rank", "lora finetuning needs lora_rank >= 1")
+    if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
+        issues.add("model.tokenizer", f"no tokenizer directory at {m.tokenizer!r} on this machine "
+                   "(remove the key to use the model's own tokenizer)")
     if r.optim.lr <= 0:
         issues.add("optim.lr", f"expected lr > 0, got {r.optim.lr}")
+
+
+def _not_implemented(r: Recipe, issues: _Issues) -> None:
+    """Options the recipe schema accepts but no code runs yet: refused by name, since silently
+    training something else (or crashing at step 1) is worse than an error at load."""
+    for group, m in (("model", r.model), ("critic", r.critic)):
+        if m is None:
+            continue
+        if m.finetuning == "lora":
+            issues.add(f"{group}.finetuning", "lora is not implemented yet; use finetuning: full")
+        if m.lora_rank:
+            issues.add(f"{group}.lora_rank", f"LoRA is not implemented yet, so lora_rank {m.lora_rank} would "
+                       "do nothing; remove it (finetuning: full trains every weight)")
+    rm = r.reward.reward_model if r.reward else None
+    if rm is not None and rm.type == "lora":
+        issues.add("reward.reward_model.type", "lora reward models are not implemented yet; use type: full")
+    if r.algorithm is not None and r.algorithm.advantage_estimator == "remax":
+        issues.add("algorithm.advantage_estimator", "remax needs a greedy baseline rollout, not implemented yet; "
+                   "use grpo, rloo, reinforce_pp or reinforce_pp_baseline")
 
 
 def _batches(r: Recipe, issues: _Issues) -> None:
@@ -420,16 +471,11 @@ def summary(r: Recipe) -> str:
 __all__ = ["resolve_recipe", "summary", "Derived"]
 
 
-def _resolve_sync_transport(r: Recipe, issues) -> None:
-    """rollout.weight_sync.transport: auto becomes shared_memory on one CPU node without FP8, else
-    broadcast (on GPUs too: NCCL is the proven path, the CUDA-IPC slots are opt-in); an explicit
-    shared_memory that cannot work is refused with the reason. With `cluster.device: auto` (and
-    no MEGARL_DEVICE) the device is only known where torch runs, so a still-open auto is settled
-    by the driver with the same rule (`sync_transport`); validation stays torch-free."""
-    from megarl.runtime.device import DEVICE_ENV
-
+def _check_sync_transport(r: Recipe, issues) -> None:
+    """An explicit rollout.weight_sync.transport: shared_memory that cannot work is refused with the
+    reason. `auto` stays open: it depends on the device the run really gets, so the driver settles
+    it (`megarl.sync.choice.resolve_transport`); validation stays torch-free."""
     ws, ro = r.rollout.weight_sync, r.rollout
-    declared = r.cluster.device if r.cluster.device != "auto" else os.environ.get(DEVICE_ENV, "auto").lower()
     reasons = []
     if r.cluster.nodes > 1:
         reasons.append(f"cluster.nodes is {r.cluster.nodes} (engines on other nodes cannot map the trainer's memory)")
@@ -438,12 +484,3 @@ def _resolve_sync_transport(r: Recipe, issues) -> None:
     if ws.transport == "shared_memory" and reasons:
         issues.add("rollout.weight_sync.transport", "shared_memory cannot be used: " + "; ".join(reasons)
                    + ". Use broadcast (or auto)")
-    elif ws.transport == "auto" and (reasons or declared in ("cpu", "cuda")):
-        ws.transport = sync_transport("auto", declared == "cpu", r.cluster.nodes, ro.quantization)
-
-
-def sync_transport(requested: str, cpu: bool, nodes: int, quantization: str | None) -> str:
-    """The transport `auto` stands for: shared_memory on one CPU node without FP8, else broadcast."""
-    if requested != "auto":
-        return requested
-    return "shared_memory" if cpu and nodes == 1 and not quantization else "broadcast"

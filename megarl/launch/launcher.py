@@ -22,7 +22,7 @@ import time
 
 from megarl.launch.nodes import LaunchError, NodeMap, detect_nodes
 from megarl.launch.ray_cluster import RayCluster, extra_srun_args, free_port
-from megarl.trainers.common import EXIT_CHECKPOINTED
+from megarl.trainers.runner import EXIT_CHECKPOINTED
 
 
 def driver_plan(recipe, recipe_path: str, overrides: list[str], nodes: NodeMap, cluster: RayCluster | None):

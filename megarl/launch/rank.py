@@ -1,6 +1,6 @@
 """One training rank of a non-Ray stage under `srun`: Slurm's task ids become torch.distributed's
 RANK / WORLD_SIZE / LOCAL_RANK (MASTER_ADDR/PORT come from the launcher), then `megarl train`
-runs in this process as that rank (megarl.trainers.common.run_ranks_and_export).
+runs in this process as that rank (megarl.trainers.common.run_ranks).
 
     srun ... python -m megarl.launch.rank RECIPE [--set ...]
 """

@@ -1,5 +1,6 @@
 """Metrics sinks (jsonl always; wandb offline by default; tensorboard), per-step sample traces
-for review, and a terminal progress bar. Everything a trainer logs goes through `MetricsLogger`."""
+for review, a terminal progress bar and a per-phase step timer. Everything a trainer logs goes
+through `MetricsLogger`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import math
 import os
 import sys
+import time
+from contextlib import contextmanager
 
 
 class MetricsLogger:
@@ -84,3 +87,20 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step: `with timer.phase("update"): ...` adds to
+    `timing/update_s`; `seconds` holds every phase timed so far."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"timing/{name}_s"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0

@@ -21,6 +21,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: str
+    tokenizer: str | None = None           # model.tokenizer; None: vLLM reads the one in model_path
+    trust_remote_code: bool = False        # model.trust_remote_code
     dtype: str = "float32"                 # "float32" | "bfloat16" | "float16"
     max_model_len: int = 2048
     tensor_parallel_size: int = 1
@@ -62,7 +64,8 @@ class RolloutEngine:
         from megarl.rollout.vllm_compat import keep_freed_memory
 
         keep_freed_memory()
-        kwargs = dict(model=config.model_path, dtype=config.dtype, max_model_len=config.max_model_len,
+        kwargs = dict(model=config.model_path, tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code,
+                      dtype=config.dtype, max_model_len=config.max_model_len,
                       tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
                       seed=config.seed, logprobs_mode="processed_logprobs",
                       worker_extension_cls=config.worker_extension_cls, max_num_seqs=config.max_num_seqs,
@@ -142,10 +145,13 @@ class RolloutEngine:
 
     def _require_consistent(self) -> None:
         if not self.weights_consistent:
-            from megarl.sync.transport import WeightSyncError
-
-            raise WeightSyncError("this engine's weights are a mix of versions after a failed sync; "
+            raise MixedWeightVersions("this engine's weights are a mix of versions after a failed sync; "
                                   "sync again (or restart the engine) before sampling")
+
+
+class MixedWeightVersions(RuntimeError):
+    """A failed weight sync left this engine with some layers of the new version and some of the
+    old; it refuses to sample until a sync completes."""
 
 
 def request_seed(seed: int | None, prompt: list[int]) -> int | None:

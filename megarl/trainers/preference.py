@@ -33,7 +33,8 @@ import time
 from functools import partial
 
 from megarl.config.recipe import Recipe
-from megarl.trainers.common import CKPT_DIR, initial_checkpoint, run_ranks_and_export
+from megarl.trainers.common import initial_checkpoint, run_ranks
+from megarl.trainers.runner import StagePolicy, StageResult, checkpoint_path, open_metrics
 
 # per-example metric sums collected on the last stage; the first two are always loss and weight
 PAIR_SUMS = ("loss", "examples", "accuracy", "reward_chosen", "reward_rejected", "margin", "logp_chosen",
@@ -49,12 +50,13 @@ def prepare(recipe: Recipe) -> str:
         from megarl.trainers.common import scalar_head_hf_dir
 
         return initial_checkpoint(recipe, "rm", scalar_head_hf_dir(recipe.model.path, recipe.trainer.output_dir,
-                                                                   "sequence", "rm"), "rm_init")
+                                                                   "sequence", "rm", recipe.model.trust_remote_code),
+                                  "rm_init")
     return initial_checkpoint(recipe, recipe.stage)
 
 
 def run(recipe: Recipe) -> int:
-    return run_ranks_and_export(recipe, recipe.stage, train_rank, prepare(recipe))
+    return run_ranks(recipe, recipe.stage, train_rank, prepare(recipe))
 
 
 # ---- data -> packed micro-batches -------------------------------------------------------------
@@ -138,9 +140,13 @@ def pair_objective(output, mb: dict, recipe: Recipe):
         avg_c, avg_r = logp_c / counts[0::2].clamp(min=1), logp_r / counts[1::2].clamp(min=1)
         kind = p.loss_type
         fn = PREFERENCE_LOSSES.get(kind)
+        # each loss takes only its own options (it refuses others); an unset one keeps the loss's default
+        options = {"simpo": {"gamma": p.simpo_gamma}, "sigmoid": {"label_smoothing": p.label_smoothing},
+                   "robust": {"label_smoothing": p.label_smoothing}}.get(kind, {})
+        options = {k: v for k, v in options.items() if v is not None}
         if kind in ("orpo", "simpo"):
-            loss, _ = fn(policy_chosen_avg=avg_c, policy_rejected_avg=avg_r, chosen_nll=-avg_c, beta=p.beta,
-                         gamma=p.simpo_gamma)
+            nll = {"chosen_nll": -avg_c} if kind == "orpo" else {}
+            loss, _ = fn(policy_chosen_avg=avg_c, policy_rejected_avg=avg_r, beta=p.beta, **nll, **options)
             chosen, rejected = p.beta * avg_c.detach(), p.beta * avg_r.detach()
         else:
             ref = mb["ref"]  # [examples, 2 segments, (sum, count)]
@@ -150,7 +156,7 @@ def pair_objective(output, mb: dict, recipe: Recipe):
                 pc, pr = avg_c, avg_r
             else:
                 pc, pr = logp_c, logp_r
-            loss, _ = fn(pc, pr, ref_c, ref_r, beta=p.beta, label_smoothing=p.label_smoothing)
+            loss, _ = fn(pc, pr, ref_c, ref_r, beta=p.beta, **options)
             chosen, rejected = p.beta * (pc - ref_c).detach(), p.beta * (pr - ref_r).detach()
         if p.ftx:
             loss = loss + p.ftx * -avg_c
@@ -364,31 +370,13 @@ class ReferenceLogps:
         return self.score(examples)
 
 
-def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
-    import torch
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
-
+def _datasets(recipe: Recipe, tokenizer, rank0: bool):
+    """(train, eval or None) preference / KTO datasets; rank 0 writes the rejected rows."""
     from megarl.data.preference import PreferenceDataset
-    from megarl.metrics import MetricsLogger
-    from megarl.models.train import TrainState, run_schedule
-    from megarl.trainers.common import (
-        build_options,
-        build_trainable,
-        lr_scheduler,
-        resume_stage,
-        save_stage_checkpoint,
-        stop_requested,
-        total_steps,
-    )
 
     t, p, stage = recipe.trainer, recipe.preference, recipe.stage
-    state = build_trainable(recipe, init_ckpt)
-
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(init_ckpt, "hf"))
     kind = "kto" if stage == "kto" else "preference"
     max_length = recipe.data.max_length or recipe.model.shape.max_position_embeddings
-    rank0 = dist.get_rank() == 0
     rejected = recipe.data.rejected_path or os.path.join(t.output_dir, "rejected_rows.jsonl")
     data = PreferenceDataset(recipe.data.train, kind, tokenizer, max_length, recipe.data.format,
                              recipe.data.on_bad_row, rejected if rank0 else None, margin=p.margin)
@@ -401,108 +389,138 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     if stage == "kto" and rank0:
         print(f"[{stage}] {data.num_desirable} desirable, {len(data) - data.num_desirable} undesirable examples",
               flush=True)
+    return data, eval_data
 
-    batches = _Batches(recipe, tokenizer.pad_token_id)
-    reference = None
-    if p.reference in ("model", "precomputed"):
-        reference = ReferenceLogps(recipe, init_ckpt, build_options(recipe), batches)
-        if p.reference == "precomputed":
-            t0 = time.perf_counter()
-            reference.precompute("train", data)
-            if eval_data is not None:
-                reference.precompute("eval", eval_data)
-            reference.release_model()
-            if rank0:
-                print(f"[{stage}] reference log-probs precomputed in {time.perf_counter() - t0:.1f}s", flush=True)
 
-    objective = partial(kto_objective if stage == "kto" else pair_objective, recipe=recipe)
+class _PreferenceRank:
+    """This rank's trainable model, the reference log-probs and the batching: runs examples through
+    megatron's schedule for training or evaluation and returns the reduced metric sums."""
 
-    def run_examples(split: str, indices: list[int], examples: list, weights: list[float], train: bool):
-        micro, seq, positions = batches.mine(examples, weights)
-        if reference is not None:
-            ref = reference.lookup(split, indices, examples)
-            per = batches.micro
-            for k, mb in enumerate(micro):
-                mb["ref"] = ref[positions[k * per:(k + 1) * per]].float()
-        if p.margin:
-            for k, mb in enumerate(micro):
-                mb["margin"] = torch.tensor([examples[j].margin for j in positions[k * batches.micro:
-                                                                                   (k + 1) * batches.micro]])
-        sink: list = []
-        ts = TrainState(state.models, state.optimizer, state.config)
-        step_fn = partial(_forward_step, objective=objective, sink=sink)
-        if train:
-            run_schedule(ts, micro, seq, forward_step=step_fn)
-        else:
-            with torch.no_grad():
-                run_schedule(ts, micro, seq, forward_only=True, forward_step=step_fn)
+    def __init__(self, recipe: Recipe, init_ckpt: str, tokenizer, data, eval_data):
+        from megarl.trainers.common import build_options, build_trainable
+
+        self.recipe, self.stage = recipe, recipe.stage
+        self.state = build_trainable(recipe, init_ckpt)
+        self.batches = _Batches(recipe, tokenizer.pad_token_id)
+        self.eval_data = eval_data
+        self.objective = partial(kto_objective if self.stage == "kto" else pair_objective, recipe=recipe)
+        self.reference = None
+        if recipe.preference.reference in ("model", "precomputed"):
+            self.reference = ReferenceLogps(recipe, init_ckpt, build_options(recipe), self.batches)
+            if recipe.preference.reference == "precomputed":
+                self._precompute(data, eval_data)
+
+    def _precompute(self, data, eval_data) -> None:
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        self.reference.precompute("train", data)
+        if eval_data is not None:
+            self.reference.precompute("eval", eval_data)
+        self.reference.release_model()
+        if dist.get_rank() == 0:
+            print(f"[{self.stage}] reference log-probs precomputed in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    def _micro_batches(self, split: str, indices: list[int], examples: list, weights: list[float]):
+        import torch
+
+        micro, seq, positions = self.batches.mine(examples, weights)
+        per = self.batches.micro
+        ref = self.reference.lookup(split, indices, examples) if self.reference is not None else None
+        for k, mb in enumerate(micro):
+            mine = positions[k * per:(k + 1) * per]
+            if ref is not None:
+                mb["ref"] = ref[mine].float()
+            if self.recipe.preference.margin:
+                mb["margin"] = torch.tensor([examples[j].margin for j in mine])
+        return micro, seq
+
+    def run(self, split: str, indices: list[int], examples: list, weights: list[float], train: bool):
+        """Metric sums over these examples (a training step's forward/backward when `train`)."""
+        import torch
         from megatron.core import parallel_state as ps
 
-        last = ps.is_pipeline_last_stage(ignore_virtual=True)
-        local = torch.stack(sink).sum(0) if sink else torch.zeros(len(metric_names(stage)), dtype=torch.float64)
-        return _reduce_sums(local.double(), last)
+        from megarl.models.train import TrainState, run_schedule
 
-    def evaluate() -> dict:
-        unit = batches.unit()
-        chunk = max(unit, (recipe.derived.samples_per_step // unit) * unit)
+        micro, seq = self._micro_batches(split, indices, examples, weights)
+        sink: list = []
+        ts = TrainState(self.state.models, self.state.optimizer, self.state.config)
+        step_fn = partial(_forward_step, objective=self.objective, sink=sink)
+        with torch.set_grad_enabled(train):
+            run_schedule(ts, micro, seq, forward_only=not train, forward_step=step_fn)
+        local = torch.stack(sink).sum(0) if sink else torch.zeros(len(metric_names(self.stage)), dtype=torch.float64)
+        return _reduce_sums(local.double(), ps.is_pipeline_last_stage(ignore_virtual=True))
+
+    def evaluate(self) -> dict:
+        """Metrics over the whole eval set, in sweeps padded with weight-0 repeats (they count nowhere)."""
+        unit = self.batches.unit()
+        chunk = max(unit, (self.recipe.derived.samples_per_step // unit) * unit)
         total = None
-        for i in range(0, len(eval_data), chunk):
-            idx = list(range(i, min(i + chunk, len(eval_data))))
-            filler = (-len(idx)) % unit  # weight-0 repeats fill the last sweep; they count nowhere
+        for i in range(0, len(self.eval_data), chunk):
+            idx = list(range(i, min(i + chunk, len(self.eval_data))))
+            filler = (-len(idx)) % unit
             idx_all = idx + [idx[0]] * filler
-            sums = run_examples("eval", idx_all, [eval_data.examples[j] for j in idx_all],
-                                [1.0] * len(idx) + [0.0] * filler, train=False)
+            sums = self.run("eval", idx_all, [self.eval_data.examples[j] for j in idx_all],
+                            [1.0] * len(idx) + [0.0] * filler, train=False)
             total = sums if total is None else total + sums
-        return summarize(stage, total, "eval/")
+        return summarize(self.stage, total, "eval/")
 
+    def optimizer_step(self, step: int) -> dict:
+        ok, grad_norm, _ = self.state.optimizer.step()
+        if not ok:
+            raise FloatingPointError(f"optimizer step skipped at step {step}: non-finite gradients")
+        return {"grad_norm": float(grad_norm), "lr": self.state.optimizer.param_groups[0]["lr"]}
+
+
+def train_rank(recipe: Recipe, init_ckpt: str) -> StageResult:
+    import torch.distributed as dist
+
+    from megarl.data.tokenizer import load_tokenizer
+    from megarl.models.optim import lr_scheduler
+    from megarl.trainers.common import any_rank, resume_stage, save_stage_checkpoint, total_steps
+
+    t, stage = recipe.trainer, recipe.stage
+    rank0 = dist.get_rank() == 0
+    tokenizer = load_tokenizer(recipe.model, os.path.join(init_ckpt, "hf"))
+    data, eval_data = _datasets(recipe, tokenizer, rank0)
+    me = _PreferenceRank(recipe, init_ckpt, tokenizer, data, eval_data)
     steps = total_steps(recipe, len(data))
-    scheduler = lr_scheduler(state.optimizer, recipe, steps)
-    step, sampler, resume_from = resume_stage(recipe, state, scheduler, len(data), stage)
-    ckpt_root = os.path.join(t.output_dir, CKPT_DIR)
-    logger = None
-    if rank0:
-        if not resume_from and os.path.exists(os.path.join(t.output_dir, "metrics.jsonl")):
-            os.remove(os.path.join(t.output_dir, "metrics.jsonl"))  # a fresh run starts a fresh curve
-        logger = MetricsLogger(t.output_dir, recipe.logging.sinks, recipe.logging.project, recipe.logging.run_name,
-                               recipe.logging.wandb_mode)
-    if eval_data is not None and step == 0:
-        record = evaluate()
-        if logger:
-            logger.log(0, record)
-            print(f"[{stage}] step 0 {_brief(record)}", flush=True)
-
-    taken = 0
+    scheduler = lr_scheduler(me.state.optimizer, recipe, steps)
+    step, sampler, _ = resume_stage(recipe, me.state, scheduler, len(data), stage)
+    policy = StagePolicy(recipe, steps, agree=any_rank)
+    logger = open_metrics(recipe, step) if rank0 else None
     try:
+        if eval_data is not None and step == 0:
+            _report(logger, stage, 0, me.evaluate())
         while step < steps:
             t0 = time.perf_counter()
             indices = sampler.take(recipe.derived.samples_per_step)
-            sums = run_examples("train", indices, [data.examples[i] for i in indices], [1.0] * len(indices),
-                                train=True)
-            ok, grad_norm, _ = state.optimizer.step()
-            if not ok:
-                raise FloatingPointError(f"optimizer step skipped at step {step + 1}: non-finite gradients")
+            sums = me.run("train", indices, [data.examples[i] for i in indices], [1.0] * len(indices), train=True)
+            record = {**summarize(stage, sums), **me.optimizer_step(step + 1)}
             scheduler.step(increment=1)
             step += 1
-            taken += 1
-            record = {**summarize(stage, sums), "grad_norm": float(grad_norm),
-                      "lr": state.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 4)}
+            record["seconds"] = round(time.perf_counter() - t0, 4)
             if eval_data is not None and ((t.eval_freq and step % t.eval_freq == 0) or step == steps):
-                record.update(evaluate())
-            if logger:
-                logger.log(step, record)
-                print(f"[{stage}] step {step}/{steps} {_brief(record)}", flush=True)
-            signalled = stop_requested(t.output_dir)
-            stop_now = signalled or (t.max_steps_this_run is not None and taken >= t.max_steps_this_run)
-            if step == steps or stop_now or (t.save_freq and step % t.save_freq == 0):
-                save_stage_checkpoint(state, init_ckpt, os.path.join(ckpt_root, f"step_{step:06d}"),
+                record.update(me.evaluate())
+            _report(logger, stage, step, record, steps)
+            decision = policy.after_step(step)
+            if decision.save:
+                save_stage_checkpoint(me.state, init_ckpt, checkpoint_path(recipe, step),
                                       {"step": step, "sampler": sampler.state_dict(),
                                        "scheduler": scheduler.state_dict()})
-            if stop_now and step < steps:
-                return {"finished": False, "step": step, "steps": steps, "signal": signalled}
+            if decision.stop:
+                return policy.result(step, decision)
     finally:
         if logger:
             logger.close()
-    return {"finished": True, "step": step, "steps": steps}
+    return policy.result(step)
+
+
+def _report(logger, stage: str, step: int, record: dict, steps: int | None = None) -> None:
+    if logger is None:
+        return
+    logger.log(step, record)
+    print(f"[{stage}] step {step}{f'/{steps}' if steps else ''} {_brief(record)}", flush=True)
 
 
 def _brief(record: dict) -> str:

@@ -14,13 +14,13 @@ newest complete one.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 
 from megarl.config.recipe import Recipe
-from megarl.trainers.common import CKPT_DIR, METRICS_FILE, initial_checkpoint, run_ranks_and_export
+from megarl.trainers.common import initial_checkpoint, run_ranks
+from megarl.trainers.runner import StagePolicy, StageResult, checkpoint_path, open_metrics
 
 
 def prepare(recipe: Recipe) -> str:
@@ -30,7 +30,7 @@ def prepare(recipe: Recipe) -> str:
 
 
 def run(recipe: Recipe) -> int:
-    return run_ranks_and_export(recipe, "sft", train_rank, prepare(recipe))
+    return run_ranks(recipe, "sft", train_rank, prepare(recipe))
 
 
 def _padded_length(samples: list, multiple: int) -> int:
@@ -57,29 +57,26 @@ def _microbatches(samples: list, micro: int, pad_id: int, seq: int) -> list[dict
     return out
 
 
-def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
-    import torch
+def train_rank(recipe: Recipe, init_ckpt: str) -> StageResult:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from transformers import AutoTokenizer
 
     from megarl.data.sft import SFTDataset
-    from megarl.models.train import train_step
+    from megarl.data.tokenizer import load_tokenizer
+    from megarl.models.optim import lr_scheduler
     from megarl.trainers.common import (
+        any_rank,
         build_trainable,
-        lr_scheduler,
         resume_stage,
         save_stage_checkpoint,
-        stop_requested,
         total_steps,
     )
 
     t = recipe.trainer
     state = build_trainable(recipe, init_ckpt)
-
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(init_ckpt, "hf"))
-    rejected = (recipe.data.rejected_path or os.path.join(t.output_dir, "rejected_rows.jsonl")
-                if dist.get_rank() == 0 else None)
+    tokenizer = load_tokenizer(recipe.model, os.path.join(init_ckpt, "hf"))
+    rank0 = dist.get_rank() == 0
+    rejected = (recipe.data.rejected_path or os.path.join(t.output_dir, "rejected_rows.jsonl")) if rank0 else None
     max_length = recipe.data.max_length or recipe.model.shape.max_position_embeddings
     data = SFTDataset(recipe.data.train, tokenizer, max_length, recipe.data.format, recipe.data.on_bad_row, rejected)
     if rejected and data.report.rejected:
@@ -87,46 +84,54 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> dict:
     steps = total_steps(recipe, len(data))
     scheduler = lr_scheduler(state.optimizer, recipe, steps)
     step, sampler, _ = resume_stage(recipe, state, scheduler, len(data), "sft")
-    ckpt_root = os.path.join(t.output_dir, CKPT_DIR)
-
-    def save(at_step: int) -> None:
-        save_stage_checkpoint(state, init_ckpt, os.path.join(ckpt_root, f"step_{at_step:06d}"),
-                              {"step": at_step, "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()})
-
+    policy = StagePolicy(recipe, steps, agree=any_rank)
+    logger = open_metrics(recipe, step) if rank0 else None
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    multiple = recipe.parallel.tp * recipe.parallel.cp * 2 if (recipe.parallel.sp or recipe.parallel.cp > 1) else 1
     per_rank = recipe.derived.samples_per_step // dp
-    metrics_path = os.path.join(t.output_dir, METRICS_FILE)
-    taken = 0
-    while step < steps:
-        t0 = time.perf_counter()
-        indices = sampler.take(recipe.derived.samples_per_step)
-        mine = [data.samples[i] for i in indices[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
-        # every DP rank must use the same sequence length (pipeline shapes): agree on the max
-        seq_t = torch.tensor([_padded_length(mine, multiple)])
-        dist.all_reduce(seq_t, op=dist.ReduceOp.MAX)
-        seq = int(seq_t)
-        micro = _microbatches(mine, t.micro_batch_per_rank, tokenizer.pad_token_id, seq)
-        metrics = train_step(state, micro, seq)
-        scheduler.step(increment=1)
-        step += 1
-        taken += 1
-        tokens = torch.tensor([sum(float(m["loss_mask"].sum()) for m in micro)])
-        dist.all_reduce(tokens)
-        if dist.get_rank() == 0:
-            record = {"step": step, **metrics, "lr": state.optimizer.param_groups[0]["lr"],
-                      "trained_tokens": int(tokens.item()) // (ps.get_tensor_model_parallel_world_size()
-                                                                * ps.get_pipeline_model_parallel_world_size()
-                                                                * ps.get_context_parallel_world_size()),
-                      "seconds": round(time.perf_counter() - t0, 4)}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"[sft] step {step}/{steps} loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
-                  f"lr {record['lr']:.2e}", flush=True)
-        signalled = stop_requested(t.output_dir)
-        stop_now = signalled or (t.max_steps_this_run is not None and taken >= t.max_steps_this_run)
-        if step == steps or stop_now or (t.save_freq and step % t.save_freq == 0):
-            save(step)
-        if stop_now and step < steps:
-            return {"finished": False, "step": step, "steps": steps, "signal": signalled}
-    return {"finished": True, "step": step, "steps": steps}
+    try:
+        while step < steps:
+            t0 = time.perf_counter()
+            indices = sampler.take(recipe.derived.samples_per_step)
+            mine = [data.samples[i] for i in indices[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
+            record = _train_on(state, recipe, mine, tokenizer.pad_token_id)
+            scheduler.step(increment=1)
+            step += 1
+            if logger:
+                record.update(lr=state.optimizer.param_groups[0]["lr"], seconds=round(time.perf_counter() - t0, 4))
+                logger.log(step, record)
+                print(f"[sft] step {step}/{steps} loss {record['loss']:.4f} grad_norm {record['grad_norm']:.3f} "
+                      f"lr {record['lr']:.2e}", flush=True)
+            decision = policy.after_step(step)
+            if decision.save:
+                save_stage_checkpoint(state, init_ckpt, checkpoint_path(recipe, step),
+                                      {"step": step, "sampler": sampler.state_dict(),
+                                       "scheduler": scheduler.state_dict()})
+            if decision.stop:
+                return policy.result(step, decision)
+    finally:
+        if logger:
+            logger.close()
+    return policy.result(step)
+
+
+def _train_on(state, recipe: Recipe, mine: list, pad_id: int) -> dict:
+    """One optimizer step on this data-parallel rank's samples -> metrics (loss, grad_norm, trained_tokens)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megarl.models.train import train_step
+
+    p = recipe.parallel
+    multiple = p.tp * p.cp * 2 if (p.sp or p.cp > 1) else 1
+    # every DP rank must use the same sequence length (pipeline shapes): agree on the max
+    seq_t = torch.tensor([_padded_length(mine, multiple)])
+    dist.all_reduce(seq_t, op=dist.ReduceOp.MAX)
+    seq = int(seq_t)
+    micro = _microbatches(mine, recipe.trainer.micro_batch_per_rank, pad_id, seq)
+    metrics = train_step(state, micro, seq)
+    tokens = torch.tensor([sum(float(m["loss_mask"].sum()) for m in micro)])
+    dist.all_reduce(tokens)
+    copies = (ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
+              * ps.get_context_parallel_world_size())  # every model-parallel rank counted the same tokens
+    return {**metrics, "trained_tokens": int(tokens.item()) // copies}

@@ -48,7 +48,11 @@ close = pytest.approx
 
 
 def literal_values(cls, field):
-    return set(typing.get_args(typing.get_type_hints(cls)[field]))
+    """The names a Literal (or Literal | None: unset = a default filled in at load) field allows."""
+    hint = typing.get_type_hints(cls)[field]
+    if typing.get_origin(hint) is not typing.Literal:
+        hint = next(a for a in typing.get_args(hint) if typing.get_origin(a) is typing.Literal)
+    return set(typing.get_args(hint))
 
 
 # ---- registries match the recipe's names ------------------------------------------------------

@@ -229,10 +229,47 @@ def test_unknown_reward_function_suggests_nearest(tmp_path):
                  "reward.functions[0].name", "did you mean 'numeric_match'")
 
 
-def test_lora_reward_model_needs_lora_finetuning(tmp_path):
-    data = merge(GRPO, {"reward": {"reward_model": {"path": "rm", "type": "lora"}}})
-    assert_error(tmp_path, data, "reward.reward_model.type", "finetuning: lora")
-    load_recipe(write(tmp_path, merge(data, {"model": {"finetuning": "lora", "lora_rank": 8}})))
+# ---- options the schema accepts but no code runs yet: refused by name, with file:line -------------
+def not_implemented(tmp_path, data, key):
+    [issue] = [i for i in errors(tmp_path, data) if i.key == key]
+    assert "not implemented yet" in issue.message, str(issue)
+    assert issue.location.startswith(str(tmp_path / "recipe.yaml") + ":"), str(issue)
+    return issue
+
+
+def test_lora_is_refused_until_implemented(tmp_path):
+    issue = not_implemented(tmp_path, merge(GRPO, {"model": {"finetuning": "lora", "lora_rank": 8}}),
+                            "model.finetuning")
+    assert "use finetuning: full" in issue.message
+    issue = not_implemented(tmp_path, merge(GRPO, {"model": {"lora_rank": 8}}), "model.lora_rank")
+    assert "would do nothing" in issue.message  # with full finetuning it is a silent no-op
+    not_implemented(tmp_path, merge(GRPO, {"reward": {"reward_model": {"path": "rm", "type": "lora"}}}),
+                    "reward.reward_model.type")
+    ppo = merge(GRPO, {"stage": "ppo", "rollout": {"n": 1}, "algorithm": {"advantage_estimator": "gae"},
+                       "critic": {"path": "c", "finetuning": "lora"}})
+    not_implemented(tmp_path, ppo, "critic.finetuning")
+
+
+def test_remax_is_refused_until_implemented(tmp_path):
+    issue = not_implemented(tmp_path, merge(GRPO, {"algorithm": {"advantage_estimator": "remax"}}),
+                            "algorithm.advantage_estimator")
+    assert "greedy baseline" in issue.message
+
+
+def test_kl_in_the_reward_needs_a_coefficient(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"algorithm": {"kl": {"placement": "reward"}}}),
+                 "algorithm.kl.placement", "kl.coef 0")
+    load_recipe(write(tmp_path, merge(GRPO, {"algorithm": {"kl": {"placement": "reward", "coef": 0.01}}})))
+
+
+def test_model_tokenizer_must_be_an_existing_directory(tmp_path):
+    missing = str(tmp_path / "no_tokenizer")
+    issues = errors(tmp_path, merge(GRPO, {"model": {"tokenizer": missing}}))
+    [issue] = [i for i in issues if i.key == "model.tokenizer"]
+    assert missing in issue.message and issue.location.startswith(str(tmp_path / "recipe.yaml") + ":")
+    (tmp_path / "tok").mkdir()
+    r = load_recipe(write(tmp_path, merge(GRPO, {"model": {"tokenizer": str(tmp_path / "tok")}})))
+    assert r.model.tokenizer == str(tmp_path / "tok") and r.model.trust_remote_code is False
 
 
 def test_layout_must_match_gpus(tmp_path):
@@ -303,33 +340,34 @@ def test_weight_sync_options(tmp_path):
         "bucket_mb": 256, "verify_logprobs": True}}})))
     assert r.rollout.weight_sync.bucket_mb == 256 and r.rollout.weight_sync.verify_logprobs
     assert r.rollout.quantization == "fp8"
-    assert r.rollout.weight_sync.transport == "broadcast"         # auto: FP8 needs whole tensors
+    from megarl.sync.choice import resolve_transport
+
+    assert resolve_transport(r) == "broadcast"         # auto: FP8 needs whole tensors
 
 
-def test_weight_sync_transport_resolves_once_at_load(tmp_path, monkeypatch):
-    from megarl.config.validate import sync_transport
+def test_weight_sync_transport_auto_is_settled_by_the_run_and_impossible_choices_refused(tmp_path, monkeypatch):
+    from megarl.sync.choice import resolve_transport, transport_for
 
     monkeypatch.delenv("MEGARL_DEVICE", raising=False)
-    # device auto: only torch knows, so validation (torch-free) leaves it to the driver's same rule
+    # auto depends on the device the run gets: validation (torch-free) leaves it to the driver
     assert load_recipe(write(tmp_path, GRPO)).rollout.weight_sync.transport == "auto"
-    assert sync_transport("auto", True, 1, None) == "shared_memory"
-    assert sync_transport("auto", False, 1, None) == "broadcast"
-    assert sync_transport("broadcast", True, 1, None) == "broadcast"
-    monkeypatch.setenv("MEGARL_DEVICE", "cpu")
-    assert load_recipe(write(tmp_path, GRPO)).rollout.weight_sync.transport == "shared_memory"
-    monkeypatch.delenv("MEGARL_DEVICE")
+    assert transport_for(cpu=True, nodes=1, quantization=None) == "shared_memory"
+    assert transport_for(cpu=False, nodes=1, quantization=None) == "broadcast"   # NCCL by default on GPUs
+    assert transport_for(cpu=True, nodes=2, quantization=None) == "broadcast"
+    assert transport_for(cpu=True, nodes=1, quantization="fp8") == "broadcast"
     cpu = merge(GRPO, {"cluster": {"device": "cpu"}})
-    assert load_recipe(write(tmp_path, cpu)).rollout.weight_sync.transport == "shared_memory"
+    assert resolve_transport(load_recipe(write(tmp_path, cpu))) == "shared_memory"
+    monkeypatch.setenv("MEGARL_DEVICE", "cpu")
+    assert resolve_transport(load_recipe(write(tmp_path, GRPO))) == "shared_memory"
+    monkeypatch.delenv("MEGARL_DEVICE")
     two_nodes = merge(cpu, {"cluster": {"nodes": 2, "gpus_per_node": 2}})
-    assert load_recipe(write(tmp_path, two_nodes)).rollout.weight_sync.transport == "broadcast"
-    assert load_recipe(write(tmp_path, merge(cpu, {"rollout": {"weight_sync": {"transport": "broadcast"}}}))
-                       ).rollout.weight_sync.transport == "broadcast"
+    assert resolve_transport(load_recipe(write(tmp_path, two_nodes))) == "broadcast"
+    assert resolve_transport(load_recipe(write(tmp_path, merge(cpu, {"rollout": {"weight_sync": {
+        "transport": "broadcast"}}})))) == "broadcast"
     assert_error(tmp_path, merge(two_nodes, {"rollout": {"weight_sync": {"transport": "shared_memory"}}}),
                  "rollout.weight_sync.transport", "cluster.nodes is 2")
-    gpu = merge(GRPO, {"cluster": {"device": "cuda"}})
-    assert load_recipe(write(tmp_path, gpu)).rollout.weight_sync.transport == "broadcast"   # NCCL by default
-    ipc = merge(gpu, {"rollout": {"weight_sync": {"transport": "shared_memory"}}})
-    assert load_recipe(write(tmp_path, ipc)).rollout.weight_sync.transport == "shared_memory"   # opt-in
+    ipc = merge(GRPO, {"cluster": {"device": "cuda"}, "rollout": {"weight_sync": {"transport": "shared_memory"}}})
+    assert resolve_transport(load_recipe(write(tmp_path, ipc))) == "shared_memory"   # opt-in
 
 
 def test_dapo_options(tmp_path):
@@ -370,15 +408,46 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     assert "rollout.n" in err and "parallel.tp" in err
 
 
-def test_plan_grpo_70b_fits_and_explains(capsys, monkeypatch):
+def test_plan_adds_up_every_role_resident_on_a_colocated_gpu(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert cli(["plan", "configs/grpo_70b.yaml"]) == 0
+    # no offload and no engine sleep today: actor + reference + engine share each GPU for the whole run
+    assert cli(["plan", "configs/grpo_70b.yaml"]) == 2
     out = capsys.readouterr().out
     assert "8 nodes × 8 GPUs" in out and "70.55B parameters" in out
-    for role in ("actor", "reference", "rollout"):
+    for role in ("actor", "reference", "rollout"):  # each alone fits; together they do not
         assert any(line.strip().startswith(role) and line.rstrip().split()[7] == "yes"
                    for line in out.splitlines()), role
+    assert "every GPU (colocated): actor + reference + rollout = 100.0 GiB  DOES NOT FIT" in out
+    assert "rollout.gpu_memory_utilization <= 0.35" in out
+    assert "does not place roles by cluster.placement yet" in out
+    assert "offloaded during" not in out and "time-share" not in out
     assert "how each number is computed" in out and "Korthikanti" in out
+    assert cli(["plan", "configs/grpo_70b.yaml", "--set", "rollout.gpu_memory_utilization=0.3"]) == 0
+    assert "actor + reference + rollout = 76.0 GiB  fits" in capsys.readouterr().out
+
+
+def test_plan_separate_pools_and_the_reward_model(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert cli(["plan", "configs/ppo_8b.yaml"]) == 2
+    out = capsys.readouterr().out
+    assert "training GPUs (separate): actor + reference + critic + reward_model = 107.8 GiB  DOES NOT FIT" in out
+    assert "rollout GPUs (separate): rollout = 52.0 GiB  fits" in out
+    assert "shape assumed = the actor's" in out and "does not place roles by cluster.placement yet" in out
+    cli(["plan", "configs/ppo_8b.yaml", "--set", "cluster.placement.reward_model_gpus=4"])
+    assert "reward-model GPUs (separate): reward_model = " in capsys.readouterr().out
+
+
+def test_plan_counts_one_runtime_overhead_per_process(monkeypatch):
+    from megarl.config.plan import OVERHEAD_GIB, gpu_pools, memory_table
+
+    monkeypatch.chdir(ROOT)
+    dpo = load_recipe("configs/dpo_70b.yaml")
+    [(_, members, gib)] = gpu_pools(dpo, memory_table(dpo)[0])
+    assert [m.role for m in members] == ["actor", "reference"]  # the reference lives in the actor's process
+    assert gib == pytest.approx(sum(m.total for m in members) - OVERHEAD_GIB)
+    grpo = load_recipe("configs/grpo_70b.yaml")
+    [(_, members, gib)] = gpu_pools(grpo, memory_table(grpo)[0])
+    assert gib == pytest.approx(sum(m.total for m in members))  # RL roles are separate processes
 
 
 def test_plan_flags_a_role_that_does_not_fit(capsys, monkeypatch):
@@ -412,3 +481,57 @@ def test_error_in_an_inherited_value_points_at_the_base_file(tmp_path):
     write(tmp_path, {"rollout": {"top_p": 1.5}}, "base.yaml")
     [issue] = errors(tmp_path, merge(GRPO, {"defaults": ["base.yaml"]}))
     assert issue.key == "rollout.top_p" and issue.location.endswith("base.yaml:2")
+
+
+# ---- per-loss defaults and options -----------------------------------------------------------------
+def test_policy_loss_paper_defaults_fill_unset_keys_once_at_load(tmp_path, monkeypatch):
+    want = {"ppo": (0.2, 0.2, "token-mean"), "gspo": (3e-4, 4e-4, "seq-mean-token-mean"),
+            "cispo": (1.0, 0.28, "token-mean")}
+    for loss, expected in want.items():
+        a = load_recipe(write(tmp_path, merge(GRPO, {"algorithm": {"policy_loss": loss}}))).algorithm
+        assert (a.clip_ratio_low, a.clip_ratio_high, a.loss_agg_mode) == expected, loss
+    explicit = {"policy_loss": "gspo", "clip_ratio_high": 0.01, "loss_agg_mode": "token-mean"}
+    a = load_recipe(write(tmp_path, merge(GRPO, {"algorithm": explicit}))).algorithm
+    assert (a.clip_ratio_low, a.clip_ratio_high, a.loss_agg_mode) == (3e-4, 0.01, "token-mean")
+    monkeypatch.chdir(ROOT)  # the shipped recipes behave as before: base/grpo.yaml's clip-higher, ppo's 0.2
+    a = load_recipe("configs/tiny/grpo_cpu.yaml").algorithm
+    assert (a.clip_ratio_low, a.clip_ratio_high, a.loss_agg_mode) == (0.2, 0.28, "token-mean")
+    a = load_recipe("configs/tiny/ppo_cpu.yaml").algorithm
+    assert (a.clip_ratio_low, a.clip_ratio_high, a.loss_agg_mode) == (0.2, 0.2, "token-mean")
+
+
+def test_dual_clip_only_with_the_ppo_loss(tmp_path):
+    assert_error(tmp_path, merge(GRPO, {"algorithm": {"policy_loss": "gspo", "dual_clip": 3.0}}),
+                 "algorithm.dual_clip", "only the ppo loss")
+    assert load_recipe(write(tmp_path, merge(GRPO, {"algorithm": {"dual_clip": 3.0}}))).algorithm.dual_clip == 3.0
+
+
+def test_preference_options_refused_for_losses_that_do_not_use_them(tmp_path):
+    for loss in ("hinge", "ipo", "orpo", "simpo"):
+        data = merge(DPO, {"preference": {"loss_type": loss, "label_smoothing": 0.1}})
+        issue = next(i for i in errors(tmp_path, data) if i.key == "preference.label_smoothing")
+        assert f"loss_type {loss!r} does not use label_smoothing" in issue.message
+        assert issue.location.startswith(str(tmp_path / "recipe.yaml") + ":")
+    kto = merge(DPO, {"stage": "kto", "preference": {"loss_type": "kto", "label_smoothing": 0.1}})
+    assert_error(tmp_path, kto, "preference.label_smoothing", "'kto' does not use")
+    rm = merge(DPO, {"stage": "rm", "preference": {"label_smoothing": 0.1}})
+    assert_error(tmp_path, rm, "preference.label_smoothing", "Bradley-Terry")
+    assert_error(tmp_path, merge(DPO, {"preference": {"simpo_gamma": 1.0}}), "preference.simpo_gamma",
+                 "loss_type 'sigmoid' does not use simpo_gamma")
+    harmless = merge(DPO, {"preference": {"loss_type": "hinge", "label_smoothing": 0.0}})
+    assert load_recipe(write(tmp_path, harmless)).preference.label_smoothing == 0.0
+
+
+def test_preference_options_default_per_loss(tmp_path):
+    def pref(**p):
+        return load_recipe(write(tmp_path, merge(DPO, {"preference": p}))).preference
+
+    assert (pref().label_smoothing, pref().simpo_gamma) == (0.0, None)
+    assert pref(loss_type="robust").label_smoothing == 0.1  # robust DPO's flip rate, not 0 (= plain DPO)
+    assert pref(loss_type="robust", label_smoothing=0.2).label_smoothing == 0.2
+    assert pref(loss_type="simpo").simpo_gamma == 0.5 and pref(loss_type="simpo", simpo_gamma=1.0).simpo_gamma == 1.0
+    assert pref(loss_type="hinge").label_smoothing == 0.0
+    assert pref().beta == 0.1 and pref(loss_type="simpo").beta == 2.0   # SimPO's β, not DPO's
+    assert pref(loss_type="simpo", beta=2.5).beta == 2.5
+    rm = merge(DPO, {"stage": "rm", "preference": {"beta": 0.3}})
+    assert_error(tmp_path, rm, "preference.beta", "does not use beta")

@@ -74,8 +74,10 @@ def _expected_pair_loss(loss_type, logps, ref):
     if loss_type == "sigmoid_ftx":  # + 0.5 × the chosen response's token-mean NLL
         return _expected_pair_loss("sigmoid", logps, ref) + 0.5 * float((-avg_c).mean())
     fn = PREFERENCE_LOSSES.get(loss_type)
-    if loss_type in ("orpo", "simpo"):
+    if loss_type == "orpo":
         loss, _ = fn(policy_chosen_avg=avg_c, policy_rejected_avg=avg_r, chosen_nll=-avg_c, beta=BETA)
+    elif loss_type == "simpo":
+        loss, _ = fn(policy_chosen_avg=avg_c, policy_rejected_avg=avg_r, beta=BETA)
     elif loss_type == "ipo":
         loss, _ = fn(avg_c, avg_r, rc / ref[:, 0, 1], rr / ref[:, 1, 1], beta=BETA)
     else:

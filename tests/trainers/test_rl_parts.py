@@ -4,10 +4,9 @@ trajectory batch puts each generated token's mask and rollout log-prob on its la
 import pytest
 import torch
 
-from megarl.algorithms.losses import LOSS_AGGREGATIONS, aggregate_loss
+from megarl.algorithms.losses import LOSS_AGGREGATIONS, aggregate_loss, loss_weights
 from megarl.rollout.agent import Trajectory
 from megarl.rollout.batch import TrajectoryBatch
-from megarl.trainers.rl import loss_weights
 
 
 @pytest.mark.parametrize("mode", LOSS_AGGREGATIONS)

@@ -1,0 +1,299 @@
+"""GRPO / PPO-family RL on Ray: the driver loop.
+
+    prompts ─► rollout fleet (vLLM, multi-turn tools) ─► rewards (components) ─► old / ref log-probs
+      (and values) ─► advantages (registry) ─► ppo_epochs × mini-batches of actor (and critic)
+      updates ─► weight sync ─► metrics, checkpoint
+
+`RLDriver.__init__` reads the inputs; `start` brings up the actor gang (one megatron rank per Ray
+actor), the frozen reference gang when KL needs one, the critic (PPO), a reward-model gang, and
+the rollout fleet joined to the actor in one weight-sync group. `train` is the loop; each phase
+of `step` is a named function of `step.py`. The driver holds the data position, the KL controller
+and the step; a checkpoint stores them with the actor's (and critic's) model, optimizer, LR
+schedule and RNG states, and `trainer.resume: auto` continues from the newest complete one (the
+engines are re-synced to the resumed weights before the first rollout). Every rollout is stamped
+with the weight version that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from megarl.config.recipe import Recipe
+from megarl.metrics import PhaseTimer
+from megarl.trainers.common import critic_hf_dir, initial_checkpoint
+from megarl.trainers.rl import step as phases
+from megarl.trainers.rl.gangs import TAG, Gang, WeightSync, build_fleet, engine_model_dir, start_ray
+from megarl.trainers.runner import (
+    StagePolicy,
+    StageResult,
+    checkpoint_path,
+    open_metrics,
+    resume_checkpoint,
+    run_stage,
+)
+
+CRITIC_CKPT_DIR = "critic_checkpoints"
+
+
+def run(recipe: Recipe) -> int:
+    def body() -> StageResult:
+        driver = RLDriver(recipe)
+        try:
+            driver.start()
+            return driver.train()
+        finally:
+            driver.close()
+
+    return run_stage(recipe, TAG, body)
+
+
+@dataclass
+class RLInputs:
+    """What the driver reads before any worker starts."""
+
+    init: str                 # the actor's starting megatron checkpoint
+    hf_cfg: dict
+    tokenizer: object
+    tools: object             # ToolExecutor or None
+    data: object              # PromptDataset
+    eval_data: object         # PromptDataset or None
+
+
+def load_inputs(recipe: Recipe) -> RLInputs:
+    from megarl.data.prompts import PromptDataset
+    from megarl.data.tokenizer import load_tokenizer
+    from megarl.models.hf_config import read_hf_config
+    from megarl.rollout.tool_spec import load_tool_specs
+    from megarl.rollout.tools import ToolExecutor
+
+    ro, mt = recipe.rollout, recipe.rollout.multi_turn
+    init = initial_checkpoint(recipe, TAG)
+    tokenizer = load_tokenizer(recipe.model, os.path.join(init, "hf"))
+    tools = ToolExecutor(load_tool_specs(mt.tools)) if mt and mt.tools else None
+
+    def prompts(path):
+        return PromptDataset(path, tokenizer, ro.max_prompt_length, tools=set(tools.specs) if tools else None,
+                             fmt=recipe.data.format, on_bad_row=recipe.data.on_bad_row,
+                             extra_tools=tools.schemas() if tools else None)
+
+    data = prompts(recipe.data.train)
+    if data.report.rejected:
+        print(f"[{TAG}] {data.report.render()}", flush=True)
+    eval_data = prompts(recipe.data.eval) if recipe.data.eval else None
+    return RLInputs(init, read_hf_config(os.path.join(init, "hf")), tokenizer, tools, data, eval_data)
+
+
+class RLDriver:
+    def __init__(self, recipe: Recipe):
+        from megarl.algorithms.kl import make_kl_controller
+        from megarl.data.sampler import EpochSampler
+
+        self.recipe = recipe
+        t, k = recipe.trainer, recipe.algorithm.kl
+        os.makedirs(t.output_dir, exist_ok=True)
+        self.inputs = load_inputs(recipe)
+        self.sampler = EpochSampler(len(self.inputs.data), recipe.data.seed, recipe.data.shuffle)
+        self.kl_ctl = make_kl_controller(k.controller, k.coef, k.target, k.horizon)
+        self.step_count = 0
+        self.actor = self.reference = self.critic = self.reward_model = self.fleet = None
+        self.logger = None
+
+    # ---- bring-up ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Gangs, rewards, engines, the sync group; then resume and the per-run helpers."""
+        from megarl.reward.engine import RewardEngine
+        from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD
+
+        r, init = self.recipe, self.inputs.init
+        start_ray()
+        threads = max(1, (os.cpu_count() or 1) // r.derived.train_world_size)
+        self.actor = Gang(r, init, ACTOR, threads)
+        if r.algorithm.kl.coef > 0:
+            self.reference = Gang(r, init, REFERENCE, threads)
+        if r.algorithm.advantage_estimator == "gae":
+            self.critic = Gang(r, initial_checkpoint(r, TAG, critic_hf_dir(r, TAG), "critic_init"), CRITIC, threads)
+        if r.reward.reward_model:
+            rm_init = initial_checkpoint(r, TAG, r.reward.reward_model.path, "reward_model_init")
+            self.reward_model = Gang(r, rm_init, REWARD, threads)
+        scorer = self.reward_model.reward_scorer(r.derived.dp) if self.reward_model else None
+        self.rewards = RewardEngine(r.reward, scorer)
+        self.fleet = build_fleet(r, engine_model_dir(r, init))
+        self.sync = WeightSync(r, self.actor, self.fleet, self.inputs.hf_cfg)
+        self._resume()
+        self.logger = open_metrics(r, self.step_count)
+        self.agent = self._agent_loop()
+        self.verify_seqs = self._verification_sequences()
+
+    def _resume(self) -> None:
+        from megarl.data.sampler import EpochSampler
+
+        path = resume_checkpoint(self.recipe)
+        if not path:
+            return
+        state = self.actor.call("load", path)[0]
+        if self.critic is not None:  # written before the actor's, so it exists whenever the actor's does
+            self.critic.call("load", checkpoint_path(self.recipe, state["step"], CRITIC_CKPT_DIR))
+        d = self.recipe.data
+        self.step_count = state["step"]
+        self.sampler = EpochSampler.from_state(len(self.inputs.data), d.seed, d.shuffle, state["sampler"])
+        self.kl_ctl.load_state_dict(state["kl"])
+        print(f"[{TAG}] resumed from {path} at step {self.step_count}", flush=True)
+        self.sync.push(self.step_count)  # the engines start from the initial model: give them these weights
+
+    def _agent_loop(self):
+        from megarl.rollout.agent import AgentLoop
+
+        ro, mt = self.recipe.rollout, self.recipe.rollout.multi_turn
+        return AgentLoop(self.fleet, self.inputs.tokenizer, self.inputs.tools, mt.tool_call_format if mt else "hermes",
+                         mt.max_turns if mt else 1,
+                         mt.max_total_tokens if mt else ro.max_prompt_length + ro.max_response_length,
+                         mt.max_tool_output_tokens if mt else 512)
+
+    def _verification_sequences(self):
+        if not self.recipe.rollout.weight_sync.verify_logprobs:
+            return None
+        from megarl.sync.verify import verification_sequences
+
+        return verification_sequences(self.inputs.hf_cfg["vocab_size"], count=self.recipe.derived.dp,
+                                      length=16 * phases.sequence_multiple(self.recipe))
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self) -> StageResult:
+        from megarl.metrics import ProgressBar, SampleWriter
+
+        t = self.recipe.trainer
+        samples = SampleWriter(t.output_dir, self.recipe.logging.samples_every)
+        bar = ProgressBar(t.steps, self.step_count)
+        policy = StagePolicy(self.recipe, t.steps)
+        if t.eval_freq and self.step_count == 0:
+            self.logger.log(0, self.evaluate(0))
+        while self.step_count < t.steps:
+            metrics, rollouts = self.step()
+            if t.eval_freq and (self.step_count % t.eval_freq == 0 or self.step_count == t.steps):
+                metrics.update(self.evaluate(self.step_count))
+            self.logger.log(self.step_count, metrics)
+            samples.maybe_write(self.step_count, rollouts.trajectories, rollouts.results, self.inputs.tokenizer)
+            bar.update({"reward": metrics.get("reward/mean", 0.0), "s": metrics["timing/step_s"]})
+            self._print(metrics)
+            decision = policy.after_step(self.step_count)
+            if decision.save:
+                self.checkpoint(self.step_count)
+            if decision.stop:
+                return policy.result(self.step_count, decision)
+        bar.close()
+        return policy.result(self.step_count)
+
+    def step(self):
+        """One RL step, phase by phase -> (metrics, the rollouts it trained on)."""
+        timer, r = PhaseTimer(), self.recipe
+        t_step, engine_before = time.perf_counter(), self.fleet.engine_seconds
+        with timer.phase("rollout"):
+            rollouts = phases.collect_rollouts(r, self.step_count, self.sampler_take, self.agent.run, self.score)
+        with timer.phase("reward"):
+            batch, reward_m = phases.build_batch(r, rollouts, self.inputs.tokenizer.pad_token_id)
+        logprob_m, compute = self.score_batch(batch, timer)
+        with timer.phase("advantage"):
+            plan = phases.compute_advantages(r, batch, self.kl_ctl.coef)
+        with timer.phase("update"):
+            update_m = self.update(batch, plan)
+        self.step_count += 1
+        with timer.phase("sync"):
+            sync_m = self.sync.push(self.step_count, self.verify_seqs)
+        if self.reference is not None:
+            self.kl_ctl.update(logprob_m.get("kl/ref_mean", 0.0), batch.size)
+        timings = self._timings(timer, rollouts, t_step, self.fleet.engine_seconds - engine_before,
+                                compute + update_m["timing/update_compute_s"])
+        entropy = logprob_m.pop("entropy")
+        return phases.step_metrics(batch, rollouts, timings, entropy, reward_m, update_m, logprob_m,
+                                   plan.metrics, sync_m), rollouts
+
+    # ---- phases that call the gangs ----------------------------------------------------------
+    def sampler_take(self, k: int) -> list:
+        return [self.inputs.data[i] for i in self.sampler.take(k)]
+
+    def score(self, trajectories: list, metadata: list[dict]) -> list:
+        from megarl.reward.functions import TrajectoryView
+
+        views = [TrajectoryView.from_trajectory(x) for x in trajectories]
+        return self.rewards.score_batch(views, metadata, [x.prompt_ids + x.response_ids for x in trajectories])[0]
+
+    def score_batch(self, batch, timer: PhaseTimer) -> tuple[dict, float]:
+        """Old (and reference) log-probs and critic values into the batch -> (metrics with the
+        rollout's entropy, model compute seconds inside the workers)."""
+        model_in = {"tokens": batch.tokens, "mask": batch.mask}
+        with timer.phase("old_logprobs"):
+            old = self.actor.logprobs(model_in, with_entropy=True)
+        batch.old_logp = old["logp"] * batch.mask
+        metrics, compute = {"entropy": old["entropy"]}, old["seconds"]
+        if self.reference is not None:
+            with timer.phase("ref_logprobs"):
+                ref = self.reference.logprobs(model_in)
+            batch.ref_logp = ref["logp"] * batch.mask
+            metrics.update(phases.reference_kl(self.recipe, batch, self.kl_ctl.coef))
+            compute += ref["seconds"]
+        if self.critic is not None:
+            with timer.phase("values"):
+                vals = self.critic.gather("compute_values", model_in)
+            batch.values = vals["values"] * batch.mask
+            compute += vals["seconds"]
+        return metrics, compute
+
+    def update(self, batch, plan: phases.UpdatePlan) -> dict:
+        from megarl.algorithms.masked import masked_mean
+
+        minibatches = self.recipe.derived.minibatches_per_step
+        metrics = self.actor.call("update", phases.update_inputs(batch, plan), minibatches, self.kl_ctl.coef)[0]
+        if self.critic is not None:
+            metrics.update(self.critic.call("update_critic", phases.critic_inputs(batch), minibatches)[0])
+            metrics["critic/values_mean"] = float(masked_mean(batch.values, batch.mask))
+        return metrics
+
+    def evaluate(self, at: int) -> dict:
+        """Task metrics of one greedy-seeded sample per held-out prompt (eval/*)."""
+        if self.inputs.eval_data is None:
+            return {}
+        t0 = time.perf_counter()
+        prompts = self.inputs.eval_data.prompts
+        sampling = phases.sampling_for(self.recipe, at, n=1, seed_offset=10_000)
+        trajs = [g[0] for g in self.agent.run([p.prompt_ids for p in prompts], sampling)]
+        from megarl.reward.engine import reward_summary
+
+        m = reward_summary(self.score(trajs, [p.metadata for p in prompts]))
+        out = {f"eval/{k.split('/', 1)[1]}": v for k, v in m.items()}
+        out["eval/seconds"] = time.perf_counter() - t0
+        return out
+
+    def checkpoint(self, at: int) -> None:
+        if self.critic is not None:
+            self.critic.call("save", checkpoint_path(self.recipe, at, CRITIC_CKPT_DIR), {"step": at})
+        self.actor.call("save", checkpoint_path(self.recipe, at),
+                        {"step": at, "sampler": self.sampler.state_dict(), "kl": self.kl_ctl.state_dict()})
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    @staticmethod
+    def _timings(timer: PhaseTimer, rollouts, t_step: float, engine_s: float, compute: float) -> dict:
+        out = dict(timer.seconds)
+        # the reward calls made while collecting belong to the reward phase, not the rollout
+        out["timing/rollout_s"] -= rollouts.reward_seconds
+        out["timing/reward_s"] += rollouts.reward_seconds
+        out["timing/engine_generate_s"] = engine_s
+        out["timing/step_s"] = time.perf_counter() - t_step
+        out["timing/model_compute_s"] = engine_s + compute
+        out["timing/overhead_fraction"] = max(0.0, 1.0 - out["timing/model_compute_s"] / out["timing/step_s"])
+        return out
+
+    def _print(self, m: dict) -> None:
+        print(f"[{TAG}] step {self.step_count}/{self.recipe.trainer.steps} reward {m.get('reward/mean', 0.0):.3f} "
+              f"task {m.get('reward/task', 0.0):.3f} turns {m['rollout/turns_mean']:.2f} "
+              f"pg {m['actor/pg_loss']:.4f} {m['timing/step_s']:.1f}s", flush=True)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+        for gang in (self.actor, self.reference, self.critic, self.reward_model):
+            if gang is not None:
+                gang.shutdown()
+        if self.fleet is not None:
+            self.fleet.shutdown()

@@ -1,0 +1,251 @@
+"""The phases of one RL step as functions of plain inputs, so each is testable without Ray, vLLM or
+megatron (tests pass a fake `generate` and a fake `score`):
+
+    collect_rollouts   prompts -> groups of trajectories with rewards (DAPO refill, overlong shaping)
+    build_batch        kept groups -> `TrajectoryBatch` (failed rewards and filtered samples masked out)
+    reference_kl       old vs reference log-probs -> KL metrics
+    compute_advantages scores / token rewards / values -> advantages, returns, rollout correction,
+                       per-token loss weights of each mini-batch
+    update_inputs      what the actor's `update` receives
+    step_metrics       the step's metrics in one dict
+
+The driver (`driver.py`) calls them in this order and owns everything stateful.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from megarl.config.recipe import Recipe
+
+
+@dataclass
+class Group:
+    """One prompt's samples with their rewards."""
+
+    prompt: object                  # a PromptRow (prompt_ids, metadata)
+    trajectories: list
+    results: list                   # RewardResult per trajectory
+    scores: torch.Tensor            # [n] scalar reward (+ overlong shaping)
+    informative: bool               # rewards not all equal (DAPO dynamic sampling keeps these)
+
+
+@dataclass
+class Rollouts:
+    """The groups a step trains on, in order, and how they were collected."""
+
+    groups: list[Group]
+    rounds: int = 0
+    first_round_informative: float = 1.0
+    reward_seconds: float = 0.0
+
+    @property
+    def trajectories(self) -> list:
+        return [x for g in self.groups for x in g.trajectories]
+
+    @property
+    def group_ids(self) -> list[int]:
+        return [i for i, g in enumerate(self.groups) for _ in g.trajectories]
+
+    @property
+    def results(self) -> list:
+        return [r for g in self.groups for r in g.results]
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return torch.cat([g.scores for g in self.groups])
+
+
+def sampling_for(recipe: Recipe, step: int, round_: int = 0, n: int | None = None, seed_offset: int = 0):
+    """The step's sampling settings; the seed differs per step and per refill round (the engine
+    derives each request's seed from it and the prompt)."""
+    from megarl.rollout.engine import SamplingConfig
+
+    ro = recipe.rollout
+    return SamplingConfig(n=ro.n if n is None else n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                          max_tokens=ro.max_response_length,
+                          seed=recipe.trainer.seed + seed_offset + 1000 * round_ + step)
+
+
+def collect_rollouts(recipe: Recipe, step: int, take: Callable[[int], list], generate: Callable,
+                     score: Callable) -> Rollouts:
+    """`prompts_per_step` groups of `rollout.n` samples. With DAPO dynamic sampling, groups whose
+    rewards are all equal (no learning signal) are set aside and up to
+    `dynamic_sampling_max_rounds` extra rounds sample fresh prompts to replace them; if still
+    short, set-aside groups fill the batch (zero advantage) so its size stays fixed.
+
+    take(k) -> k prompt rows; generate(prompt_ids, sampling) -> groups of trajectories;
+    score(trajectories, metadata) -> one RewardResult per trajectory."""
+    a, want = recipe.algorithm, recipe.trainer.prompts_per_step
+    kept: list[Group] = []
+    spare: list[Group] = []
+    out = Rollouts([])
+    candidates = take(want)
+    while True:
+        groups = generate([p.prompt_ids for p in candidates], sampling_for(recipe, step, out.rounds))
+        t0 = time.perf_counter()
+        scored = score_groups(recipe, candidates, groups, score)
+        out.reward_seconds += time.perf_counter() - t0
+        if out.rounds == 0:
+            out.first_round_informative = sum(g.informative for g in scored) / max(len(scored), 1)
+        for g in scored:
+            (kept if g.informative or not a.dynamic_sampling else spare).append(g)
+        short = want - len(kept)
+        if short <= 0 or out.rounds >= a.dynamic_sampling_max_rounds:
+            break
+        out.rounds += 1
+        candidates = take(short)
+    out.groups = (kept + spare[:max(0, want - len(kept))])[:want]
+    return out
+
+
+def score_groups(recipe: Recipe, prompts: list, groups: list[list], score: Callable) -> list[Group]:
+    """Rewards of every sample (one batched call), DAPO's overlong shaping, and which groups carry
+    a learning signal."""
+    from megarl.algorithms.filtering import informative_groups, overlong_penalty
+
+    ro, ov = recipe.rollout, recipe.algorithm.overlong
+    flat = [x for g in groups for x in g]
+    gids = [i for i, g in enumerate(groups) for _ in g]
+    results = score(flat, [prompts[i].metadata for i in gids])
+    scores = torch.tensor([r.scalar for r in results], dtype=torch.float32)
+    if ov.mode == "shaping":
+        lengths = torch.tensor([len(x.response_ids) for x in flat])
+        scores = scores + overlong_penalty(lengths, ro.max_response_length, ov.buffer, ov.penalty)
+    informative = informative_groups(scores, torch.tensor(gids))
+    out = []
+    for i, (prompt, trajs) in enumerate(zip(prompts, groups)):
+        rows = [j for j, gid in enumerate(gids) if gid == i]
+        out.append(Group(prompt, trajs, [results[j] for j in rows], scores[rows], bool(informative[rows[0]])))
+    return out
+
+
+def sequence_multiple(recipe: Recipe) -> int:
+    """Model inputs are padded to a multiple of this (sequence- and context-parallel splits)."""
+    p = recipe.parallel
+    return p.tp * p.cp * 2 if (p.sp or p.cp > 1) else 1
+
+
+def build_batch(recipe: Recipe, rollouts: Rollouts, pad_id: int):
+    """(TrajectoryBatch, reward metrics). Samples whose reward failed are left out of the update
+    (and reported); with DAPO overlong filtering, truncated samples are too (they teach nothing
+    about the answer)."""
+    from megarl.reward.engine import reward_summary
+    from megarl.rollout.batch import TrajectoryBatch
+
+    a = recipe.algorithm
+    trajs, results = rollouts.trajectories, rollouts.results
+    batch = TrajectoryBatch.from_trajectories(trajs, rollouts.group_ids, pad_id, sequence_multiple(recipe))
+    batch.scores = rollouts.scores
+    batch.reward_failed = [r.failed for r in results]
+    batch.mask[torch.tensor(batch.reward_failed, dtype=torch.bool)] = 0.0
+    metrics = reward_summary(results)
+    if a.dynamic_sampling:
+        metrics["dynamic_sampling/rounds"] = float(rollouts.rounds)
+        metrics["dynamic_sampling/informative_frac_first_round"] = rollouts.first_round_informative
+    if a.overlong.mode == "filter":
+        truncated = torch.tensor([x.finish in ("length", "max_total_tokens") for x in trajs])
+        batch.mask[truncated] = 0.0
+        metrics["overlong/filtered_frac"] = float(truncated.float().mean())
+    return batch, metrics
+
+
+def reference_kl(recipe: Recipe, batch, kl_coef: float) -> dict[str, float]:
+    """Mean per-token KL of the sampling policy to the reference (the adaptive controller's input)."""
+    from megarl.algorithms.kl import token_kl
+    from megarl.algorithms.masked import masked_mean
+
+    k = recipe.algorithm.kl
+    kl = token_kl(batch.old_logp, batch.ref_logp, k.estimator, k.clamp)
+    return {"kl/ref_mean": float(masked_mean(kl, batch.mask)), "kl/coef": kl_coef}
+
+
+@dataclass
+class UpdatePlan:
+    """What the policy update needs beyond the batch: rollout-correction weights and mask, and the
+    per-token loss weights that make each mini-batch's aggregation exact."""
+
+    is_weight: torch.Tensor
+    train_mask: torch.Tensor
+    loss_weight: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+def compute_advantages(recipe: Recipe, batch, kl_coef: float) -> UpdatePlan:
+    """Fills batch.advantages / batch.returns with the recipe's estimator (KL in the reward when
+    `kl.placement: reward`; PPO's GAE advantages whitened over the batch), then the rollout
+    correction against the engine's log-probs and the loss weights of every mini-batch."""
+    from megarl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, estimator_kwargs
+    from megarl.algorithms.correction import mismatch_metrics, rollout_correction
+    from megarl.algorithms.masked import masked_whiten
+    from megarl.algorithms.policy_loss import minibatch_loss_weights
+
+    a = recipe.algorithm
+    inputs = AdvantageInputs(batch.mask, scores=batch.scores, group_ids=batch.group_ids,
+                             token_rewards=_kl_token_rewards(recipe, batch, kl_coef), values=batch.values)
+    kwargs = estimator_kwargs(a.advantage_estimator, gamma=a.gamma, lam=a.lam, norm_adv_by_std=a.norm_adv_by_std)
+    batch.advantages, batch.returns = ADVANTAGE_ESTIMATORS.get(a.advantage_estimator)(inputs, **kwargs)
+    if a.advantage_estimator == "gae":  # PPO: whiten GAE advantages over the batch's trained tokens
+        batch.advantages = masked_whiten(batch.advantages, batch.mask) * batch.mask
+    rc = a.rollout_correction
+    is_weight, train_mask = rollout_correction(batch.old_logp, batch.rollout_logp, batch.mask, rc.mode, rc.threshold)
+    mismatch = mismatch_metrics(batch.old_logp, batch.rollout_logp, batch.mask, rc.threshold)
+    metrics = {f"mismatch/{k.removeprefix('mismatch_')}": float(v) for k, v in mismatch.items()}
+    weights = minibatch_loss_weights(train_mask, recipe.derived.minibatches_per_step, a.loss_agg_mode,
+                                     recipe.rollout.max_response_length)
+    return UpdatePlan(is_weight, train_mask, weights, metrics)
+
+
+def _kl_token_rewards(recipe: Recipe, batch, kl_coef: float) -> torch.Tensor | None:
+    """r_t = score·[t = last] − β·KL_t when the KL penalty sits in the reward, else None."""
+    from megarl.algorithms.advantages import scores_to_token_rewards
+    from megarl.algorithms.kl import kl_penalized_rewards, token_kl
+
+    k = recipe.algorithm.kl
+    if batch.ref_logp is None or k.placement != "reward":
+        return None
+    kl = token_kl(batch.old_logp, batch.ref_logp, k.estimator, k.clamp)
+    return kl_penalized_rewards(scores_to_token_rewards(batch.scores, batch.mask), kl, kl_coef, batch.mask)
+
+
+def update_inputs(batch, plan: UpdatePlan) -> dict[str, torch.Tensor]:
+    out = {"tokens": batch.tokens, "mask": plan.train_mask, "old_logp": batch.old_logp,
+           "advantages": batch.advantages, "is_weight": plan.is_weight, "loss_weight": plan.loss_weight}
+    if batch.ref_logp is not None:
+        out["ref_logp"] = batch.ref_logp
+    return out
+
+
+def critic_inputs(batch) -> dict[str, torch.Tensor]:
+    return {"tokens": batch.tokens, "mask": batch.mask, "values": batch.values, "returns": batch.returns}
+
+
+def step_metrics(batch, rollouts: Rollouts, timings: dict[str, float], entropy: torch.Tensor | None,
+                 *parts: dict) -> dict[str, float]:
+    """Every metric of a step: the phases' own (`parts`), timings, throughput, advantages,
+    response lengths, the rollout's entropy, and each reward function's mean."""
+    from megarl.algorithms.masked import masked_mean
+    from megarl.rollout.metrics import rollout_metrics
+
+    step_s = timings["timing/step_s"]
+    m: dict[str, float] = {**rollout_metrics(rollouts.trajectories, timings["timing/rollout_s"])}
+    for part in parts:
+        m.update(part)
+    m.update(timings)
+    m.update({"throughput/trained_tokens_per_s": float(batch.mask.sum()) / step_s,
+              "throughput/samples_per_s": batch.size / step_s,
+              "adv/mean": float(masked_mean(batch.advantages, batch.mask)),
+              "adv/abs_mean": float(masked_mean(batch.advantages.abs(), batch.mask)),
+              "response/length_mean": sum(batch.response_lengths) / batch.size,
+              "response/length_max": float(max(batch.response_lengths)),
+              "weight_version/min": float(min(batch.weight_versions))})
+    if entropy is not None:
+        m["actor/entropy_rollout"] = float(masked_mean(entropy, batch.mask))
+    results = rollouts.results
+    for name, value in ((n, v) for r in results for n, v in r.values.items()):
+        m[f"reward_fn/{name}"] = m.get(f"reward_fn/{name}", 0.0) + value / len(results)
+    return m

@@ -1,0 +1,281 @@
+"""`MegatronRank`: one megatron rank as the body of a Ray actor, and `TrainableRank`, one that
+also holds an optimizer and its LR schedule. The role classes (actor, critic, reference, reward
+model) add their methods on top.
+
+The driver starts one actor per rank (together they are a torch.distributed gang with megatron's
+TP/PP/DP groups) and calls the same method on every rank. A call that fails raises `WorkerError`
+with the remote traceback as text, for every public method of every subclass.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import time
+import traceback
+from functools import partial
+
+import torch
+
+from megarl.workers.wire import encode_share
+
+BATCH_FIELDS = ("tokens", "mask", "old_logp", "ref_logp", "advantages", "is_weight", "loss_weight", "values",
+                "returns")
+
+
+class WorkerError(RuntimeError):
+    """A worker method failed; carries the remote traceback as text (the driver process never
+    imports megatron, so megatron exception types must not travel back)."""
+
+
+def _plain(fn):
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except WorkerError:
+            raise  # already converted (an overriding method called the base one)
+        except Exception:  # noqa: BLE001 - converted, not swallowed
+            raise WorkerError(traceback.format_exc()) from None
+
+    inner.__plain_errors__ = True
+    return inner
+
+
+def _plain_errors(cls):
+    """Re-raise the exceptions of every public method defined in `cls` as WorkerError(traceback)."""
+    for name, fn in list(vars(cls).items()):
+        if inspect.isfunction(fn) and not name.startswith("_") and not getattr(fn, "__plain_errors__", False):
+            setattr(cls, name, _plain(fn))
+    return cls
+
+
+class MegatronRank:
+    """One rank of a megatron model group: builds the model from a converted checkpoint, knows where
+    it sits (coords, reporting rank, its data-parallel rows), cuts micro-batches, saves and loads.
+
+    Subclasses' public methods are wrapped by `_plain_errors` (see `__init_subclass__`)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _plain_errors(cls)
+
+    def __init__(self, recipe, init_ckpt: str, role: str, rank: int, world: int, master_addr: str,
+                 master_port: int, threads: int = 1):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port))
+        torch.set_num_threads(threads)
+        from megarl.runtime import cpu_compat
+
+        cpu_compat.install()
+        from megarl.checkpoint.hf import load_converted
+        from megarl.models.hf_config import BuildOptions
+        from megarl.runtime.device import select_device
+
+        self.recipe, self.role, self.rank, self.init_ckpt = recipe, role, rank, init_ckpt
+        options = BuildOptions.from_recipe(recipe.model, select_device(recipe.cluster.device))
+        chunks, config, _ = load_converted(init_ckpt, recipe.parallel, seed=recipe.trainer.seed, options=options,
+                                           dtype=recipe.model.dtype)
+        self.config = config
+        self.models = chunks
+        self.optimizer = self.scheduler = None
+        self._setup()
+
+    def _setup(self) -> None:
+        """Role-specific state once the model is built (nothing for a frozen rank)."""
+
+    # ---- where this rank sits ------------------------------------------------------------------
+    def coords(self) -> dict:
+        from megatron.core import parallel_state as ps
+
+        return {"rank": self.rank, "dp": ps.get_data_parallel_rank(), "dp_size": ps.get_data_parallel_world_size(),
+                "tp": ps.get_tensor_model_parallel_rank(), "cp": ps.get_context_parallel_rank(),
+                "last_stage": ps.is_pipeline_last_stage(ignore_virtual=True)}
+
+    def _reporter(self) -> bool:
+        c = self.coords()
+        return c["last_stage"] and c["tp"] == 0 and c["cp"] == 0
+
+    def _share(self, tensors: dict) -> bytes | None:
+        """`tensors` as this replica's wire share on its reporting rank; None elsewhere."""
+        return encode_share(self.coords()["dp"], tensors) if self._reporter() else None
+
+    def _from_reporter(self, sums: torch.Tensor) -> torch.Tensor:
+        """The metric sums of the reporting rank of data-parallel replica 0 (already reduced over
+        DP on the last stage), on every rank of the gang."""
+        from megarl.models.train import sums_from_reporter
+
+        return sums_from_reporter(sums)
+
+    def _my_rows(self, n: int) -> slice:
+        from megatron.core import parallel_state as ps
+
+        dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if n % dp:
+            raise ValueError(f"{n} samples do not split over {dp} data-parallel ranks")
+        per = n // dp
+        return slice(r * per, (r + 1) * per)
+
+    def _microbatches(self, batch: dict, rows: slice, micro: int) -> list[dict]:
+        """This rank's `rows` of `batch` as micro-batches of `micro` samples: tokens/labels shifted
+        by one, position ids, and every other known per-sample field."""
+        tokens = batch["tokens"][rows]
+        s = tokens.shape[1] - 1
+        out = []
+        for i in range(0, tokens.shape[0], micro):
+            mb = {"tokens": tokens[i:i + micro, :-1].contiguous(), "labels": tokens[i:i + micro, 1:].contiguous(),
+                  "position_ids": torch.arange(s).expand(min(micro, tokens.shape[0] - i), s).contiguous()}
+            for name in BATCH_FIELDS[1:]:
+                if name in batch:
+                    mb[name] = batch[name][rows][i:i + micro].contiguous()
+            out.append(mb)
+        return out
+
+    # ---- forward-only passes ------------------------------------------------------------------
+    def _forward_only(self, batch: dict, forward_step) -> list:
+        """Run `forward_step(data_iterator, model, sink=..., per_token_mode=...)` over this rank's rows
+        without gradients; returns what it appended to the sink (last pipeline stage only)."""
+        from megarl.models.train import TrainState, run_schedule
+
+        micro = self._microbatches(batch, self._my_rows(batch["tokens"].shape[0]),
+                                   self.recipe.trainer.micro_batch_per_rank)
+        collected: list = []
+        step = partial(forward_step, sink=collected, per_token_mode=self.config.calculate_per_token_loss)
+        with torch.no_grad():
+            run_schedule(TrainState(self.models, self.optimizer, self.config), micro, micro[0]["tokens"].shape[1],
+                         forward_only=True, forward_step=step)
+        return collected
+
+    def _logprobs(self, batch: dict, with_entropy: bool) -> bytes | None:
+        """Wire share (dp rank, {"logp": [rows, S-1], "entropy"?, "seconds"}) of the per-token
+        log-probs (and entropy) of the labels at the rollout temperature; None off the reporter."""
+        t0 = time.perf_counter()
+        step = partial(_logprob_forward_step, temperature=self.recipe.rollout.temperature, with_entropy=with_entropy)
+        collected = self._forward_only(batch, step)
+        if not self._reporter():
+            return None
+        out = {"logp": torch.cat([c["logp"] for c in collected]), "seconds": time.perf_counter() - t0}
+        if with_entropy:
+            out["entropy"] = torch.cat([c["entropy"] for c in collected])
+        return self._share(out)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self, path: str, driver_state: dict) -> None:
+        """Dist checkpoint of the model (and optimizer) + this rank's extra state: the driver's,
+        the LR schedule's and the RNG's; the starting model's HF files travel along."""
+        import shutil
+
+        import torch.distributed as dist
+
+        from megarl.checkpoint.dist import save_sharded
+        from megarl.checkpoint.hf import MARKER
+        from megarl.runtime.seed import rng_state
+
+        init = self.init_ckpt
+
+        def finish(tmp):
+            shutil.copytree(os.path.join(init, "hf"), os.path.join(tmp, "hf"), dirs_exist_ok=True)
+            shutil.copy(os.path.join(init, MARKER), os.path.join(tmp, MARKER))
+
+        extra = {"driver": driver_state, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                 "rng": rng_state(), "rank": dist.get_rank()}
+        save_sharded(self.models, path, self.optimizer, extra, finish)
+
+    def load(self, path: str) -> dict:
+        """Restore what `save` wrote; returns the driver state."""
+        import torch.distributed as dist
+
+        from megarl.checkpoint.dist import load_extra, load_sharded
+        from megarl.runtime.seed import set_rng_state
+
+        load_sharded(self.models, path, self.optimizer)
+        extra = load_extra(path) or {}
+        if self.scheduler is not None and extra.get("scheduler"):
+            self.scheduler.load_state_dict(extra["scheduler"])
+        if extra.get("rank") == dist.get_rank():
+            set_rng_state(extra["rng"])
+        return extra.get("driver", {})
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+_plain_errors(MegatronRank)
+
+
+class TrainableRank(MegatronRank):
+    """A rank with an optimizer (megatron DDP + Adam, per-token loss mode) and its LR schedule."""
+
+    def _learning_rate(self) -> float:
+        return self.recipe.optim.lr
+
+    def _setup(self) -> None:
+        from megarl.models.optim import lr_scheduler, optimizer_config
+        from megarl.models.train import wrap_for_training
+
+        o = self.recipe.optim
+        self.config.calculate_per_token_loss = True
+        state = wrap_for_training(self.models, self.config, optimizer_config(self.recipe, self._learning_rate()),
+                                  distributed_optimizer=o.distributed_optimizer)
+        self.models, self.optimizer = state.models, state.optimizer
+        self.scheduler = lr_scheduler(self.optimizer, self.recipe, self.recipe.trainer.steps or 1)
+
+    def _optimize(self, batch: dict, minibatches: int, forward_step, width: int,
+                  what: str) -> tuple[torch.Tensor, list[float]]:
+        """ppo_epochs × `minibatches` optimizer updates over the batch (rows already shuffled by the
+        driver; mini-batches from `minibatch_slices`). `forward_step(data_iterator, model, sink)`
+        appends a float64 [width] tensor of metric sums per micro-batch. Returns (the sums over all
+        updates, reduced over DP, identical on every rank; each update's grad norm)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from megarl.algorithms.policy_loss import minibatch_slices
+        from megarl.models.train import TrainState, run_schedule
+
+        state = TrainState(self.models, self.optimizer, self.config)
+        totals = torch.zeros(width, dtype=torch.float64)
+        grad_norms: list[float] = []
+        for _ in range(self.recipe.algorithm.ppo_epochs):
+            for rows in minibatch_slices(batch["tokens"].shape[0], minibatches):
+                mini = {k: v[rows] for k, v in batch.items()}
+                micro = self._microbatches(mini, self._my_rows(rows.stop - rows.start),
+                                           self.recipe.trainer.micro_batch_per_rank)
+                sums: list[torch.Tensor] = []
+                run_schedule(state, micro, micro[0]["tokens"].shape[1], forward_step=partial(forward_step, sink=sums))
+                ok, grad_norm, _ = self.optimizer.step()
+                if not ok:
+                    raise FloatingPointError(f"optimizer step skipped: non-finite gradients in the {what} update")
+                self.scheduler.step(increment=1)
+                grad_norms.append(float(grad_norm))
+                local = torch.stack(sums).sum(0) if sums else torch.zeros(width, dtype=torch.float64)
+                if ps.is_pipeline_last_stage(ignore_virtual=True):
+                    dist.all_reduce(local, group=ps.get_data_parallel_group())
+                totals += local
+        return self._from_reporter(totals), grad_norms
+
+
+# ---- forward steps for megatron's schedule ---------------------------------------------------------
+def forward_only_loss(output: torch.Tensor, per_token_mode: bool):
+    """The loss-function result of a forward-only pass: zero, in the shape megatron's schedule
+    expects for the model's loss mode."""
+    zero = output.sum() * 0.0
+    report = {"loss_sum_count": torch.zeros(2)}
+    return (zero, torch.tensor(1, dtype=torch.int), report) if per_token_mode else (zero, report)
+
+
+def _logprob_forward_step(data_iterator, model, temperature: float, with_entropy: bool, per_token_mode: bool,
+                          sink: list):
+    from megarl.models.logprobs import token_entropy, token_logprobs
+
+    mb = next(data_iterator)
+    logits = model(mb["tokens"], mb["position_ids"], None)
+
+    def collect(output):
+        out = {"logp": token_logprobs(output, mb["labels"], temperature).detach()}
+        if with_entropy:
+            out["entropy"] = token_entropy(output, temperature).detach()
+        sink.append(out)
+        return forward_only_loss(output, per_token_mode)
+
+    return logits, collect

@@ -1,0 +1,176 @@
+"""The RL driver's phases (`megarl.trainers.rl.step`) without Ray, vLLM or megatron: a fake
+`generate` returns scripted trajectories, a fake `score` rewards them by a rule, and each phase's
+output is checked against what it must be."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from megarl.config.loader import load_recipe
+from megarl.reward.engine import RewardResult
+from megarl.rollout.agent import Trajectory
+from megarl.trainers.rl import step as phases
+
+GRPO = {
+    "stage": "grpo",
+    "model": {"path": "nowhere/llama", "shape_preset": "llama3-8b"},
+    "parallel": {"tp": 1},
+    "data": {"train": "train.jsonl"},
+    "rollout": {"engines": 1, "n": 2, "max_prompt_length": 8, "max_response_length": 4},
+    "reward": {"functions": [{"name": "numeric_match"}]},
+    "trainer": {"steps": 2, "prompts_per_step": 2, "micro_batch_per_rank": 1},
+    "cluster": {"nodes": 1, "gpus_per_node": 1},
+}
+
+
+def recipe(tmp_path, **algorithm):
+    data = {**GRPO, "algorithm": algorithm} if algorithm else GRPO
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_recipe(str(path), env={})
+
+
+class Prompts:
+    """Prompt rows 0, 1, 2, ...; `reward_of[i]` is the reward every sample of prompt i gets unless
+    the sample's first response token says otherwise."""
+
+    def __init__(self):
+        self.next = 0
+        self.taken: list[int] = []
+
+    def take(self, k: int) -> list:
+        rows = [SimpleNamespace(prompt_ids=[1, 100 + i], metadata={"id": i}) for i in range(self.next, self.next + k)]
+        self.next += k
+        self.taken += [r.metadata["id"] for r in rows]
+        return rows
+
+
+def fake_generate(calls: list):
+    """Sample j of a prompt answers token 10 + j; the second token is EOS-like 2."""
+    def generate(prompt_ids, sampling):
+        calls.append(sampling)
+        return [[Trajectory(list(p), [10 + j, 2], [1, 1], [-0.5, -0.25], finish="answer", weight_versions={0})
+                 for j in range(sampling.n)] for p in prompt_ids]
+    return generate
+
+
+def score_by(rule):
+    def score(trajectories, metadata):
+        out = []
+        for t, meta in zip(trajectories, metadata):
+            value = rule(meta["id"], t.response_ids[0] - 10)
+            out.append(RewardResult(value, {"task": value}, {"numeric_match": value}, failed=value is None)
+                       if value is not None else RewardResult(0.0, {}, failed=True, errors=["boom"]))
+        return out
+    return score
+
+
+def test_collect_keeps_every_group_without_dynamic_sampling_and_seeds_per_step(tmp_path):
+    r = recipe(tmp_path)
+    prompts, calls = Prompts(), []
+    out = phases.collect_rollouts(r, 3, prompts.take, fake_generate(calls), score_by(lambda i, j: 1.0))
+    assert [g.prompt.metadata["id"] for g in out.groups] == [0, 1] and out.rounds == 0
+    assert out.group_ids == [0, 0, 1, 1] and out.scores.tolist() == [1.0] * 4
+    assert calls[0].seed == r.trainer.seed + 3 and calls[0].n == 2
+    assert out.first_round_informative == 0.0    # all rewards equal: no signal, but kept
+
+
+def test_dynamic_sampling_refills_uninformative_groups_with_fresh_prompts(tmp_path):
+    r = recipe(tmp_path, dynamic_sampling=True, dynamic_sampling_max_rounds=2)
+    prompts, calls = Prompts(), []
+    # even prompts: samples disagree (signal); odd prompts: all equal (no signal)
+    out = phases.collect_rollouts(r, 0, prompts.take, fake_generate(calls),
+                                  score_by(lambda i, j: float(j) if i % 2 == 0 else 1.0))
+    assert [g.prompt.metadata["id"] for g in out.groups] == [0, 2]
+    assert out.rounds == 1 and prompts.taken == [0, 1, 2]
+    assert calls[1].seed == calls[0].seed + 1000      # a refill round samples with another seed
+    assert out.first_round_informative == 0.5
+
+
+def test_dynamic_sampling_pads_with_uninformative_groups_when_rounds_run_out(tmp_path):
+    r = recipe(tmp_path, dynamic_sampling=True, dynamic_sampling_max_rounds=1)
+    prompts = Prompts()
+    out = phases.collect_rollouts(r, 0, prompts.take, fake_generate([]), score_by(lambda i, j: 1.0))
+    assert len(out.groups) == 2 and out.rounds == 1 and prompts.taken == [0, 1, 2, 3]
+    assert not any(g.informative for g in out.groups)
+
+
+def test_overlong_shaping_penalises_long_responses(tmp_path):
+    r = recipe(tmp_path, overlong={"mode": "shaping", "buffer": 2, "penalty": 1.0})
+    out = phases.collect_rollouts(r, 0, Prompts().take, fake_generate([]), score_by(lambda i, j: 1.0))
+    # 2 tokens of a 4-token limit with a 2-token buffer: exactly at the buffer's start, no penalty
+    assert out.scores.tolist() == [1.0] * 4
+    long = [[Trajectory([1], [5, 5, 5, 5], [1] * 4, [0.0] * 4, finish="length")]]
+    groups = phases.score_groups(r, [SimpleNamespace(metadata={"id": 0})], long, score_by(lambda i, j: 1.0))
+    assert groups[0].scores.item() == pytest.approx(0.0)   # the last buffer token: full penalty
+
+
+def test_build_batch_masks_failed_rewards_and_filtered_truncations(tmp_path):
+    r = recipe(tmp_path, overlong={"mode": "filter"})
+    out = phases.collect_rollouts(r, 0, Prompts().take, fake_generate([]),
+                                  score_by(lambda i, j: None if (i, j) == (1, 0) else 1.0))
+    out.groups[0].trajectories[1].finish = "length"
+    batch, metrics = phases.build_batch(r, out, pad_id=0)
+    assert batch.mask.sum(-1).tolist() == [2.0, 0.0, 0.0, 2.0]     # truncated, failed
+    assert batch.reward_failed == [False, False, True, False]
+    assert metrics["overlong/filtered_frac"] == 0.25 and metrics["reward/failed_frac"] == 0.25
+    # the rollout log-probs sit on the label positions of the mask
+    assert batch.rollout_logp[0].tolist() == [0.0, -0.5, -0.25]
+
+
+def _batch_with_logps(r, rule):
+    out = phases.collect_rollouts(r, 0, Prompts().take, fake_generate([]), score_by(rule))
+    batch, _ = phases.build_batch(r, out, pad_id=0)
+    batch.old_logp = batch.rollout_logp.clone()
+    return batch
+
+
+def test_grpo_advantages_and_exact_on_policy_correction(tmp_path):
+    r = recipe(tmp_path)
+    batch = _batch_with_logps(r, lambda i, j: float(j))
+    plan = phases.compute_advantages(r, batch, kl_coef=0.0)
+    # group (0, 1): z-scores -1/√2·√2 = ∓0.7071 (unbiased std), on every trained token
+    per_sample = (batch.advantages * batch.mask).sum(-1) / batch.mask.sum(-1)
+    assert per_sample.tolist() == pytest.approx([-0.7071, 0.7071, -0.7071, 0.7071], abs=1e-4)
+    assert torch.equal(plan.is_weight, batch.mask) and torch.equal(plan.train_mask, batch.mask)
+    assert plan.metrics["mismatch/abs_logp_diff"] == 0.0
+    inputs = phases.update_inputs(batch, plan)
+    assert set(inputs) == {"tokens", "mask", "old_logp", "advantages", "is_weight", "loss_weight"}
+
+
+def test_kl_in_reward_reaches_the_grpo_advantages(tmp_path):
+    r = recipe(tmp_path, kl={"coef": 0.5, "placement": "reward", "estimator": "k1"})
+    batch = _batch_with_logps(r, lambda i, j: 1.0)   # equal scores: only the KL penalty differs
+    batch.ref_logp = batch.old_logp.clone()
+    batch.ref_logp[0] -= 1.0 * batch.mask[0]          # sample 0 drifted from the reference by 1 nat/token
+    phases.compute_advantages(r, batch, kl_coef=0.5)
+    assert (batch.advantages[0] * batch.mask[0]).sum() < 0 < (batch.advantages[1] * batch.mask[1]).sum()
+    assert phases.reference_kl(r, batch, 0.5)["kl/ref_mean"] == pytest.approx(2 / 8)
+
+
+def test_loss_weights_follow_the_minibatch_boundaries(tmp_path):
+    r = recipe(tmp_path, loss_agg_mode="seq-mean-token-sum")
+    r.derived.minibatches_per_step = 2
+    batch = _batch_with_logps(r, lambda i, j: float(j))
+    batch.mask[0, 1] = 0.0
+    plan = phases.compute_advantages(r, batch, kl_coef=0.0)
+    # each mini-batch of 2 samples: w = mask · (tokens in the mini-batch) / 2
+    assert plan.loss_weight[:2].sum(-1).tolist() == pytest.approx([1 * 3 / 2, 2 * 3 / 2])
+    assert plan.loss_weight[2:].sum(-1).tolist() == pytest.approx([2 * 4 / 2, 2 * 4 / 2])
+
+
+def test_step_metrics_collects_every_family(tmp_path):
+    r = recipe(tmp_path)
+    out = phases.collect_rollouts(r, 0, Prompts().take, fake_generate([]), score_by(lambda i, j: float(j)))
+    batch, reward_m = phases.build_batch(r, out, pad_id=0)
+    batch.old_logp = batch.rollout_logp.clone()
+    plan = phases.compute_advantages(r, batch, 0.0)
+    timings = {"timing/step_s": 2.0, "timing/rollout_s": 1.0}
+    m = phases.step_metrics(batch, out, timings, torch.ones_like(batch.mask), reward_m, plan.metrics)
+    assert m["throughput/samples_per_s"] == 2.0 and m["reward_fn/numeric_match"] == 0.5
+    assert m["actor/entropy_rollout"] == 1.0 and m["response/length_mean"] == 2.0
+    assert m["reward/mean"] == 0.5 and "rollout/turns_mean" in m and "mismatch/abs_logp_diff" in m

@@ -1,0 +1,102 @@
+"""The megatron worker classes without megatron: role -> class, plain errors on every public
+method of every subclass, the driver <-> worker wire format, and the import direction."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD, ROLES, worker_class
+from megarl.workers.base import MegatronRank, TrainableRank, WorkerError
+from megarl.workers.wire import encode_share, gather_shares
+
+
+def test_worker_class_per_role():
+    from megarl.workers.actor import ActorWorker
+    from megarl.workers.critic import CriticWorker
+    from megarl.workers.scorer import ReferenceWorker, RewardModelWorker
+
+    assert {r: worker_class(r) for r in ROLES} == {ACTOR: ActorWorker, REFERENCE: ReferenceWorker,
+                                                    CRITIC: CriticWorker, REWARD: RewardModelWorker}
+    assert issubclass(ActorWorker, TrainableRank) and issubclass(CriticWorker, TrainableRank)
+    assert not issubclass(ReferenceWorker, TrainableRank) and not issubclass(RewardModelWorker, TrainableRank)
+    with pytest.raises(KeyError, match="policy"):
+        worker_class("policy")
+
+
+def _public(cls) -> set[str]:
+    return {n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}
+
+
+def test_each_role_keeps_the_methods_the_driver_calls():
+    common = {"coords", "save", "load", "pid"}
+    assert _public(worker_class(ACTOR)) == common | {"compute_logprobs", "update", "sync_open_store", "sync_join",
+                                                     "sync_send"}
+    assert _public(worker_class(CRITIC)) == common | {"compute_values", "update_critic"}
+    assert _public(worker_class(REFERENCE)) == common | {"compute_logprobs"}
+    assert _public(worker_class(REWARD)) == common | {"score"}
+    for role in ROLES:  # inherited and own public methods all convert errors
+        cls = worker_class(role)
+        assert all(getattr(getattr(cls, n), "__plain_errors__", False) for n in _public(cls)), role
+
+
+class _Failing(MegatronRank):
+    def fail(self, x):
+        raise ZeroDivisionError(f"bad {x}")
+
+    def ok(self, x):
+        return x + 1
+
+    def _private(self):
+        raise ZeroDivisionError("kept")
+
+
+class _Deeper(_Failing):
+    def fail(self, x):
+        return super().fail(x * 2)
+
+    @torch.no_grad()
+    def decorated(self):
+        raise KeyError("inside no_grad")
+
+
+def test_worker_error_wraps_subclass_methods():
+    w = object.__new__(_Failing)  # no model is built
+    assert w.ok(1) == 2
+    with pytest.raises(WorkerError) as e:
+        w.fail(3)
+    assert "ZeroDivisionError: bad 3" in str(e.value) and e.value.__cause__ is None
+    with pytest.raises(ZeroDivisionError):
+        w._private()  # private helpers are not wrapped
+    d = object.__new__(_Deeper)
+    with pytest.raises(WorkerError) as e:
+        d.fail(3)
+    assert "bad 6" in str(e.value) and "WorkerError" not in str(e.value)  # converted once, not nested
+    with pytest.raises(WorkerError, match="inside no_grad"):
+        d.decorated()
+    assert MegatronRank.pid.__plain_errors__ and _Deeper.ok is _Failing.ok  # base methods wrapped once
+    with pytest.raises(WorkerError):
+        d.coords()  # an inherited base method: no model, no parallel state here
+
+
+def test_wire_round_trip_orders_by_dp_rank():
+    shares = [None, encode_share(1, {"logp": torch.tensor([[3.0], [4.0]]), "seconds": 2.0}), None,
+              encode_share(2, {"logp": torch.tensor([[5.0]]), "seconds": 0.5}),
+              encode_share(0, {"logp": torch.tensor([[1.0], [2.0]]), "seconds": 1.0})]
+    assert all(isinstance(s, bytes) for s in shares if s is not None)
+    out = gather_shares(shares)
+    assert out["logp"].flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert out["seconds"] == 2.0 and set(out) == {"logp", "seconds"}
+    with pytest.raises(ValueError):
+        gather_shares([None, None])
+
+
+def test_workers_import_neither_trainers_nor_megatron():
+    code = ("import sys; import megarl.workers.actor, megarl.workers.critic, megarl.workers.scorer, "
+            "megarl.workers.wire; from megarl.workers import worker_class; [worker_class(r) for r in "
+            "('actor', 'critic', 'reference', 'reward')]; "
+            "print(sorted(m for m in sys.modules if m.startswith(('megarl.trainers', 'megatron'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
