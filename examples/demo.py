@@ -7,10 +7,17 @@
    from the answer and the tool-call format, weight sync after every step, Ray orchestrating;
    the task success rate on held-out prompts is measured before the first and after the last step
 5. write runs/demo/summary.json (success_before, success_after, grpo_seconds, the curve, paths)
+
+    python examples/demo.py [--seed N] [--threads N]
+
+--seed sets the GRPO phase's trainer.seed (sampling and initialisation streams); --threads sets
+cluster.cpu_threads_per_rank (another floating-point reduction order): the demo's learning must
+not hang on either.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -22,13 +29,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def train(what: str, recipe: str) -> int:
+def train(what: str, recipe: str, *overrides: str) -> int:
     """`megarl train <recipe>` from scratch, as a user would run it."""
-    print(f"[demo] {what}: megarl train {recipe}", flush=True)
-    return subprocess.call([sys.executable, "-m", "megarl.cli", "train", recipe, "--set", "trainer.resume=never"])
+    sets = [x for o in ("trainer.resume=never", *overrides) for x in ("--set", o)]
+    print(f"[demo] {what}: megarl train {recipe} {' '.join(sets[2:])}".rstrip(), flush=True)
+    return subprocess.call([sys.executable, "-m", "megarl.cli", "train", recipe, *sets])
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=None, help="trainer.seed of the GRPO phase")
+    parser.add_argument("--threads", type=int, default=None, help="cluster.cpu_threads_per_rank of the GRPO phase")
+    args = parser.parse_args()
+    grpo_sets = ([f"trainer.seed={args.seed}"] if args.seed is not None else []) + \
+        ([f"cluster.cpu_threads_per_rank={args.threads}"] if args.threads else [])
     os.chdir(ROOT)
     from examples.tool_math import rl_row, sft_row, write
     from megarl.cli import main as megarl
@@ -60,10 +74,11 @@ def main() -> int:
 
     grpo_metrics = "runs/tiny/grpo/metrics.jsonl"
     t0 = time.time()
-    code = train("GRPO", "configs/tiny/grpo_cpu.yaml")
+    code = train("GRPO", "configs/tiny/grpo_cpu.yaml", *grpo_sets)
     if code:
         return code
     summary["grpo_seconds"] = round(time.time() - t0, 1)
+    summary["grpo_overrides"] = grpo_sets
     rows = [json.loads(line) for line in open(grpo_metrics)]
     curve = [(r["step"], r["eval/task"]) for r in rows if "eval/task" in r]
     summary["success_before"] = curve[0][1]

@@ -37,12 +37,11 @@ def counting_batch(step: int, dp_rank: int, dp: int) -> list[dict]:
 
 def train(phase: dict, out_dir: str) -> dict:
     """Runs on every rank: build at the phase's layout, optionally resume, train, optionally save."""
-    from megatron.core import parallel_state as ps
-
     from megarl.checkpoint.dist import load_checkpoint, save_checkpoint
     from megarl.config.parallel import ParallelConfig
     from megarl.models.tiny import build_tiny_train_state
     from megarl.models.train import train_step
+    from megarl.runtime.megatron import parallel_state as ps
 
     parallel = ParallelConfig(**phase["parallel"])
     state = build_tiny_train_state(parallel, vocab_size=VOCAB, seq_length=SEQ, lr=1e-2)

@@ -16,15 +16,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from megarl.runtime import cpu_compat
-
-cpu_compat.install()
-
-from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core import parallel_state as ps  # noqa: E402
-
-from megarl.checkpoint.paths import EXTRA_DIR, PARTIAL_SUFFIX  # noqa: E402
-from megarl.models.train import TrainState  # noqa: E402
+from megarl.checkpoint.paths import EXTRA_DIR, PARTIAL_SUFFIX
+from megarl.models.train import TrainState
+from megarl.runtime.megatron import dist_checkpointing
+from megarl.runtime.megatron import parallel_state as ps
 
 
 def _metadata() -> dict:

@@ -35,22 +35,6 @@ def _hf_cfg(path: str) -> dict:
     return read_hf_config(path)
 
 
-def build_model_for(cfg: dict, parallel: ParallelConfig, dtype: str, seed: int = 1234, options=None):
-    """Initialise parallel state and build this rank's GPT chunks for an HF config."""
-    from megarl.models.gpt import build_gpt_chunks
-    from megarl.models.hf_config import BuildOptions, megatron_config_from_hf
-    from megarl.runtime.distributed import init_distributed
-
-    options = options or BuildOptions()
-    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
-    ctx = init_distributed(parallel, seed=seed, num_experts=num_experts)
-    config, args = megatron_config_from_hf(cfg, ctx.parallel, dtype, options)
-    chunks = build_gpt_chunks(config, args.vocab_size, args.max_sequence_length, impl=options.transformer_impl,
-                              qk_layernorm=args.qk_layernorm, tie_embeddings=args.tie_embeddings,
-                              rotary_base=args.rotary_base, head=args.head)
-    return chunks, config, args
-
-
 def copy_side_files(src_dir: str, dst_dir: str, tokenizer_dir: str | None = None) -> None:
     """config.json, generation_config.json, the tokenizer files and any remote-code *.py (what
     trust_remote_code loads) from `src_dir` into `dst_dir`; the tokenizer files come from
@@ -111,6 +95,7 @@ def load_converted(ckpt_dir: str, parallel: ParallelConfig, seed: int = 1234, op
     """Build the model at `parallel` and load a converted checkpoint into it (collective).
     `dtype` (fp32/bf16/fp16) overrides the checkpoint's; the dist checkpoint casts on load."""
     from megarl.checkpoint.dist import load_sharded
+    from megarl.models.gpt import build_model_for
 
     marker = read_marker(ckpt_dir)
     cfg = _hf_cfg(os.path.join(ckpt_dir, "hf"))

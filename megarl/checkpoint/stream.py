@@ -120,19 +120,20 @@ class _MegatronTensorSource:
 def stream_convert(hf_dir: str, out_dir: str, arch: str, cfg: dict, dtype: str) -> int:
     """Write the megatron dist checkpoint for `hf_dir` into `out_dir`; returns the tensors written."""
     import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 
     from megarl.checkpoint.dist import sharded_state
-    from megarl.checkpoint.hf import build_model_for
     from megarl.config.parallel import ParallelConfig
+    from megarl.models.gpt import build_model_for
+    from megarl.runtime.megatron import (
+        MCoreSavePlanner,
+        ShardedObject,
+        ShardedTensor,
+        _replace_state_dict_keys_with_sharded_keys,
+        extract_sharded_tensors,
+        mcore_to_pyt_state_dict,
+        nested_values,
+        save_preprocess,
+    )
 
     reader = ReadOnDemandSafetensors(hf_dir)
     check_hf_names(arch, cfg, reader.keys())
@@ -205,14 +206,10 @@ def stream_export(ckpt_dir: str, out_dir: str, arch: str, cfg: dict, dtype: str,
     safetensors shards of about `shard_bytes` whose headers were laid out in advance (with a
     model.safetensors.index.json when there are several).
     """
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
-
     from megarl.checkpoint.dist import sharded_state
-    from megarl.checkpoint.hf import build_model_for
     from megarl.config.parallel import ParallelConfig
+    from megarl.models.gpt import build_model_for
+    from megarl.runtime.megatron import ShardedTensor, extract_sharded_tensors, nested_values, save_preprocess
 
     with torch.device("meta"):
         chunks, _, _ = build_model_for(cfg, ParallelConfig(), dtype)

@@ -124,6 +124,9 @@ class RolloutConfig:
     n: int = 1
     """Samples per prompt (the GRPO group size)."""
     temperature: float = 1.0
+    eval_temperature: float | None = None
+    """Sampling temperature of the held-out evaluation (trainer.eval_freq); unset = `temperature`,
+    0 = greedy (one deterministic answer per prompt: the eval curve then has no sampling noise)."""
     top_p: float = 1.0
     top_k: int = -1
     max_prompt_length: int = 1024
@@ -351,6 +354,10 @@ class ClusterConfig:
     """For `megarl plan` memory estimates (see megarl.config.plan.GPU_TYPES)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    cpu_threads_per_rank: int | None = None
+    """torch threads of each RL worker rank (actor, reference, critic, reward model); unset = the
+    CPUs this process may use divided by the training world size. Changes the floating-point
+    reduction order, so it is also how to check that a result does not hang on it."""
 
     @property
     def total_gpus(self) -> int:

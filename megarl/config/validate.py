@@ -245,6 +245,8 @@ def _reward(r: Recipe, issues: _Issues) -> None:
 def _gpus(r: Recipe, issues: _Issues) -> tuple[int, int]:
     c = r.cluster
     total = c.total_gpus
+    if c.cpu_threads_per_rank is not None and c.cpu_threads_per_rank < 1:
+        issues.add("cluster.cpu_threads_per_rank", f"expected >= 1 (or unset), got {c.cpu_threads_per_rank}")
     if c.nodes < 1 or c.gpus_per_node < 1:
         issues.add("cluster.nodes", f"expected nodes >= 1 and gpus_per_node >= 1, got {c.nodes}×{c.gpus_per_node}")
         return 1, 0
@@ -310,6 +312,8 @@ def _rollout(r: Recipe, shape, rollout_gpus: int, issues: _Issues) -> None:
                    f"({shape.max_position_embeddings})")
     if ro.temperature <= 0:
         issues.add("rollout.temperature", f"expected > 0 for sampling, got {ro.temperature}")
+    if ro.eval_temperature is not None and not 0 <= ro.eval_temperature < float("inf"):
+        issues.add("rollout.eval_temperature", f"expected >= 0 (0 = greedy), got {ro.eval_temperature}")
     if not 0 < ro.top_p <= 1:
         issues.add("rollout.top_p", f"expected 0 < top_p <= 1, got {ro.top_p}")
     if ro.n < 1:

@@ -22,12 +22,8 @@ import torch
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
-from megarl.runtime import cpu_compat
-
-cpu_compat.install()
-
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megarl.runtime.megatron import DotProductAttention
+from megarl.runtime.megatron import parallel_state as ps
 
 
 def zigzag_positions(local_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:

@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from megarl.runtime import cpu_compat
-
-cpu_compat.install()
-
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: E402
-
-from megarl.models.heads import ScalarHead  # noqa: E402
+from megarl.models.heads import ScalarHead
+from megarl.runtime.megatron import gather_from_tensor_model_parallel_region, get_forward_backward_func
+from megarl.runtime.megatron import parallel_state as ps
 
 
 def full_logits(chunks: list, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,

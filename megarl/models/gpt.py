@@ -8,19 +8,18 @@ megatron-core modules) otherwise. Context parallelism with the local spec uses
 
 from __future__ import annotations
 
+from megarl.config.parallel import ParallelConfig
+from megarl.models.hf_config import BuildOptions, megatron_config_from_hf
 from megarl.models.impl import LOCAL, TE
-from megarl.runtime import cpu_compat
-
-cpu_compat.install()
-
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
+from megarl.runtime.distributed import init_distributed
+from megarl.runtime.megatron import (
+    GPTModel,
+    ModuleSpec,
+    TransformerConfig,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
-from megatron.core.transformer import TransformerConfig  # noqa: E402
-from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megarl.runtime.megatron import parallel_state as ps
 
 
 def layer_spec(config: TransformerConfig, impl: str, qk_layernorm: bool = False) -> ModuleSpec:
@@ -70,3 +69,17 @@ def build_gpt_chunks(config: TransformerConfig, vocab_size: int, max_sequence_le
         if head != LM:
             attach_scalar_head(chunks[-1], config, bias=head == SCALAR_WITH_BIAS)
     return chunks
+
+
+def build_model_for(cfg: dict, parallel: ParallelConfig, dtype: str, seed: int = 1234,
+                    options: BuildOptions | None = None):
+    """Initialise parallel state and build this rank's GPT chunks for an HF config dict.
+    Returns (chunks, TransformerConfig, GPTArgs)."""
+    options = options or BuildOptions()
+    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    ctx = init_distributed(parallel, seed=seed, num_experts=num_experts)
+    config, args = megatron_config_from_hf(cfg, ctx.parallel, dtype, options)
+    chunks = build_gpt_chunks(config, args.vocab_size, args.max_sequence_length, impl=options.transformer_impl,
+                              qk_layernorm=args.qk_layernorm, tie_embeddings=args.tie_embeddings,
+                              rotary_base=args.rotary_base, head=args.head)
+    return chunks, config, args

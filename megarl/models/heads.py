@@ -14,11 +14,7 @@ import math
 
 import torch
 
-from megarl.runtime import cpu_compat
-
-cpu_compat.install()
-
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region  # noqa: E402
+from megarl.runtime.megatron import gather_from_sequence_parallel_region
 
 LM, SCALAR, SCALAR_WITH_BIAS = "lm", "scalar", "scalar_bias"
 

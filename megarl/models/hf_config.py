@@ -96,10 +96,7 @@ def megatron_config_from_hf(cfg: dict, parallel: ParallelConfig, dtype: str = "f
     rotary_base = _rope_theta(cfg)
     import torch
 
-    from megarl.runtime import cpu_compat
-
-    cpu_compat.install()
-    from megatron.core.transformer import TransformerConfig
+    from megarl.runtime.megatron import TransformerConfig
 
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads

@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from megarl.runtime import cpu_compat
-
-cpu_compat.install()
-
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # noqa: E402
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region  # noqa: E402
+from megarl.runtime.megatron import parallel_state as ps
+from megarl.runtime.megatron import reduce_from_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

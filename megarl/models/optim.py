@@ -8,7 +8,8 @@ from __future__ import annotations
 def optimizer_config(recipe, lr: float | None = None):
     """megatron OptimizerConfig from the recipe's optim group (Adam; fp32 main params)."""
     import torch
-    from megatron.core.optimizer import OptimizerConfig
+
+    from megarl.runtime.megatron import OptimizerConfig
 
     o, dtype = recipe.optim, recipe.model.dtype
     lr = o.lr if lr is None else lr
@@ -20,7 +21,7 @@ def optimizer_config(recipe, lr: float | None = None):
 
 def lr_scheduler(optimizer, recipe, steps: int):
     """Warmup then constant / cosine / linear decay to min_lr over `steps` optimizer steps."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megarl.runtime.megatron import OptimizerParamScheduler
 
     o = recipe.optim
     return OptimizerParamScheduler(

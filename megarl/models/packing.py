@@ -49,7 +49,7 @@ def pack(sequences: list[torch.Tensor], pad_to: int | None = None, pad_id: int =
 
 def packed_seq_params(row: PackedRow):
     """The TE (GPU) form of the same packing: THD layout with cu_seqlens."""
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from megarl.runtime.megatron import PackedSeqParams
 
     max_len = max(row.lengths)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=row.cu_seqlens, cu_seqlens_kv=row.cu_seqlens,

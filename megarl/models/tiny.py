@@ -8,11 +8,7 @@ import torch
 
 from megarl.config.parallel import ParallelConfig
 from megarl.models.impl import UNFUSED_KERNELS
-from megarl.runtime import cpu_compat
-
-cpu_compat.install()
-
-from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megarl.runtime.megatron import OptimizerConfig, TransformerConfig
 
 TINY_NUM_EXPERTS = 4
 
@@ -40,8 +36,6 @@ def build_tiny_train_state(parallel: ParallelConfig, moe: bool = False, seed: in
                            vocab_size: int = 128, seq_length: int = 32, lr: float = 3e-3):
     """Initialise the process group's parallel state for `parallel` and build the tiny GPT with
     megatron DDP and the distributed Adam optimizer (every rank calls it)."""
-    from megatron.core.optimizer import OptimizerConfig
-
     from megarl.models.gpt import build_gpt_chunks
     from megarl.models.train import wrap_for_training
     from megarl.runtime.distributed import init_distributed

@@ -15,19 +15,17 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megarl.runtime import cpu_compat
-
-cpu_compat.install()
-
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.distributed import (  # noqa: E402
+from megarl.runtime.megatron import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
-    finalize_model_grads,  # noqa: E402
+    OptimizerConfig,
+    TransformerConfig,
+    finalize_model_grads,
+    get_batch_on_this_cp_rank,
+    get_forward_backward_func,
+    get_megatron_optimizer,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megarl.runtime.megatron import parallel_state as ps
 
 
 @dataclass
@@ -93,8 +91,6 @@ def gpt_forward_step(data_iterator, model):
     (token sum for `calculate_per_token_loss` models, micro-batch token mean otherwise)."""
     batch = next(data_iterator)
     if ps.get_context_parallel_world_size() > 1:
-        from megatron.core.utils import get_batch_on_this_cp_rank
-
         batch = get_batch_on_this_cp_rank(dict(batch, cu_seqlens=None), is_hybrid_cp=False,
                                           cp_group=ps.get_context_parallel_group())
     per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),

@@ -8,14 +8,13 @@ from __future__ import annotations
 import torch
 
 from megarl.models.forward import full_logits
+from megarl.runtime.megatron import parallel_state as ps
 
 
 def score_sequences(chunks: list, sequences: list[list[int]], pad_id: int = 0) -> list[float] | None:
     """Scalar reward of each token sequence; None on ranks without the last pipeline stage.
     Sequences are right-padded into one micro-batch: causal attention keeps padding from
     changing the value at each sequence's last token."""
-    from megatron.core import parallel_state as ps
-
     # sequence/context parallelism split the sequence: pad to a multiple of their sizes
     cp = ps.get_context_parallel_world_size()
     multiple = ps.get_tensor_model_parallel_world_size() * (2 * cp if cp > 1 else 1)

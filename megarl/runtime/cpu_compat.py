@@ -5,7 +5,8 @@ hard-code `device="cuda"`, MoE dispatch uses CUDA streams, and the TE/Apex-less 
 checkpoint bugs. Each fix below is a `CompatPatch` naming the upstream file it fixes, the error it
 prevents, and the condition under which it is needed; `install()` applies exactly the needed ones,
 once per process, and must run before the first `import megatron.core` (the first patch stubs a
-module that `import megatron.core` itself pulls in). On a CUDA machine with TE the device patches are
+module that `import megatron.core` itself pulls in): megarl imports megatron only through
+`megarl.runtime.megatron`, which calls it first. On a CUDA machine with TE the device patches are
 skipped, so the same model code runs unchanged on GPUs.
 
 Every patch is exercised by tests/runtime/test_cpu_compat.py; the parallel-equivalence tests in

@@ -12,6 +12,14 @@ from dataclasses import dataclass
 DEVICE_ENV = "MEGARL_DEVICE"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: a Slurm cpuset or `taskset`), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     device_type: str

@@ -15,14 +15,9 @@ import torch
 import torch.distributed as dist
 
 from megarl.config.parallel import ParallelConfig
-from megarl.runtime import cpu_compat
 from megarl.runtime.device import DeviceSpec, select_device
-
-cpu_compat.install()  # before any megatron.core import
-
-from megatron.core import parallel_state as ps  # noqa: E402
-
-from megarl.runtime.seed import seed_everything  # noqa: E402
+from megarl.runtime.megatron import parallel_state as ps
+from megarl.runtime.seed import seed_everything
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ import random
 import numpy as np
 import torch
 
-from megarl.runtime import cpu_compat
-
-cpu_compat.install()  # before any megatron.core import
+from megarl.runtime.megatron import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+from megarl.runtime.megatron import parallel_state as ps
 
 # Megatron-LM offsets the seed per pipeline stage so stages do not share dropout masks.
 PIPELINE_SEED_STRIDE = 100
@@ -25,8 +24,6 @@ def seed_everything(seed: int) -> int:
 
     Returns the per-rank seed actually used (seed + 100·pp_rank).
     """
-    from megatron.core import parallel_state as ps
-
     rank_seed = seed
     if ps.model_parallel_is_initialized():
         rank_seed += PIPELINE_SEED_STRIDE * ps.get_pipeline_model_parallel_rank()
@@ -34,16 +31,12 @@ def seed_everything(seed: int) -> int:
     np.random.seed(rank_seed % 2**32)
     torch.manual_seed(rank_seed)
     if ps.model_parallel_is_initialized():
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
         model_parallel_cuda_manual_seed(rank_seed)
     return rank_seed
 
 
 def rng_state() -> dict:
     """Every generator's state, picklable, for checkpoints."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -56,8 +49,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

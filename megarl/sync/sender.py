@@ -40,7 +40,7 @@ class WeightSender:
     def __init__(self, plan: WeightSyncPlan, chunks: list, corrupt_bucket: int | None = None):
         """`corrupt_bucket`: flip one payload byte of that bucket after its checksum is computed —
         only for testing that receivers detect corruption."""
-        from megatron.core import parallel_state as ps
+        from megarl.runtime.megatron import parallel_state as ps
 
         self.plan, self.corrupt_bucket = plan, corrupt_bucket
         self.chunks = [_unwrap(c) for c in chunks]

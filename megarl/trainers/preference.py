@@ -173,9 +173,9 @@ def kto_objective(output, mb: dict, recipe: Recipe):
     that estimate itself; the loss uses it clamped at 0, as the paper does."""
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     from megarl.algorithms.preference import kto_loss
+    from megarl.runtime.megatron import parallel_state as ps
 
     p, w = recipe.preference, mb["weight"]
     sums, _ = segment_logps(output, mb)
@@ -255,7 +255,7 @@ class _Batches:
     data-parallel ranks agree on (pipeline stages exchange fixed shapes)."""
 
     def __init__(self, recipe: Recipe, pad_id: int):
-        from megatron.core import parallel_state as ps
+        from megarl.runtime.megatron import parallel_state as ps
 
         self.micro = recipe.trainer.micro_batch_per_rank
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -286,9 +286,9 @@ def _reduce_sums(local, last_stage: bool):
     """Metric sums of one schedule: summed over data-parallel ranks on the last stage, then taken
     from the last stage's (tp 0, dp 0) rank so that every rank returns the same numbers."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     from megarl.models.train import sums_from_reporter
+    from megarl.runtime.megatron import parallel_state as ps
 
     if last_stage and ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(local, group=ps.get_data_parallel_group())
@@ -319,9 +319,9 @@ class ReferenceLogps:
         in whole micro-batches (callers pad with weight-0 repeats)."""
         import torch
         import torch.distributed as dist
-        from megatron.core import parallel_state as ps
 
         from megarl.models.train import TrainState, run_schedule
+        from megarl.runtime.megatron import parallel_state as ps
 
         micro, seq, positions = self.batches.mine(examples, [1.0] * len(examples))
         sink: list = []
@@ -438,9 +438,9 @@ class _PreferenceRank:
     def run(self, split: str, indices: list[int], examples: list, weights: list[float], train: bool):
         """Metric sums over these examples (a training step's forward/backward when `train`)."""
         import torch
-        from megatron.core import parallel_state as ps
 
         from megarl.models.train import TrainState, run_schedule
+        from megarl.runtime.megatron import parallel_state as ps
 
         micro, seq = self._micro_batches(split, indices, examples, weights)
         sink: list = []

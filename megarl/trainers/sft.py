@@ -59,11 +59,11 @@ def _microbatches(samples: list, micro: int, pad_id: int, seq: int) -> list[dict
 
 def train_rank(recipe: Recipe, init_ckpt: str) -> StageResult:
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     from megarl.data.sft import SFTDataset
     from megarl.data.tokenizer import load_tokenizer
     from megarl.models.optim import lr_scheduler
+    from megarl.runtime.megatron import parallel_state as ps
     from megarl.trainers.common import (
         any_rank,
         build_trainable,
@@ -118,9 +118,9 @@ def _train_on(state, recipe: Recipe, mine: list, pad_id: int) -> dict:
     """One optimizer step on this data-parallel rank's samples -> metrics (loss, grad_norm, trained_tokens)."""
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     from megarl.models.train import train_step
+    from megarl.runtime.megatron import parallel_state as ps
 
     p = recipe.parallel
     multiple = p.tp * p.cp * 2 if (p.sp or p.cp > 1) else 1

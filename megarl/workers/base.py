@@ -87,11 +87,11 @@ class MegatronRank:
 
     # ---- where this rank sits ------------------------------------------------------------------
     def coords(self) -> dict:
-        from megatron.core import parallel_state as ps
+        from megarl.runtime.megatron import parallel_state as ps
 
         return {"rank": self.rank, "dp": ps.get_data_parallel_rank(), "dp_size": ps.get_data_parallel_world_size(),
                 "tp": ps.get_tensor_model_parallel_rank(), "cp": ps.get_context_parallel_rank(),
-                "last_stage": ps.is_pipeline_last_stage(ignore_virtual=True)}
+                "last_stage": ps.is_pipeline_last_stage(ignore_virtual=True), "threads": torch.get_num_threads()}
 
     def _reporter(self) -> bool:
         c = self.coords()
@@ -109,7 +109,7 @@ class MegatronRank:
         return sums_from_reporter(sums)
 
     def _my_rows(self, n: int) -> slice:
-        from megatron.core import parallel_state as ps
+        from megarl.runtime.megatron import parallel_state as ps
 
         dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         if n % dp:
@@ -224,14 +224,15 @@ class TrainableRank(MegatronRank):
     def _optimize(self, batch: dict, minibatches: int, forward_step, width: int,
                   what: str) -> tuple[torch.Tensor, list[float]]:
         """ppo_epochs × `minibatches` optimizer updates over the batch (rows already shuffled by the
-        driver; mini-batches from `minibatch_slices`). `forward_step(data_iterator, model, sink)`
-        appends a float64 [width] tensor of metric sums per micro-batch. Returns (the sums over all
-        updates, reduced over DP, identical on every rank; each update's grad norm)."""
+        driver; mini-batches from `minibatch_slices`), then one step of the LR schedule.
+        `forward_step(data_iterator, model, sink)` appends a float64 [width] tensor of metric sums per
+        micro-batch. Returns (the sums over all updates, reduced over DP, identical on every rank;
+        each update's grad norm)."""
         import torch.distributed as dist
-        from megatron.core import parallel_state as ps
 
         from megarl.algorithms.policy_loss import minibatch_slices
         from megarl.models.train import TrainState, run_schedule
+        from megarl.runtime.megatron import parallel_state as ps
 
         state = TrainState(self.models, self.optimizer, self.config)
         totals = torch.zeros(width, dtype=torch.float64)
@@ -246,12 +247,13 @@ class TrainableRank(MegatronRank):
                 ok, grad_norm, _ = self.optimizer.step()
                 if not ok:
                     raise FloatingPointError(f"optimizer step skipped: non-finite gradients in the {what} update")
-                self.scheduler.step(increment=1)
                 grad_norms.append(float(grad_norm))
                 local = torch.stack(sums).sum(0) if sums else torch.zeros(width, dtype=torch.float64)
                 if ps.is_pipeline_last_stage(ignore_virtual=True):
                     dist.all_reduce(local, group=ps.get_data_parallel_group())
                 totals += local
+        # the LR schedule counts RL steps (trainer.steps, optim.warmup_steps), not optimizer updates
+        self.scheduler.step(increment=1)
         return self._from_reporter(totals), grad_norms
 
 

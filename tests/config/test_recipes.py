@@ -411,7 +411,7 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
 def test_plan_adds_up_every_role_resident_on_a_colocated_gpu(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     # no offload and no engine sleep today: actor + reference + engine share each GPU for the whole run
-    assert cli(["plan", "configs/grpo_70b.yaml"]) == 2
+    assert cli(["plan", "configs/grpo_70b.yaml", "--set", "rollout.gpu_memory_utilization=0.6"]) == 2
     out = capsys.readouterr().out
     assert "8 nodes × 8 GPUs" in out and "70.55B parameters" in out
     for role in ("actor", "reference", "rollout"):  # each alone fits; together they do not
@@ -422,19 +422,21 @@ def test_plan_adds_up_every_role_resident_on_a_colocated_gpu(capsys, monkeypatch
     assert "does not place roles by cluster.placement yet" in out
     assert "offloaded during" not in out and "time-share" not in out
     assert "how each number is computed" in out and "Korthikanti" in out
-    assert cli(["plan", "configs/grpo_70b.yaml", "--set", "rollout.gpu_memory_utilization=0.3"]) == 0
+    assert cli(["plan", "configs/grpo_70b.yaml"]) == 0     # the shipped recipe sizes its engines to fit
     assert "actor + reference + rollout = 76.0 GiB  fits" in capsys.readouterr().out
 
 
 def test_plan_separate_pools_and_the_reward_model(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert cli(["plan", "configs/ppo_8b.yaml"]) == 2
+    assert cli(["plan", "configs/ppo_8b.yaml", "--set", "parallel.tp=2"]) == 2
     out = capsys.readouterr().out
     assert "training GPUs (separate): actor + reference + critic + reward_model = 107.8 GiB  DOES NOT FIT" in out
     assert "rollout GPUs (separate): rollout = 52.0 GiB  fits" in out
     assert "shape assumed = the actor's" in out and "does not place roles by cluster.placement yet" in out
     cli(["plan", "configs/ppo_8b.yaml", "--set", "cluster.placement.reward_model_gpus=4"])
     assert "reward-model GPUs (separate): reward_model = " in capsys.readouterr().out
+    assert cli(["plan", "configs/ppo_8b.yaml"]) == 0   # the shipped recipe: tp 4 fits all four roles
+    assert "actor + reference + critic + reward_model = 69.1 GiB  fits" in capsys.readouterr().out
 
 
 def test_plan_counts_one_runtime_overhead_per_process(monkeypatch):
@@ -535,3 +537,17 @@ def test_preference_options_default_per_loss(tmp_path):
     assert pref(loss_type="simpo", beta=2.5).beta == 2.5
     rm = merge(DPO, {"stage": "rm", "preference": {"beta": 0.3}})
     assert_error(tmp_path, rm, "preference.beta", "does not use beta")
+
+
+def test_eval_temperature_is_a_non_negative_number(tmp_path):
+    assert load_recipe(write(tmp_path, GRPO)).rollout.eval_temperature is None
+    assert load_recipe(write(tmp_path, merge(GRPO, {"rollout": {"eval_temperature": 0}}))).rollout.eval_temperature == 0
+    assert_error(tmp_path, merge(GRPO, {"rollout": {"eval_temperature": -1}}), "rollout.eval_temperature", ">= 0")
+
+
+def test_cpu_threads_per_rank_is_positive_or_unset(tmp_path):
+    assert load_recipe(write(tmp_path, GRPO)).cluster.cpu_threads_per_rank is None
+    one = merge(GRPO, {"cluster": {"cpu_threads_per_rank": 1}})
+    assert load_recipe(write(tmp_path, one)).cluster.cpu_threads_per_rank == 1
+    assert_error(tmp_path, merge(GRPO, {"cluster": {"cpu_threads_per_rank": 0}}), "cluster.cpu_threads_per_rank",
+                 ">= 1")

@@ -15,17 +15,12 @@ import os
 import torch
 import torch.distributed as dist
 
+from megarl.checkpoint.dist import load_checkpoint, save_checkpoint
 from megarl.config.parallel import ParallelConfig
-from megarl.runtime import cpu_compat
-
-cpu_compat.install()
-
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.distributed.param_and_grad_buffer import shard_buffer  # noqa: E402
-
-from megarl.checkpoint.dist import load_checkpoint, save_checkpoint  # noqa: E402
-from megarl.models.tiny import build_tiny_train_state  # noqa: E402
-from megarl.models.train import TrainState, run_schedule, train_step  # noqa: E402
+from megarl.models.tiny import build_tiny_train_state
+from megarl.models.train import TrainState, run_schedule, train_step
+from megarl.runtime.megatron import parallel_state as ps
+from megarl.runtime.megatron import shard_buffer
 
 VOCAB, SEQ, MICRO_BS, GLOBAL_BS, STEPS = 128, 32, 2, 8, 3
 

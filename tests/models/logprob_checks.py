@@ -1,11 +1,11 @@
 """Rank function: vocab-parallel log-probs/entropy (and their gradients) vs the full-vocab formula."""
 
 import torch
-from megatron.core import parallel_state as ps  # noqa: E402
 
 from megarl.config.parallel import ParallelConfig
 from megarl.models.logprobs import token_entropy, token_logprobs
 from megarl.runtime.distributed import init_distributed
+from megarl.runtime.megatron import parallel_state as ps
 
 
 def check(temperature: float) -> dict:

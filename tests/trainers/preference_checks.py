@@ -59,7 +59,7 @@ def pipeline_pair_losses(ckpt: str, parallel: dict, rows_path: str, loss_types: 
         with torch.no_grad():
             run_schedule(TrainState(chunks, None, config), micro_batches, seq, forward_only=True,
                          forward_step=partial(_forward_step, objective=partial(objective, recipe=recipe), sink=sink))
-        from megatron.core import parallel_state as ps
+        from megarl.runtime.megatron import parallel_state as ps
 
         local = torch.stack(sink).sum(0) if sink else torch.zeros(8, dtype=torch.float64)
         out[loss_type] = summarize(stage, _reduce_sums(local.double(), ps.is_pipeline_last_stage(ignore_virtual=True)))

@@ -93,6 +93,8 @@ def test_resume_is_bitwise_identical(rl_setup, straight):
     second = _train(root, model, out, "--set", "trainer.resume=auto")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from" in second.stdout
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3, 4]                      # every step once across the stop and the resume
     a, b = load_file(str(straight / "hf" / "model.safetensors")), load_file(str(out / "hf" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     ma, mb = _metrics(straight), _metrics(out)
@@ -141,10 +143,13 @@ def test_ppo_with_critic_learns_values_and_checkpoints_both(rl_setup):
             "--set", "trainer.steps=4", "--set", "trainer.prompts_per_step=4", "--set", "trainer.eval_freq=0",
             "--set", "trainer.samples_per_minibatch=8",
             "--set", "trainer.save_freq=2", "--set", "rollout.max_response_length=48", "--set", "trainer.resume=never",
-            "--set", f"reward.reward_model={{path: {rm_hf}, component: safety, weight: 0.5}}"]
+            "--set", f"reward.reward_model={{path: {rm_hf}, component: safety, weight: 0.5}}",
+            "--set", "cluster.cpu_threads_per_rank=1"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "building the critic" in proc.stdout
+    for role in ("actor", "critic", "reward"):   # cluster.cpu_threads_per_rank reaches every gang
+        assert f"[rl] {role}: 1 rank(s), 1 torch thread(s) each" in proc.stdout, role
     m = _metrics(out)
     assert m[1]["reward/mean"] != 0                           # format reward + RM: the critic has returns to fit
     assert m[1]["reward/safety"] != 0 and m[2]["reward/safety"] != m[1]["reward/safety"]  # the RM scored samples

@@ -174,3 +174,12 @@ def test_step_metrics_collects_every_family(tmp_path):
     assert m["throughput/samples_per_s"] == 2.0 and m["reward_fn/numeric_match"] == 0.5
     assert m["actor/entropy_rollout"] == 1.0 and m["response/length_mean"] == 2.0
     assert m["reward/mean"] == 0.5 and "rollout/turns_mean" in m and "mismatch/abs_logp_diff" in m
+
+
+def test_eval_samples_one_answer_per_prompt_at_the_eval_temperature(tmp_path):
+    r = recipe(tmp_path)
+    s = phases.eval_sampling(r, 20)
+    assert (s.n, s.temperature, s.seed) == (1, r.rollout.temperature, r.trainer.seed + phases.EVAL_SEED_OFFSET + 20)
+    r.rollout.eval_temperature = 0.0
+    assert phases.eval_sampling(r, 20).temperature == 0.0     # greedy
+    assert phases.sampling_for(r, 20).temperature == r.rollout.temperature

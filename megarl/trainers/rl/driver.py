@@ -104,11 +104,12 @@ class RLDriver:
     def start(self) -> None:
         """Gangs, rewards, engines, the sync group; then resume and the per-run helpers."""
         from megarl.reward.engine import RewardEngine
+        from megarl.runtime.device import usable_cpus
         from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD
 
         r, init = self.recipe, self.inputs.init
         start_ray()
-        threads = max(1, (os.cpu_count() or 1) // r.derived.train_world_size)
+        threads = r.cluster.cpu_threads_per_rank or max(1, usable_cpus() // r.derived.train_world_size)
         self.actor = Gang(r, init, ACTOR, threads)
         if r.algorithm.kl.coef > 0:
             self.reference = Gang(r, init, REFERENCE, threads)
@@ -251,12 +252,12 @@ class RLDriver:
         return metrics
 
     def evaluate(self, at: int) -> dict:
-        """Task metrics of one greedy-seeded sample per held-out prompt (eval/*)."""
+        """Reward metrics (eval/*) of one answer per held-out prompt at rollout.eval_temperature."""
         if self.inputs.eval_data is None:
             return {}
         t0 = time.perf_counter()
         prompts = self.inputs.eval_data.prompts
-        sampling = phases.sampling_for(self.recipe, at, n=1, seed_offset=10_000)
+        sampling = phases.eval_sampling(self.recipe, at)
         trajs = [g[0] for g in self.agent.run([p.prompt_ids for p in prompts], sampling)]
         from megarl.reward.engine import reward_summary
 

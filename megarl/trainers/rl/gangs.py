@@ -53,7 +53,8 @@ class Gang:
         self.role = role
         self.workers = [cls.remote(recipe, init_ckpt, role, r, world, "127.0.0.1", port, threads)
                         for r in range(world)]
-        self.call("pid")  # up, process group and model built (or this raises)
+        threads = sorted({c["threads"] for c in self.call("coords")})  # up and built (or this raises)
+        print(f"[{TAG}] {role}: {world} rank(s), {'/'.join(map(str, threads))} torch thread(s) each", flush=True)
 
     def call(self, method: str, *args, **kwargs) -> list:
         import ray

@@ -60,15 +60,27 @@ class Rollouts:
         return torch.cat([g.scores for g in self.groups])
 
 
-def sampling_for(recipe: Recipe, step: int, round_: int = 0, n: int | None = None, seed_offset: int = 0):
+EVAL_SEED_OFFSET = 10_000
+
+
+def sampling_for(recipe: Recipe, step: int, round_: int = 0):
     """The step's sampling settings; the seed differs per step and per refill round (the engine
     derives each request's seed from it and the prompt)."""
     from megarl.rollout.engine import SamplingConfig
 
     ro = recipe.rollout
-    return SamplingConfig(n=ro.n if n is None else n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                          max_tokens=ro.max_response_length,
-                          seed=recipe.trainer.seed + seed_offset + 1000 * round_ + step)
+    return SamplingConfig(n=ro.n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                          max_tokens=ro.max_response_length, seed=recipe.trainer.seed + 1000 * round_ + step)
+
+
+def eval_sampling(recipe: Recipe, step: int):
+    """One answer per held-out prompt at `rollout.eval_temperature` (0 = greedy)."""
+    from megarl.rollout.engine import SamplingConfig
+
+    ro = recipe.rollout
+    temperature = ro.temperature if ro.eval_temperature is None else ro.eval_temperature
+    return SamplingConfig(n=1, temperature=temperature, top_p=ro.top_p, top_k=ro.top_k,
+                          max_tokens=ro.max_response_length, seed=recipe.trainer.seed + EVAL_SEED_OFFSET + step)
 
 
 def collect_rollouts(recipe: Recipe, step: int, take: Callable[[int], list], generate: Callable,
