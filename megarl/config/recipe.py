@@ -126,7 +126,10 @@ class RolloutConfig:
     temperature: float = 1.0
     eval_temperature: float | None = None
     """Sampling temperature of the held-out evaluation (trainer.eval_freq); unset = `temperature`,
-    0 = greedy (one deterministic answer per prompt: the eval curve then has no sampling noise)."""
+    0 = greedy (what the policy's most likely answer does, not what the sampling policy does)."""
+    eval_n: int = 1
+    """Samples per held-out prompt; the eval metrics average over all of them (more samples, less
+    noise in the eval curve: its standard error shrinks with sqrt(prompts × eval_n))."""
     top_p: float = 1.0
     top_k: int = -1
     max_prompt_length: int = 1024

@@ -312,6 +312,8 @@ def _rollout(r: Recipe, shape, rollout_gpus: int, issues: _Issues) -> None:
                    f"({shape.max_position_embeddings})")
     if ro.temperature <= 0:
         issues.add("rollout.temperature", f"expected > 0 for sampling, got {ro.temperature}")
+    if ro.eval_n < 1:
+        issues.add("rollout.eval_n", f"expected >= 1 samples per held-out prompt, got {ro.eval_n}")
     if ro.eval_temperature is not None and not 0 <= ro.eval_temperature < float("inf"):
         issues.add("rollout.eval_temperature", f"expected >= 0 (0 = greedy), got {ro.eval_temperature}")
     if not 0 < ro.top_p <= 1:

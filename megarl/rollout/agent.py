@@ -52,17 +52,20 @@ class AgentLoop:
         active = [t for g in groups for t in g]
         first = True
         while active:
-            budgets = [self.max_total_tokens - t.total_tokens for t in active]
             step = SamplingConfig(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                                  top_k=sampling.top_k, max_tokens=max(1, min(sampling.max_tokens, min(budgets))),
-                                  seed=sampling.seed, stop_token_ids=[self.eos])
+                                  top_k=sampling.top_k, max_tokens=sampling.max_tokens, seed=sampling.seed,
+                                  stop_token_ids=[self.eos])
+            # each conversation's turn is capped by its own remaining budget: one long conversation
+            # must not cut every other one's answer short
             if first:  # n samples of each prompt in one request
                 step.n = sampling.n
-                outs = self.engine.generate(prompt_ids, step)
+                budgets = [self.max_total_tokens - len(p) for p in prompt_ids]
+                outs = self.engine.generate(prompt_ids, step, budgets)
                 completions = [c for out in outs for c in out]
                 first = False
             else:
-                outs = self.engine.generate([t.prompt_ids + t.response_ids for t in active], step)
+                budgets = [self.max_total_tokens - t.total_tokens for t in active]
+                outs = self.engine.generate([t.prompt_ids + t.response_ids for t in active], step, budgets)
                 completions = [out[0] for out in outs]
             still = []
             for traj, comp in zip(active, completions):

@@ -81,21 +81,25 @@ class RolloutEngine:
         self.weight_version = 0
         self.weights_consistent = True  # False after a failed sync left a mix of versions loaded
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        """`sampling.n` completions for each prompt (token ids), in prompt order."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
+                 max_tokens_each: list[int] | None = None) -> list[list[Completion]]:
+        """`sampling.n` completions for each prompt (token ids), in prompt order; prompt i generates at
+        most min(sampling.max_tokens, max_tokens_each[i]) tokens (its own remaining budget)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._require_consistent()
 
-        def params(prompt):
+        limits = max_tokens_each or [sampling.max_tokens] * len(prompts)
+
+        def params(prompt, limit):
             return SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                  top_k=sampling.top_k, max_tokens=sampling.max_tokens,
+                                  top_k=sampling.top_k, max_tokens=max(1, min(sampling.max_tokens, limit)),
                                   seed=request_seed(sampling.seed, prompt),
                                   stop_token_ids=sampling.stop_token_ids or None, logprobs=0)
 
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                                    [params(p) for p in prompts], use_tqdm=False)
+                                    [params(p, limit) for p, limit in zip(prompts, limits)], use_tqdm=False)
         version = self.weight_version
         return [[Completion(list(c.token_ids), [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
                             _finish_reason(c.finish_reason), version) for c in out.outputs]

@@ -22,10 +22,10 @@ class EngineActorImpl:
 
         self.engine = RolloutEngine(config)
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, max_tokens_each=None):
         """(completions, seconds inside the engine)."""
         t0 = time.perf_counter()
-        out = self.engine.generate(prompts, sampling)
+        out = self.engine.generate(prompts, sampling, max_tokens_each)
         return out, time.perf_counter() - t0
 
     def load_weights(self, named_tensors, version: int) -> int:
@@ -100,14 +100,16 @@ class RolloutFleet:
             ray.get(actor.load_weights.remote(self._weights_ref, self.weight_version))
         self.actors[index] = actor
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
+                 max_tokens_each: list[int] | None = None) -> list[list[Completion]]:
         """Same contract as RolloutEngine.generate, spread over the engines."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         size = self.chunk_size or max(1, -(-len(prompts) // (self.num_engines * (
             self.chunks_per_engine if self.num_engines > 1 else 1))))
-        chunks = [(i, prompts[i:i + size]) for i in range(0, len(prompts), size)]
+        limits = max_tokens_each or [sampling.max_tokens] * len(prompts)
+        chunks = [(i, (prompts[i:i + size], limits[i:i + size])) for i in range(0, len(prompts), size)]
         todo = list(reversed(chunks))
         results: dict[int, list] = {}
         busy = [0.0] * self.num_engines
@@ -115,7 +117,8 @@ class RolloutFleet:
 
         def submit(index: int) -> None:
             start, chunk = todo.pop()
-            running[self.actors[index].generate.remote(chunk, sampling)] = (index, (start, chunk))
+            chunk_prompts, chunk_limits = chunk
+            running[self.actors[index].generate.remote(chunk_prompts, sampling, chunk_limits)] = (index, (start, chunk))
 
         for index in range(self.num_engines):
             if todo:

@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from megarl.trainers.runner import StageResult, resume_checkpoint, run_stage
+from megarl.trainers.runner import StageResult, checkpoint_path, resume_checkpoint, run_stage
 
 INIT_DIR = "init"          # the starting model as a megatron checkpoint
 
@@ -187,6 +187,16 @@ def resume_stage(recipe, state, scheduler, num_rows: int, tag: str):
     if dist.get_rank() == 0:
         print(f"[{tag}] resumed from {resume_from} at step {extra['step']}", flush=True)
     return extra["step"], EpochSampler.from_state(num_rows, d.seed, d.shuffle, extra["sampler"]), resume_from
+
+
+def after_rank_step(recipe, policy, step: int, state, init_ckpt: str, sampler, scheduler) -> StageResult | None:
+    """The end of a rank-process step: a checkpoint (model, optimizer, LR schedule, data position,
+    RNG) when `policy` says so, and the stage's result when it says stop (None: go on)."""
+    decision = policy.after_step(step)
+    if decision.save:
+        save_stage_checkpoint(state, init_ckpt, checkpoint_path(recipe, step),
+                              {"step": step, "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()})
+    return policy.result(step, decision) if decision.stop else None
 
 
 def any_rank(flag: bool) -> bool:

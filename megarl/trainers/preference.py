@@ -34,7 +34,7 @@ from functools import partial
 
 from megarl.config.recipe import Recipe
 from megarl.trainers.common import initial_checkpoint, run_ranks
-from megarl.trainers.runner import StagePolicy, StageResult, checkpoint_path, open_metrics
+from megarl.trainers.runner import StagePolicy, StageResult, open_metrics
 
 # per-example metric sums collected on the last stage; the first two are always loss and weight
 PAIR_SUMS = ("loss", "examples", "accuracy", "reward_chosen", "reward_rejected", "margin", "logp_chosen",
@@ -477,7 +477,7 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> StageResult:
 
     from megarl.data.tokenizer import load_tokenizer
     from megarl.models.optim import lr_scheduler
-    from megarl.trainers.common import any_rank, resume_stage, save_stage_checkpoint, total_steps
+    from megarl.trainers.common import after_rank_step, any_rank, resume_stage, total_steps
 
     t, stage = recipe.trainer, recipe.stage
     rank0 = dist.get_rank() == 0
@@ -503,13 +503,9 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> StageResult:
             if eval_data is not None and ((t.eval_freq and step % t.eval_freq == 0) or step == steps):
                 record.update(me.evaluate())
             _report(logger, stage, step, record, steps)
-            decision = policy.after_step(step)
-            if decision.save:
-                save_stage_checkpoint(me.state, init_ckpt, checkpoint_path(recipe, step),
-                                      {"step": step, "sampler": sampler.state_dict(),
-                                       "scheduler": scheduler.state_dict()})
-            if decision.stop:
-                return policy.result(step, decision)
+            stopped = after_rank_step(recipe, policy, step, me.state, init_ckpt, sampler, scheduler)
+            if stopped is not None:
+                return stopped
     finally:
         if logger:
             logger.close()

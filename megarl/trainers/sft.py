@@ -20,7 +20,7 @@ import time
 
 from megarl.config.recipe import Recipe
 from megarl.trainers.common import initial_checkpoint, run_ranks
-from megarl.trainers.runner import StagePolicy, StageResult, checkpoint_path, open_metrics
+from megarl.trainers.runner import StagePolicy, StageResult, open_metrics
 
 
 def prepare(recipe: Recipe) -> str:
@@ -65,10 +65,10 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> StageResult:
     from megarl.models.optim import lr_scheduler
     from megarl.runtime.megatron import parallel_state as ps
     from megarl.trainers.common import (
+        after_rank_step,
         any_rank,
         build_trainable,
         resume_stage,
-        save_stage_checkpoint,
         total_steps,
     )
 
@@ -101,13 +101,9 @@ def train_rank(recipe: Recipe, init_ckpt: str) -> StageResult:
                 logger.log(step, record)
                 print(f"[sft] step {step}/{steps} loss {record['loss']:.4f} grad_norm {record['grad_norm']:.3f} "
                       f"lr {record['lr']:.2e}", flush=True)
-            decision = policy.after_step(step)
-            if decision.save:
-                save_stage_checkpoint(state, init_ckpt, checkpoint_path(recipe, step),
-                                      {"step": step, "sampler": sampler.state_dict(),
-                                       "scheduler": scheduler.state_dict()})
-            if decision.stop:
-                return policy.result(step, decision)
+            stopped = after_rank_step(recipe, policy, step, state, init_ckpt, sampler, scheduler)
+            if stopped is not None:
+                return stopped
     finally:
         if logger:
             logger.close()

@@ -543,6 +543,7 @@ def test_eval_temperature_is_a_non_negative_number(tmp_path):
     assert load_recipe(write(tmp_path, GRPO)).rollout.eval_temperature is None
     assert load_recipe(write(tmp_path, merge(GRPO, {"rollout": {"eval_temperature": 0}}))).rollout.eval_temperature == 0
     assert_error(tmp_path, merge(GRPO, {"rollout": {"eval_temperature": -1}}), "rollout.eval_temperature", ">= 0")
+    assert_error(tmp_path, merge(GRPO, {"rollout": {"eval_n": 0}}), "rollout.eval_n", ">= 1")
 
 
 def test_cpu_threads_per_rank_is_positive_or_unset(tmp_path):

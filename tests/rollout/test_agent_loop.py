@@ -78,9 +78,11 @@ class ScriptedEngine:
     def __init__(self, tokenizer, turns: list[str]):
         self.turns = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in turns]
         self.seen: list[list[int]] = []
+        self.limits: list[list[int] | None] = []
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, max_tokens_each=None):
         out = []
+        self.limits.append(list(max_tokens_each) if max_tokens_each is not None else None)
         for p in prompts:
             self.seen.append(list(p))
             ids = self.turns.pop(0)
@@ -121,3 +123,25 @@ def test_loop_stops_at_max_turns_and_reports_parse_failures(tiny_hf_models):
     [[traj]] = loop.run([render_prompt(tok, [{"role": "user", "content": "hi"}])], SamplingConfig(max_tokens=32))
     assert traj.finish == "max_turns" and traj.parse_failures == 2 and traj.turns == 2
     assert "Error: tool call is not valid JSON" in tok.decode(traj.response_ids)
+
+
+def test_each_conversation_turn_is_capped_by_its_own_budget(tiny_hf_models):
+    """A conversation close to max_total_tokens limits only its own next turn: the lock-step loop
+    once capped every conversation's turn by the smallest remaining budget, which cut the answers
+    of a whole batch short whenever one conversation ran long."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_models["qwen2"])
+    call = {"name": "calculator", "arguments": {"expression": "1 + 1"}}
+    turns = [f"<tool_call>\n{json.dumps(call)}\n</tool_call><|im_end|>"] * 2 + ["The answer is 2.<|im_end|>"] * 2
+    engine = ScriptedEngine(tok, turns)
+    loop = AgentLoop(engine, tok, ToolExecutor([CALC_SPEC]), max_turns=4, max_total_tokens=600)
+    short = render_prompt(tok, [{"role": "user", "content": "1 + 1?"}], [CALCULATOR])
+    long = render_prompt(tok, [{"role": "user", "content": "1 + 1? " + "please " * 100}], [CALCULATOR])
+    groups = loop.run([short, long], SamplingConfig(n=1, max_tokens=64))
+    first, second = engine.limits
+    assert first == [600 - len(short), 600 - len(long)]
+    answer = len(tok(turns[-1], add_special_tokens=False)["input_ids"])
+    before_answer = [g[0].total_tokens - answer for g in groups]   # prompt + call + tool result
+    assert second == [600 - n for n in before_answer] and second[0] > second[1]
+    assert [g[0].finish for g in groups] == ["answer", "answer"]

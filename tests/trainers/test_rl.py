@@ -43,7 +43,8 @@ def _train(root, model, out, *extra, timeout=600):
             "--set", "rollout.max_response_length=48", "--set", "logging.samples_every=2",
             "--set", "logging.sinks=[jsonl, tensorboard, wandb]", "--set", "rollout.weight_sync.verify_logprobs=true",
             "--set", "rollout.weight_sync.logprob_tolerance=1e-4", "--set", "algorithm.dynamic_sampling=true",
-            "--set", "algorithm.dynamic_sampling_max_rounds=1", "--set", "algorithm.overlong.mode=filter", *extra]
+            "--set", "algorithm.dynamic_sampling_max_rounds=1", "--set", "algorithm.overlong.mode=filter",
+            "--set", "optim.lr=1.0e-4", "--set", "optim.lr_scheduler=linear", *extra]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "WANDB_MODE": "offline"})
 
@@ -72,6 +73,8 @@ def test_grpo_runs_logs_checkpoints_and_exports(straight):
                 "timing/update_s", "timing/step_s", "throughput/trained_tokens_per_s", "response/length_mean",
                 "eval/mean", "eval/task", "dynamic_sampling/rounds", "overlong/filtered_frac"):
         assert key in last, key
+    # the LR schedule counts RL steps (2 optimizer updates each here): linear decay over 4 steps
+    assert [m[s]["actor/lr"] for s in (1, 2, 3)] == pytest.approx([0.75e-4, 0.5e-4, 0.25e-4])
     assert last["sync/verify_max_diff"] <= 1e-4          # engines score like the trainer after each sync
     assert last["mismatch/abs_logp_diff"] < 1e-3         # fp32: rollout log-probs == trainer old log-probs
     assert m[0]["eval/mean"] >= 0.0 and "eval/mean" in m[4]

@@ -1,26 +1,10 @@
-"""Pure parts of the RL loop: aggregation weights reproduce every loss aggregation exactly, and the
-trajectory batch puts each generated token's mask and rollout log-prob on its label position."""
+"""Pure parts of the RL loop: the trajectory batch puts each generated token's mask and rollout
+log-prob on its label position, and request seeds. (Loss weights: tests/algorithms/test_policy_loss.py.)"""
 
-import pytest
 import torch
 
-from megarl.algorithms.losses import LOSS_AGGREGATIONS, aggregate_loss, loss_weights
 from megarl.rollout.agent import Trajectory
 from megarl.rollout.batch import TrajectoryBatch
-
-
-@pytest.mark.parametrize("mode", LOSS_AGGREGATIONS)
-def test_loss_weights_reproduce_each_aggregation_across_any_split(mode):
-    g = torch.Generator().manual_seed(0)
-    loss = torch.randn(8, 12, generator=g)
-    mask = (torch.rand(8, 12, generator=g) > 0.3).float()
-    mask[3] = 0.0  # a sample with nothing to train on contributes nothing
-    w = loss_weights(mask, mode, norm_length=12)
-    want = aggregate_loss(loss, mask, mode, norm_length=12)
-    assert torch.allclose((w * loss).sum() / mask.sum(), want, atol=1e-6)
-    # megatron sums Σ w·ℓ over micro-batches / DP ranks and divides by the total token count once
-    halves = sum((w[i:i + 4] * loss[i:i + 4]).sum() for i in (0, 4)) / mask.sum()
-    assert torch.allclose(halves, want, atol=1e-6)
 
 
 def test_batch_aligns_masks_and_logprobs_with_labels():

@@ -180,6 +180,8 @@ def test_eval_samples_one_answer_per_prompt_at_the_eval_temperature(tmp_path):
     r = recipe(tmp_path)
     s = phases.eval_sampling(r, 20)
     assert (s.n, s.temperature, s.seed) == (1, r.rollout.temperature, r.trainer.seed + phases.EVAL_SEED_OFFSET + 20)
+    r.rollout.eval_n = 4
+    assert phases.eval_sampling(r, 20).n == 4
     r.rollout.eval_temperature = 0.0
     assert phases.eval_sampling(r, 20).temperature == 0.0     # greedy
     assert phases.sampling_for(r, 20).temperature == r.rollout.temperature

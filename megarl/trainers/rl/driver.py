@@ -252,16 +252,17 @@ class RLDriver:
         return metrics
 
     def evaluate(self, at: int) -> dict:
-        """Reward metrics (eval/*) of one answer per held-out prompt at rollout.eval_temperature."""
+        """Reward metrics (eval/*) over rollout.eval_n answers per held-out prompt at rollout.eval_temperature."""
         if self.inputs.eval_data is None:
             return {}
         t0 = time.perf_counter()
         prompts = self.inputs.eval_data.prompts
         sampling = phases.eval_sampling(self.recipe, at)
-        trajs = [g[0] for g in self.agent.run([p.prompt_ids for p in prompts], sampling)]
+        groups = self.agent.run([p.prompt_ids for p in prompts], sampling)
         from megarl.reward.engine import reward_summary
 
-        m = reward_summary(self.score(trajs, [p.metadata for p in prompts]))
+        trajs = [x for g in groups for x in g]
+        m = reward_summary(self.score(trajs, [p.metadata for p, g in zip(prompts, groups) for _ in g]))
         out = {f"eval/{k.split('/', 1)[1]}": v for k, v in m.items()}
         out["eval/seconds"] = time.perf_counter() - t0
         return out

@@ -74,12 +74,12 @@ def sampling_for(recipe: Recipe, step: int, round_: int = 0):
 
 
 def eval_sampling(recipe: Recipe, step: int):
-    """One answer per held-out prompt at `rollout.eval_temperature` (0 = greedy)."""
+    """`rollout.eval_n` answers per held-out prompt at `rollout.eval_temperature` (0 = greedy)."""
     from megarl.rollout.engine import SamplingConfig
 
     ro = recipe.rollout
     temperature = ro.temperature if ro.eval_temperature is None else ro.eval_temperature
-    return SamplingConfig(n=1, temperature=temperature, top_p=ro.top_p, top_k=ro.top_k,
+    return SamplingConfig(n=ro.eval_n, temperature=temperature, top_p=ro.top_p, top_k=ro.top_k,
                           max_tokens=ro.max_response_length, seed=recipe.trainer.seed + EVAL_SEED_OFFSET + step)
 
 
