@@ -25,24 +25,29 @@ class Handler(BaseHTTPRequestHandler):
             self.state["active"] += 1
             self.state["peak"] = max(self.state["peak"], self.state["active"])
         try:
-            kind = body["metadata"].get("kind")
-            time.sleep(0.05)
-            if kind == "flaky" and self.state["flaky"] < 2:
-                self.state["flaky"] += 1
-                self.send_response(503)
-                self.end_headers()
-                return
-            if kind == "slow":
-                time.sleep(1.0)
-            reward = 1.0 if "84" in body["response"] else 0.25
-            data = json.dumps({"reward": reward}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            status, data = self._answer(body)
         finally:
+            # leave the count before answering: once the answer is out, the client may send its
+            # next request before this thread would get to decrement (a false overlap under load)
             with self.lock:
                 self.state["active"] -= 1
+        self.send_response(status)
+        if data is not None:
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if data is not None:
+            self.wfile.write(data)
+
+    def _answer(self, body) -> tuple[int, bytes | None]:
+        kind = body["metadata"].get("kind")
+        time.sleep(0.05)
+        if kind == "flaky" and self.state["flaky"] < 2:
+            self.state["flaky"] += 1
+            return 503, None
+        if kind == "slow":
+            time.sleep(1.0)
+        reward = 1.0 if "84" in body["response"] else 0.25
+        return 200, json.dumps({"reward": reward}).encode()
 
 
 @pytest.fixture
