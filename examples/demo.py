@@ -83,6 +83,7 @@ def main() -> int:
     curve = [(r["step"], r["eval/task"]) for r in rows if "eval/task" in r]
     summary["success_before"] = curve[0][1]
     summary["success_after"] = curve[-1][1]
+    summary["success_best"] = max(v for _, v in curve)
     summary["success_curve"] = curve
     summary["reward_curve"] = [(r["step"], round(r["reward/mean"], 4)) for r in rows if "reward/mean" in r]
     summary["grpo_metrics"] = grpo_metrics
@@ -92,7 +93,7 @@ def main() -> int:
     os.makedirs("runs/demo", exist_ok=True)
     with open("runs/demo/summary.json", "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"[demo] task success on {128} held-out prompts: {summary['success_before']:.1%} after SFT -> "
+    print(f"[demo] task success on 128 held-out prompts x 4 samples: {summary['success_before']:.1%} after SFT -> "
           f"{summary['success_after']:.1%} after {len(summary['reward_curve'])} GRPO steps "
           f"({summary['grpo_seconds']}s)\n[demo] curve {curve}\n[demo] metrics {grpo_metrics}, tensorboard "
           f"--logdir {summary['tensorboard']}, trajectories {summary['samples']}, summary runs/demo/summary.json",
