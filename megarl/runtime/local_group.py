@@ -231,7 +231,9 @@ def run_local_group(
     ref = _function_ref(fn)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // world_size)
+    from megarl.runtime.device import usable_cpus
+
+    threads = max(1, usable_cpus() // world_size)  # the same rule as the RL driver's worker threads
     child_env = {"OMP_NUM_THREADS": str(threads), **(env or {})}
     with tempfile.TemporaryDirectory(prefix="megarl-group-") as tmp:
         store = os.path.join(tmp, "store")

@@ -35,8 +35,11 @@ def initial_checkpoint(recipe, tag: str, path: str | None = None, name: str = IN
     marker = os.path.join(target, MARKER)
     wanted = {"source": os.path.abspath(path),
               "tokenizer": os.path.abspath(recipe.model.tokenizer) if recipe.model.tokenizer else None}
-    if os.path.isfile(marker) and all(json.load(open(marker)).get(k) == v for k, v in wanted.items()):
-        return target
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            found = json.load(f)
+        if all(found.get(k) == v for k, v in wanted.items()):
+            return target
     print(f"[{tag}] converting {path} to a megatron checkpoint in {target}", flush=True)
     run_local_group(convert_hf_to_megatron, 1, args=(path, target, recipe.model.tokenizer), timeout=3600)
     return target
