@@ -22,9 +22,11 @@ import math
 import torch
 
 from megarl.algorithms.kl import kl_k3
-from megarl.algorithms.masked import masked_mean
 
 CORRECTION_MODES = ("none", "tis", "sequence_is", "token_mask", "sequence_mask")
+REWEIGHTING_MODES = ("none", "tis", "sequence_is")
+"""The modes that only reweight tokens and never change the mask (so the loss weights of a
+mini-batch are known before its forward)."""
 
 
 def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, mode: str = "tis",
@@ -50,6 +52,21 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
     return ones, mask * keep
 
 
+MISMATCH_METRICS = ("mismatch_k3_kl", "mismatch_abs_logp_diff", "mismatch_frac_over_threshold")
+
+
+def mismatch_sums(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                  threshold: float = 2.0) -> torch.Tensor:
+    """Σ over the masked tokens of each `MISMATCH_METRICS` term, float64 [3] (divided by Σ mask they
+    are `mismatch_metrics`; sums add up exactly across micro-batches and data-parallel ranks)."""
+    delta = (old_logp - rollout_logp).detach()
+    # kl_k3(logp, ref_logp) estimates KL(π ‖ π_ref) from samples of π: here π is the rollout policy
+    k3 = kl_k3(rollout_logp.detach(), old_logp.detach())
+    m = mask.to(delta.dtype)
+    return torch.stack([(k3 * m).sum(), (delta.abs() * m).sum(),
+                        ((delta.abs() > math.log(threshold)).to(delta.dtype) * m).sum()]).to(torch.float64)
+
+
 def mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
                      threshold: float = 2.0) -> dict[str, torch.Tensor]:
     """How far the rollout is from the trainer, over the masked tokens:
@@ -60,11 +77,5 @@ def mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: t
     - mismatch_abs_logp_diff: mean |log π_train − log π_rollout|
     - mismatch_frac_over_threshold: fraction of tokens whose ratio leaves [1/C, C]
     """
-    delta = (old_logp - rollout_logp).detach()
-    # kl_k3(logp, ref_logp) estimates KL(π ‖ π_ref) from samples of π: here π is the rollout policy
-    k3 = kl_k3(rollout_logp.detach(), old_logp.detach())
-    return {
-        "mismatch_k3_kl": masked_mean(k3, mask),
-        "mismatch_abs_logp_diff": masked_mean(delta.abs(), mask),
-        "mismatch_frac_over_threshold": masked_mean((delta.abs() > math.log(threshold)).float(), mask),
-    }
+    sums = mismatch_sums(old_logp, rollout_logp, mask, threshold) / mask.sum().clamp(min=1.0)
+    return {name: sums[i].to(old_logp.dtype) for i, name in enumerate(MISMATCH_METRICS)}

@@ -30,12 +30,17 @@ from dataclasses import dataclass
 
 import torch
 
+from megarl.algorithms.correction import MISMATCH_METRICS, mismatch_sums, rollout_correction
 from megarl.algorithms.kl import token_kl
 from megarl.algorithms.losses import POLICY_LOSSES, loss_weights
 
 METRIC_SUMS = ("pg_loss", "tokens", "clip_frac", "approx_kl", "kl_ref", "entropy")
 """Order of the metric sums `policy_loss` returns (each a Σ over masked tokens; "tokens" is Σ m, so
 sum/tokens is the token mean; entropy is 0 unless the bonus is on)."""
+
+
+ON_POLICY_SUMS = (*MISMATCH_METRICS, "entropy_rollout")
+"""Order of the extra metric sums `on_policy_inputs` returns (Σ over masked tokens)."""
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,16 @@ class PolicyLossConfig:
     kl_clamp: float | None = 10.0
     kl_in_loss: bool = False          # KL placement "loss" (else it is in the reward, or off)
     entropy_coef: float = 0.0
+    correction: str = "tis"           # rollout_correction mode, applied in the update when on-policy
+    correction_threshold: float = 2.0
 
     @classmethod
     def from_algorithm(cls, a) -> PolicyLossConfig:
         """From a recipe's `algorithm` group (read by attribute name)."""
         return cls(loss=a.policy_loss, clip_low=a.clip_ratio_low, clip_high=a.clip_ratio_high, dual_clip=a.dual_clip,
                    kl_estimator=a.kl.estimator, kl_clamp=a.kl.clamp, kl_in_loss=a.kl.placement == "loss",
-                   entropy_coef=a.entropy_coef)
+                   entropy_coef=a.entropy_coef, correction=a.rollout_correction.mode,
+                   correction_threshold=a.rollout_correction.threshold)
 
 
 def _policy_loss_kwargs(cfg: PolicyLossConfig) -> dict:
@@ -96,6 +104,24 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                          float(m.get("approx_kl", 0.0)) * n, float((kl.detach() * mask).sum()), ent_sum],
                         dtype=torch.float64)
     return loss_sum, count, sums
+
+
+def on_policy_inputs(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
+                     cfg: PolicyLossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The old log-probs of an exactly on-policy update (one mini-batch, one epoch): the policy
+    being updated is the one that scored the batch, so π_old = sg(π_θ) from the update's own
+    forward, ρ = 1 by construction and ∇ρ = ∇log π_θ, which is what a separate old-log-prob pass
+    would give at the cost of one more forward.
+
+    Returns (old_logp, rollout-correction weight c against the engine's `rollout_logp`, metric sums
+    [len(ON_POLICY_SUMS)] float64: the mismatch sums and Σ entropy, `entropy` being the policy's
+    token entropy). Only for corrections that reweight (`REWEIGHTING_MODES`): a masking one would
+    change the mini-batch's loss weights after they were fixed."""
+    old_logp = logp.detach()
+    is_weight, _ = rollout_correction(old_logp, rollout_logp, mask, cfg.correction, cfg.correction_threshold)
+    sums = torch.cat([mismatch_sums(old_logp, rollout_logp, mask, cfg.correction_threshold),
+                      (entropy.detach() * mask).sum().to(torch.float64).reshape(1)])
+    return old_logp, is_weight, sums
 
 
 def minibatch_slices(n_samples: int, minibatches: int) -> list[slice]:

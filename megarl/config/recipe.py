@@ -257,6 +257,11 @@ class AlgorithmConfig:
     gamma: float = 1.0
     lam: float = 1.0
     ppo_epochs: int = 1
+    old_logprobs: Literal["auto", "recompute"] = "auto"
+    """auto: when the update is exactly on-policy (ppo_epochs 1, one mini-batch per step, a rollout
+    correction that only reweights, no KL in the reward) the old log-probs are the detached ones of
+    the update's own forward (the ratio is 1 by construction) and the separate forward pass is
+    skipped; recompute: always run that pass first."""
     value_clip: float | None = 0.2
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and refill."""

@@ -2,7 +2,9 @@
 (and entropy) of a batch, runs the policy updates and sends its weights to the rollout engines.
 
     compute_logprobs(batch, with_entropy)   wire share of per-token log-probs (megarl.workers.wire)
-    update(batch, minibatches, kl_coef)     ppo_epochs × mini-batches of policy-loss updates -> metrics
+    update(batch, minibatches, kl_coef)     ppo_epochs × mini-batches of policy-loss updates -> metrics;
+                                            a batch without old_logp (exactly on-policy) takes them from
+                                            the update's own forward (`on_policy_inputs`)
     sync_open_store / sync_join / sync_send the weight sync sender (megarl.sync)
 
 The objective is `megarl.algorithms.policy_loss.policy_loss` (a pure tensor function); the
@@ -17,7 +19,14 @@ from functools import partial
 
 import torch
 
-from megarl.algorithms.policy_loss import METRIC_SUMS, PolicyLossConfig, policy_loss
+from megarl.algorithms.correction import MISMATCH_METRICS
+from megarl.algorithms.policy_loss import (
+    METRIC_SUMS,
+    ON_POLICY_SUMS,
+    PolicyLossConfig,
+    on_policy_inputs,
+    policy_loss,
+)
 from megarl.workers.base import TrainableRank
 
 
@@ -37,10 +46,12 @@ class ActorWorker(TrainableRank):
         driver); returns the averaged metrics (identical on every rank)."""
         a = self.recipe.algorithm
         t0 = time.perf_counter()
+        on_policy = "old_logp" not in batch  # the update's own forward gives the old log-probs
+        names = METRIC_SUMS + (ON_POLICY_SUMS if on_policy else ())
         step = partial(_policy_forward_step, cfg=PolicyLossConfig.from_algorithm(a),
                        temperature=self.recipe.rollout.temperature, kl_coef=kl_coef)
-        shared, grad_norms = self._optimize(batch, minibatches, step, len(METRIC_SUMS), "policy")
-        s = dict(zip(METRIC_SUMS, (float(x) for x in shared)))
+        shared, grad_norms = self._optimize(batch, minibatches, step, len(names), "policy")
+        s = dict(zip(names, (float(x) for x in shared)))
         count = max(s["tokens"], 1.0)
         out = {"actor/pg_loss": s["pg_loss"] / count, "actor/clip_frac": s["clip_frac"] / count,
                "actor/approx_kl": s["approx_kl"] / count,
@@ -51,6 +62,9 @@ class ActorWorker(TrainableRank):
             out["actor/kl_ref"] = s["kl_ref"] / count
         if a.entropy_coef > 0:  # computed in the loss only when it is part of it
             out["actor/entropy"] = s["entropy"] / count
+        if on_policy:  # what the skipped old-log-prob pass would have reported
+            out.update({f"mismatch/{k.removeprefix('mismatch_')}": s[k] / count for k in MISMATCH_METRICS})
+            out["actor/entropy_rollout"] = s["entropy_rollout"] / count
         return out
 
     # ---- weight sync (megarl.sync) ------------------------------------------------------------
@@ -85,10 +99,16 @@ def _policy_forward_step(data_iterator, model, cfg: PolicyLossConfig, temperatur
     def loss_func(output):
         logp = token_logprobs(output, mb["labels"], temperature)
         entropy = token_entropy(output, temperature) if cfg.entropy_coef > 0 else None
-        loss_sum, count, sums = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], mb["loss_weight"],
-                                            cfg, is_weight=mb.get("is_weight"), ref_logp=mb.get("ref_logp"),
+        old_logp, is_weight, extra = mb.get("old_logp"), mb.get("is_weight"), None
+        if old_logp is None:  # exactly on-policy: this forward is the old policy's
+            if entropy is None:
+                with torch.no_grad():
+                    entropy = token_entropy(output, temperature)
+            old_logp, is_weight, extra = on_policy_inputs(logp, mb["rollout_logp"], mb["mask"], entropy, cfg)
+        loss_sum, count, sums = policy_loss(logp, old_logp, mb["advantages"], mb["mask"], mb["loss_weight"],
+                                            cfg, is_weight=is_weight, ref_logp=mb.get("ref_logp"),
                                             kl_coef=kl_coef, entropy=entropy)
-        sink.append(sums)
+        sink.append(sums if extra is None else torch.cat([sums, extra]))
         return loss_sum, count.to(torch.int), {"loss_sum_count": torch.stack([loss_sum.detach(), count])}
 
     return logits, loss_func

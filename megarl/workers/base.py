@@ -20,8 +20,8 @@ import torch
 
 from megarl.workers.wire import encode_share
 
-BATCH_FIELDS = ("tokens", "mask", "old_logp", "ref_logp", "advantages", "is_weight", "loss_weight", "values",
-                "returns")
+BATCH_FIELDS = ("tokens", "mask", "old_logp", "rollout_logp", "ref_logp", "advantages", "is_weight", "loss_weight",
+                "values", "returns")
 
 
 class WorkerError(RuntimeError):

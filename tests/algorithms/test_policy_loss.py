@@ -124,3 +124,51 @@ def test_minibatch_slices_and_weights():
     w = minibatch_loss_weights(mask, 2, "seq-mean-token-mean", 5)
     assert torch.equal(w, torch.cat([loss_weights(mask[:4], "seq-mean-token-mean", 5),
                                      loss_weights(mask[4:], "seq-mean-token-mean", 5)]))
+
+
+@pytest.mark.parametrize("correction", ["tis", "sequence_is", "none"])
+@pytest.mark.parametrize("mode", LOSS_AGGREGATIONS)
+def test_on_policy_old_logprobs_give_the_separate_pass_loss_and_gradients(correction, mode):
+    """Exactly on-policy, π_old from the update's own forward (`on_policy_inputs`) == a separate
+    no-grad forward first: same loss, same gradients, same correction and mismatch metrics."""
+    from megarl.algorithms.correction import mismatch_metrics, rollout_correction
+    from megarl.algorithms.policy_loss import ON_POLICY_SUMS, on_policy_inputs
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16, dtype=torch.float64)
+    hidden = torch.randn(3, 5, 8, dtype=torch.float64)
+    labels = torch.randint(0, 16, (3, 5))
+    mask = (torch.rand(3, 5) > 0.2).to(torch.float64)
+    adv = torch.randn(3, 5, dtype=torch.float64)
+    cfg = PolicyLossConfig(loss="ppo", clip_low=0.2, clip_high=0.28, correction=correction, correction_threshold=1.5)
+    w = loss_weights(mask, mode, norm_length=5)
+
+    def forward(wt):
+        logits = hidden @ wt
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        probs = torch.softmax(logits, -1)
+        return logp, -(probs * torch.log_softmax(logits, -1)).sum(-1)
+
+    with torch.no_grad():
+        old, entropy = forward(weight)
+    rollout = old + 0.3 * torch.randn_like(old)            # the engine's slightly different log-probs
+    separate = weight.clone().requires_grad_()
+    logp, _ = forward(separate)
+    is_weight, _ = rollout_correction(old, rollout, mask, correction, 1.5)
+    loss_a, _, sums_a = policy_loss(logp, old, adv, mask, w, cfg, is_weight=is_weight)
+    loss_a.backward()
+
+    fused = weight.clone().requires_grad_()
+    logp, ent = forward(fused)
+    old_b, is_weight_b, extra = on_policy_inputs(logp, rollout, mask, ent, cfg)
+    loss_b, _, sums_b = policy_loss(logp, old_b, adv, mask, w, cfg, is_weight=is_weight_b)
+    loss_b.backward()
+
+    assert torch.equal(old_b, old) and torch.equal(is_weight_b, is_weight) and not old_b.requires_grad
+    assert loss_b.item() == close(loss_a.item(), rel=1e-12)
+    assert torch.allclose(fused.grad, separate.grad, rtol=1e-12, atol=1e-15) and fused.grad.abs().sum() > 0
+    assert torch.allclose(sums_b, sums_a, rtol=1e-12)
+    named = dict(zip(ON_POLICY_SUMS, (extra / mask.sum()).tolist()))
+    for k, v in mismatch_metrics(old, rollout, mask, 1.5).items():
+        assert named[k] == close(float(v), rel=1e-12) and (k != "mismatch_abs_logp_diff" or named[k] > 0)
+    assert named["entropy_rollout"] == close(float((entropy * mask).sum() / mask.sum()), rel=1e-12)

@@ -39,7 +39,7 @@ def _train(root, model, out, *extra, timeout=600):
             "--set", f"model.path={model}", "--set", f"data.train={root / 'rl.jsonl'}",
             "--set", f"data.eval={root / 'eval.jsonl'}", "--set", f"trainer.output_dir={out}",
             "--set", "trainer.steps=4", "--set", "trainer.prompts_per_step=4", "--set", "rollout.n=4",
-            "--set", "trainer.samples_per_minibatch=8",
+            "--set", "trainer.samples_per_minibatch=16",  # one update per step: old log-probs from the update
             "--set", "trainer.micro_batch_per_rank=2", "--set", "trainer.save_freq=0", "--set", "trainer.eval_freq=4",
             "--set", "rollout.max_response_length=48", "--set", "logging.samples_every=2",
             "--set", "logging.sinks=[jsonl, tensorboard, wandb]", "--set", "rollout.weight_sync.verify_logprobs=true",
@@ -76,10 +76,14 @@ def test_grpo_runs_logs_checkpoints_and_exports(straight):
                 "eval/mean", "eval/task", "dynamic_sampling/rounds", "overlong/filtered_frac", "kl/ref_mean",
                 "actor/kl_ref"):
         assert key in last, key
-    # the LR schedule counts RL steps (2 optimizer updates each here): linear decay over 4 steps
+    # the LR schedule counts RL steps: linear decay over 4 steps
     assert [m[s]["actor/lr"] for s in (1, 2, 3)] == pytest.approx([0.75e-4, 0.5e-4, 0.25e-4])
     assert last["sync/verify_max_diff"] <= 1e-4          # engines score like the trainer after each sync
-    assert last["mismatch/abs_logp_diff"] < 1e-3         # fp32: rollout log-probs == trainer old log-probs
+    # exactly on-policy (one update per step): no separate old-log-prob pass; the update's own forward
+    # gives them, and they equal the engine's (fp32) and the reference KL the controller reads
+    assert "timing/old_logprobs_s" not in last and "timing/ref_logprobs_s" in last
+    assert last["mismatch/abs_logp_diff"] < 1e-3 and 0 < last["actor/entropy_rollout"]
+    assert last["kl/ref_mean"] == last["actor/kl_ref"] and last["kl/ref_mean"] > 0
     assert m[0]["eval/mean"] >= 0.0 and "eval/mean" in m[4]
     assert os.path.isdir(straight / "checkpoints" / "step_000004")
     assert os.path.isfile(straight / "hf" / "model.safetensors")
@@ -172,6 +176,7 @@ def test_ppo_with_critic_learns_values_and_checkpoints_both(rl_setup):
     for role in ("actor", "critic", "reward"):   # cluster.cpu_threads_per_rank reaches every gang
         assert re.search(rf"\[rl\] {role}: \d+ rank\(s\), 1 torch thread\(s\) each", proc.stdout), role
     m = _metrics(out)
+    assert "timing/old_logprobs_s" in m[1] and m[1]["actor/updates"] == 2.0  # ppo_epochs 2: a separate pass
     assert m[1]["reward/mean"] != 0                           # format reward + RM: the critic has returns to fit
     assert m[1]["reward/safety"] != 0 and m[2]["reward/safety"] != m[1]["reward/safety"]  # the RM scored samples
     assert m[1]["critic/values_mean"] == 0.0                  # zero-initialised value head

@@ -185,3 +185,26 @@ def test_eval_samples_one_answer_per_prompt_at_the_eval_temperature(tmp_path):
     r.rollout.eval_temperature = 0.0
     assert phases.eval_sampling(r, 20).temperature == 0.0     # greedy
     assert phases.sampling_for(r, 20).temperature == r.rollout.temperature
+
+
+def test_old_logprobs_come_from_the_update_only_when_it_is_exactly_on_policy(tmp_path):
+    assert phases.old_logprobs_in_update(recipe(tmp_path))            # one mini-batch, one epoch, TIS
+    for algorithm in ({"ppo_epochs": 2}, {"old_logprobs": "recompute"},
+                      {"rollout_correction": {"mode": "token_mask"}},   # would change the mask after the weights
+                      {"kl": {"coef": 0.1, "placement": "reward"}}):    # the advantages need them first
+        assert not phases.old_logprobs_in_update(recipe(tmp_path, **algorithm)), algorithm
+    assert phases.old_logprobs_in_update(recipe(tmp_path, kl={"coef": 0.1, "placement": "loss"}))
+    two = recipe(tmp_path)
+    two.derived.minibatches_per_step = 2
+    assert not phases.old_logprobs_in_update(two)
+
+
+def test_without_old_logprobs_the_update_gets_the_engine_logprobs(tmp_path):
+    r = recipe(tmp_path)
+    out = phases.collect_rollouts(r, 0, Prompts().take, fake_generate([]), score_by(lambda i, j: float(j)))
+    batch, _ = phases.build_batch(r, out, pad_id=0)
+    plan = phases.compute_advantages(r, batch, kl_coef=0.0)
+    assert plan.is_weight is None and torch.equal(plan.train_mask, batch.mask) and plan.metrics == {}
+    inputs = phases.update_inputs(batch, plan)
+    assert set(inputs) == {"tokens", "mask", "rollout_logp", "advantages", "loss_weight"}
+    assert torch.equal(inputs["rollout_logp"], batch.rollout_logp)

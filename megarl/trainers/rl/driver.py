@@ -96,6 +96,7 @@ class RLDriver:
         self.inputs = load_inputs(recipe)
         self.sampler = EpochSampler(len(self.inputs.data), recipe.data.seed, recipe.data.shuffle)
         self.kl_ctl = make_kl_controller(k.controller, k.coef, k.target, k.horizon)
+        self.old_logprobs_in_update = phases.old_logprobs_in_update(recipe)
         self.step_count = 0
         self.actor = self.reference = self.critic = self.reward_model = self.fleet = None
         self.logger = None
@@ -199,6 +200,8 @@ class RLDriver:
             plan = phases.compute_advantages(r, batch, self.kl_ctl.coef)
         with timer.phase("update"):
             update_m = self.update(batch, plan)
+        if self.reference is not None and batch.old_logp is None:  # KL of the policy that sampled, as the update saw it
+            logprob_m.update({"kl/ref_mean": update_m["actor/kl_ref"], "kl/coef": self.kl_ctl.coef})
         self.step_count += 1
         with timer.phase("sync"):
             sync_m = self.sync.push(self.step_count, self.verify_seqs)
@@ -224,15 +227,18 @@ class RLDriver:
         """Old (and reference) log-probs and critic values into the batch -> (metrics with the
         rollout's entropy, model compute seconds inside the workers)."""
         model_in = {"tokens": batch.tokens, "mask": batch.mask}
-        with timer.phase("old_logprobs"):
-            old = self.actor.logprobs(model_in, with_entropy=True)
-        batch.old_logp = old["logp"] * batch.mask
-        metrics, compute = {"entropy": old["entropy"]}, old["seconds"]
+        metrics, compute = {"entropy": None}, 0.0
+        if not self.old_logprobs_in_update:
+            with timer.phase("old_logprobs"):
+                old = self.actor.logprobs(model_in, with_entropy=True)
+            batch.old_logp = old["logp"] * batch.mask
+            metrics, compute = {"entropy": old["entropy"]}, old["seconds"]
         if self.reference is not None:
             with timer.phase("ref_logprobs"):
                 ref = self.reference.logprobs(model_in)
             batch.ref_logp = ref["logp"] * batch.mask
-            metrics.update(phases.reference_kl(self.recipe, batch, self.kl_ctl.coef))
+            if batch.old_logp is not None:  # else the update reports it (actor/kl_ref)
+                metrics.update(phases.reference_kl(self.recipe, batch, self.kl_ctl.coef))
             compute += ref["seconds"]
         if self.critic is not None:
             with timer.phase("values"):

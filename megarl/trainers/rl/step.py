@@ -176,12 +176,23 @@ def reference_kl(recipe: Recipe, batch, kl_coef: float) -> dict[str, float]:
     return {"kl/ref_mean": float(masked_mean(kl, batch.mask)), "kl/coef": kl_coef}
 
 
+def old_logprobs_in_update(recipe: Recipe) -> bool:
+    """Whether the update's own forward provides the old log-probs (`algorithm.old_logprobs: auto`
+    and the update exactly on-policy), so no separate pass runs before it."""
+    from megarl.algorithms.correction import REWEIGHTING_MODES
+
+    a = recipe.algorithm
+    kl_in_reward = a.kl.placement == "reward" and a.kl.coef > 0  # needs old log-probs before the advantages
+    return (a.old_logprobs == "auto" and a.ppo_epochs == 1 and recipe.derived.minibatches_per_step == 1
+            and a.rollout_correction.mode in REWEIGHTING_MODES and not kl_in_reward)
+
+
 @dataclass
 class UpdatePlan:
     """What the policy update needs beyond the batch: rollout-correction weights and mask, and the
     per-token loss weights that make each mini-batch's aggregation exact."""
 
-    is_weight: torch.Tensor
+    is_weight: torch.Tensor | None   # None: the update computes it (old log-probs from its own forward)
     train_mask: torch.Tensor
     loss_weight: torch.Tensor
     metrics: dict = field(default_factory=dict)
@@ -203,10 +214,14 @@ def compute_advantages(recipe: Recipe, batch, kl_coef: float) -> UpdatePlan:
     batch.advantages, batch.returns = ADVANTAGE_ESTIMATORS.get(a.advantage_estimator)(inputs, **kwargs)
     if a.advantage_estimator == "gae":  # PPO: whiten GAE advantages over the batch's trained tokens
         batch.advantages = masked_whiten(batch.advantages, batch.mask) * batch.mask
-    rc = a.rollout_correction
-    is_weight, train_mask = rollout_correction(batch.old_logp, batch.rollout_logp, batch.mask, rc.mode, rc.threshold)
-    mismatch = mismatch_metrics(batch.old_logp, batch.rollout_logp, batch.mask, rc.threshold)
-    metrics = {f"mismatch/{k.removeprefix('mismatch_')}": float(v) for k, v in mismatch.items()}
+    rc, metrics = a.rollout_correction, {}
+    if batch.old_logp is None:  # the update's own forward gives them; it applies the correction too
+        is_weight, train_mask = None, batch.mask
+    else:
+        is_weight, train_mask = rollout_correction(batch.old_logp, batch.rollout_logp, batch.mask, rc.mode,
+                                                   rc.threshold)
+        mismatch = mismatch_metrics(batch.old_logp, batch.rollout_logp, batch.mask, rc.threshold)
+        metrics = {f"mismatch/{k.removeprefix('mismatch_')}": float(v) for k, v in mismatch.items()}
     weights = minibatch_loss_weights(train_mask, recipe.derived.minibatches_per_step, a.loss_agg_mode,
                                      recipe.rollout.max_response_length)
     return UpdatePlan(is_weight, train_mask, weights, metrics)
@@ -225,8 +240,14 @@ def _kl_token_rewards(recipe: Recipe, batch, kl_coef: float) -> torch.Tensor | N
 
 
 def update_inputs(batch, plan: UpdatePlan) -> dict[str, torch.Tensor]:
-    out = {"tokens": batch.tokens, "mask": plan.train_mask, "old_logp": batch.old_logp,
-           "advantages": batch.advantages, "is_weight": plan.is_weight, "loss_weight": plan.loss_weight}
+    """The actor's `update` batch: with old log-probs and correction weights, or (when the update
+    computes them) the engine's log-probs instead."""
+    out = {"tokens": batch.tokens, "mask": plan.train_mask, "advantages": batch.advantages,
+           "loss_weight": plan.loss_weight}
+    if batch.old_logp is None:
+        out["rollout_logp"] = batch.rollout_logp
+    else:
+        out.update(old_logp=batch.old_logp, is_weight=plan.is_weight)
     if batch.ref_logp is not None:
         out["ref_logp"] = batch.ref_logp
     return out
