@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megarl.checkpoint.paths import EXTRA_DIR, PARTIAL_SUFFIX
-from megarl.models.train import TrainState
+from megarl.models.train import TrainState, ranks_with_nonfinite
 from megarl.runtime.megatron import dist_checkpointing
 from megarl.runtime.megatron import parallel_state as ps
 
@@ -65,6 +65,9 @@ def save_sharded(models: list, path: str, optimizer=None, extra: dict | None = N
     `extra` is this rank's own state (step, data position, RNG, scheduler), written to
     `extra/rank<r>.pt`; `finish_rank0(tmp_dir)` adds files before the checkpoint becomes visible.
     """
+    bad = ranks_with_nonfinite(p.detach() for m in models for p in m.parameters())
+    if bad:  # a poisoned checkpoint would be resumed from and exported: refuse it
+        raise FloatingPointError(f"not saving {path}: non-finite weights on {bad} rank(s)")
     tmp = path + PARTIAL_SUFFIX
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -144,11 +144,16 @@ class RolloutConfig:
     multi_turn: MultiTurnConfig | None = None
 
 
+RewardComponent = Literal["task", "format", "efficiency", "safety", "process"]
+"""Where a reward's weighted value is summed and logged (reward/<component>): "task" is what the run
+is judged on; "process" is partial credit for intermediate steps (e.g. a correct tool call)."""
+
+
 @dataclass
 class RewardFunctionConfig:
     name: str
     weight: float = 1.0
-    component: Literal["task", "format", "efficiency", "safety"] = "task"
+    component: RewardComponent = "task"
     args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -158,14 +163,14 @@ class RewardModelConfig:
     type: Literal["full", "lora"] = "full"
     """lora is not implemented yet (refused at load)."""
     weight: float = 1.0
-    component: Literal["task", "format", "efficiency", "safety"] = "task"
+    component: RewardComponent = "task"
 
 
 @dataclass
 class RemoteRewardConfig:
     url: str
     weight: float = 1.0
-    component: Literal["task", "format", "efficiency", "safety"] = "task"
+    component: RewardComponent = "task"
     timeout_s: float = 30.0
     retries: int = 2
     max_concurrency: int = 16

@@ -122,10 +122,42 @@ def run_schedule(state: TrainState, microbatches: list[dict], seq_length: int,
 def train_step(state: TrainState, microbatches: list[dict], seq_length: int,
                forward_step: Callable = gpt_forward_step) -> dict[str, float]:
     loss = run_schedule(state, microbatches, seq_length, forward_step=forward_step)
+    return {"loss": loss, "grad_norm": optimizer_update(state, "training")}
+
+
+def ranks_with_nonfinite(tensors: Iterable[torch.Tensor]) -> int:
+    """How many ranks of the gang hold a NaN or infinite value in their `tensors` (collective: one
+    all-reduce over the default group, so every rank gets the same answer and can stop together)."""
+    bad = torch.zeros(1)
+    for t in tensors:
+        if not bool(torch.isfinite(t).all()):
+            bad += 1
+            break
+    dist.all_reduce(bad)
+    return int(bad.item())
+
+
+def _grads(models: list) -> Iterable[torch.Tensor]:
+    for m in models:
+        for p in m.parameters():
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            if g is not None:
+                yield g
+
+
+def optimizer_update(state: TrainState, what: str) -> float:
+    """One optimizer update -> its grad norm, applied only when every gradient on every rank is
+    finite. Megatron looks for inf/NaN only under a loss scaler (fp16/bf16): in fp32 a non-finite
+    gradient would be applied silently and poison every weight, so the ranks check first."""
+    bad = ranks_with_nonfinite(_grads(state.models))
+    if bad:
+        raise FloatingPointError(f"non-finite gradients in the {what} update on {bad} rank(s); no update was "
+                                 "applied (check the loss inputs: rewards, advantages, log-probs)")
     ok, grad_norm, _ = state.optimizer.step()
     if not ok:
-        raise FloatingPointError("optimizer step skipped: non-finite gradients")
-    return {"loss": loss, "grad_norm": float(grad_norm)}
+        raise FloatingPointError(f"optimizer step skipped: non-finite gradients in the {what} update")
+    return float(grad_norm)
 
 
 def _mean_loss_everywhere(outputs: Iterable[dict]) -> float:

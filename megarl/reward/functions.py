@@ -70,6 +70,33 @@ def tool_call_format(view: TrajectoryView, metadata: dict) -> float:
     return 1.0 if attempts == 0 else len(view.tool_calls) / attempts
 
 
+def _ok_tool_numbers(view: TrajectoryView) -> list[float]:
+    """The last number of each successful tool result, in call order."""
+    return [n for n in (_number(r["text"]) for r in view.tool_results if r["ok"]) if n is not None]
+
+
+def _same(a: float | None, b: float, tolerance: float) -> bool:
+    return a is not None and abs(a - b) <= tolerance * max(1.0, abs(b))
+
+
+@REWARD_FUNCTIONS.register("tool_result_match")
+def tool_result_match(view: TrajectoryView, metadata: dict, tolerance: float = 1e-6) -> float:
+    """Process credit for the tool step: 1 if a successful tool result's last number equals
+    `ground_truth` (the model called the tool with the right inputs), whatever the final answer says."""
+    if "ground_truth" not in metadata:
+        raise KeyError("tool_result_match needs 'ground_truth' in the row")
+    want = float(metadata["ground_truth"])
+    return float(any(_same(n, want, tolerance) for n in _ok_tool_numbers(view)))
+
+
+@REWARD_FUNCTIONS.register("answer_uses_tool_result")
+def answer_uses_tool_result(view: TrajectoryView, metadata: dict, tolerance: float = 1e-6) -> float:
+    """Process credit for faithfulness: 1 if the final answer's last number equals the last
+    successful tool result's (the model reports what the tool returned); 0 without one."""
+    results = _ok_tool_numbers(view)
+    return float(bool(results) and _same(_number(view.final_answer), results[-1], tolerance))
+
+
 @REWARD_FUNCTIONS.register("tool_efficiency")
 def tool_efficiency(view: TrajectoryView, metadata: dict, expected_calls: int = 1) -> float:
     """1 for using about as many successful tool calls as needed; less for extra calls; 0 for none

@@ -466,10 +466,10 @@ class _PreferenceRank:
         return summarize(self.stage, total, "eval/")
 
     def optimizer_step(self, step: int) -> dict:
-        ok, grad_norm, _ = self.state.optimizer.step()
-        if not ok:
-            raise FloatingPointError(f"optimizer step skipped at step {step}: non-finite gradients")
-        return {"grad_norm": float(grad_norm), "lr": self.state.optimizer.param_groups[0]["lr"]}
+        from megarl.models.train import optimizer_update
+
+        grad_norm = optimizer_update(self.state, f"step {step}")
+        return {"grad_norm": grad_norm, "lr": self.state.optimizer.param_groups[0]["lr"]}
 
 
 def train_rank(recipe: Recipe, init_ckpt: str) -> StageResult:

@@ -231,7 +231,7 @@ class TrainableRank(MegatronRank):
         import torch.distributed as dist
 
         from megarl.algorithms.policy_loss import minibatch_slices
-        from megarl.models.train import TrainState, run_schedule
+        from megarl.models.train import TrainState, optimizer_update, run_schedule
         from megarl.runtime.megatron import parallel_state as ps
 
         state = TrainState(self.models, self.optimizer, self.config)
@@ -244,10 +244,7 @@ class TrainableRank(MegatronRank):
                                            self.recipe.trainer.micro_batch_per_rank)
                 sums: list[torch.Tensor] = []
                 run_schedule(state, micro, micro[0]["tokens"].shape[1], forward_step=partial(forward_step, sink=sums))
-                ok, grad_norm, _ = self.optimizer.step()
-                if not ok:
-                    raise FloatingPointError(f"optimizer step skipped: non-finite gradients in the {what} update")
-                grad_norms.append(float(grad_norm))
+                grad_norms.append(optimizer_update(state, what))
                 local = torch.stack(sums).sum(0) if sums else torch.zeros(width, dtype=torch.float64)
                 if ps.is_pipeline_last_stage(ignore_virtual=True):
                     dist.all_reduce(local, group=ps.get_data_parallel_group())

@@ -150,3 +150,34 @@ def checkpoint_reshard_run(workdir: str, save_layout: dict, load_layouts: list[d
         results["loaded"].append({"layout": layout, "fresh_eval": fresh_eval,
                                   "values": (ev, step3, after)})
     return results
+
+
+def nonfinite_guard_run(workdir: str) -> dict:
+    """A NaN gradient on rank 1 only: both ranks refuse the update (no weight changes anywhere);
+    a NaN weight on rank 1 only: both refuse to save (no checkpoint, not even a partial one)."""
+    state = build(ParallelConfig(tp=2), moe=False)
+    before = [p.detach().clone() for p in state.models[0].parameters()]
+    out = {"rank": dist.get_rank()}
+    run_schedule(state, my_microbatches(0), SEQ)
+    if dist.get_rank() == 1:
+        next(p for p in state.models[0].parameters() if p.main_grad.numel() > 1).main_grad[0] = float("nan")
+    try:
+        from megarl.models.train import optimizer_update
+
+        optimizer_update(state, "test")
+        out["update"] = "applied"
+    except FloatingPointError as e:
+        out["update"] = str(e)
+    out["weights_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, state.models[0].parameters()))
+    out["finite_step"] = train_step(state, my_microbatches(1), SEQ)["grad_norm"]  # a finite step still goes
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            next(iter(state.models[0].parameters())).view(-1)[0] = float("inf")
+    ckpt = os.path.join(workdir, "poisoned")
+    try:
+        save_checkpoint(state, ckpt)
+        out["save"] = "written"
+    except FloatingPointError as e:
+        out["save"] = str(e)
+    out["on_disk"] = sorted(os.listdir(workdir))
+    return out

@@ -72,3 +72,15 @@ def test_checkpoint_reshards_across_layouts(tmp_path):
         assert abs(ev - ref_eval) <= 1e-6, f"{where}: eval after load {ev} != {ref_eval}"
         assert abs(step3 - ref_step3) <= 1e-6, f"{where}: next-step loss {step3} != {ref_step3}"
         assert abs(after - ref_after) <= 1e-5, f"{where}: eval after the next step {after} != {ref_after}"
+
+
+def test_nonfinite_gradients_or_weights_on_one_rank_stop_every_rank(tmp_path):
+    """fp32 megatron applies NaN gradients silently (it checks only under a loss scaler): the ranks
+    agree first, so a NaN on one rank leaves every weight untouched, and a poisoned model is never
+    saved."""
+    results = run_local_group("tests.dist.scenarios:nonfinite_guard_run", 2, args=(str(tmp_path),), timeout=300)
+    for r in results:
+        assert "non-finite gradients in the test update on 1 rank(s)" in r["update"], r
+        assert r["weights_unchanged"] and r["finite_step"] > 0, r
+        assert "non-finite weights on 1 rank(s)" in r["save"], r
+        assert r["on_disk"] == [], r

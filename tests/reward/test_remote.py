@@ -1,6 +1,8 @@
-"""Remote HTTP reward against a real local server: values, retries on 5xx, timeouts, concurrency."""
+"""Remote HTTP reward against a real local server: values, retries on 5xx, timeouts, concurrency,
+and answers that are not a reward (HTML error pages, plain text, a string); NaN and inf are values."""
 
 import json
+import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +12,13 @@ import pytest
 from megarl.config.recipe import RemoteRewardConfig, RewardConfig, RewardFunctionConfig
 from megarl.reward.engine import RewardEngine
 from megarl.reward.functions import TrajectoryView
+
+# a gateway's error page, longer than the part an error message quotes
+GATEWAY_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body>" + b"x" * 300 + b"END</body></html>"
+NON_FINITE = {"nan": (200, b'{"reward": NaN}'), "inf": (200, b'{"reward": Infinity}')}
+# answers that are not a reward, by metadata kind: (HTTP status, body)
+NOT_A_REWARD = {"html502": (502, GATEWAY_PAGE), "text200": (200, b"service warming up, try later"),
+                "string": (200, b'{"reward": "x"}'), "list": (200, b"[1.0]")}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -46,6 +55,10 @@ class Handler(BaseHTTPRequestHandler):
             return 503, None
         if kind == "slow":
             time.sleep(1.0)
+        if kind in NOT_A_REWARD:
+            return NOT_A_REWARD[kind]
+        if kind in NON_FINITE:
+            return NON_FINITE[kind]
         reward = 1.0 if "84" in body["response"] else 0.25
         return 200, json.dumps({"reward": reward}).encode()
 
@@ -87,3 +100,32 @@ def test_unreachable_service_fails_the_samples_not_the_run():
     cfg = RewardConfig(remote=RemoteRewardConfig(url="http://127.0.0.1:9/none", timeout_s=0.2, retries=1))
     [result], _ = RewardEngine(cfg).score_batch([TrajectoryView(["x"])], [{}])
     assert result.failed and result.errors[0].startswith("remote: remote reward failed after 2 attempts")
+
+
+def test_answers_that_are_not_a_reward_fail_their_sample_only(server):
+    cfg = RewardConfig(remote=RemoteRewardConfig(url=server, timeout_s=5, retries=1, max_concurrency=4))
+    kinds = [None, *NOT_A_REWARD, None]
+    views = [TrajectoryView(["84"]) for _ in kinds]
+    results, metrics = RewardEngine(cfg).score_batch(views, [{"kind": k} if k else {} for k in kinds])
+    assert not results[0].failed and not results[-1].failed and results[0].scalar == results[-1].scalar == 1.0
+    errors = {k: r.errors[0] for k, r in zip(kinds[1:-1], results[1:-1], strict=True)}
+    assert all(r.failed and r.scalar == 0.0 for r in results[1:-1])
+    assert all(f"remote reward at {server} answered HTTP" in e for e in errors.values()), errors
+    # a gateway page and a plain-text body are retried like other transient failures, then quoted
+    assert errors["html502"].startswith("remote: remote reward failed after 2 attempts")
+    assert "HTTP 502 '<html><head><title>502 Bad Gateway" in errors["html502"] and "END" not in errors["html502"]
+    assert "after 2 attempts" in errors["text200"] and "HTTP 200 'service warming up" in errors["text200"]
+    assert "which is not JSON" in errors["text200"]
+    # JSON that is not a number is the service's answer: no retry
+    for kind in ("string", "list"):
+        assert errors[kind].endswith('expected {"reward": number}') and "attempts" not in errors[kind]
+    assert metrics["reward/failed_frac"] == pytest.approx(len(NOT_A_REWARD) / len(kinds))
+
+
+def test_a_nonfinite_remote_reward_is_passed_on_for_the_step_to_refuse(server):
+    """NaN / Infinity answers are values, not failures: `trainers.rl.step.check_finite_rewards`
+    stops the step on them (a failure would be masked and the run would go on)."""
+    cfg = RewardConfig(remote=RemoteRewardConfig(url=server, timeout_s=5, retries=1, max_concurrency=2))
+    results, _ = RewardEngine(cfg).score_batch([TrajectoryView(["84"])] * 2, [{"kind": "nan"}, {"kind": "inf"}])
+    assert [r.failed for r in results] == [False, False]
+    assert math.isnan(results[0].values["remote"]) and results[1].values["remote"] == math.inf

@@ -5,10 +5,12 @@ from megarl.reward.engine import RewardEngine
 from megarl.reward.functions import (
     REWARD_FUNCTIONS,
     TrajectoryView,
+    answer_uses_tool_result,
     forbidden_patterns,
     numeric_match,
     tool_call_format,
     tool_efficiency,
+    tool_result_match,
 )
 
 CALL = {"name": "calculator", "arguments": {"expression": "12*7"}}
@@ -30,6 +32,24 @@ def test_rule_functions():
     assert forbidden_patterns(view("rm -rf /"), {}) == -1.0 and forbidden_patterns(view(), {}) == 0.0
 
 
+def test_process_rewards_credit_the_tool_step_and_the_faithful_answer_separately():
+    truth = {"ground_truth": "84"}
+    right_call_miscopied = view("The answer is 48.")
+    wrong_call_copied = TrajectoryView(["<tool_call>x</tool_call>", "The answer is 85."], [CALL],
+                                       [{"name": "calculator", "text": "85", "ok": True}])
+    assert (tool_result_match(view(), truth), answer_uses_tool_result(view(), truth)) == (1.0, 1.0)
+    assert (tool_result_match(right_call_miscopied, truth), answer_uses_tool_result(right_call_miscopied, truth)) \
+        == (1.0, 0.0)
+    assert (tool_result_match(wrong_call_copied, truth), answer_uses_tool_result(wrong_call_copied, truth)) \
+        == (0.0, 1.0)
+    failed_call = view(ok=(False,))                       # an error result is no result
+    assert (tool_result_match(failed_call, truth), answer_uses_tool_result(failed_call, truth)) == (0.0, 0.0)
+    no_call = view(calls=())
+    assert (tool_result_match(no_call, truth), answer_uses_tool_result(no_call, truth)) == (0.0, 0.0)
+    with pytest.raises(KeyError, match="ground_truth"):
+        tool_result_match(view(), {})
+
+
 def test_engine_combines_weights_keeps_components_and_marks_failures():
     cfg = RewardConfig(functions=[RewardFunctionConfig("numeric_match", 1.0, "task"),
                                   RewardFunctionConfig("tool_call_format", 0.2, "format"),
@@ -45,7 +65,8 @@ def test_engine_combines_weights_keeps_components_and_marks_failures():
 
 
 def test_unknown_function_and_unimplemented_sources_are_refused():
-    with pytest.raises(KeyError, match="unknown reward function 'numeric'; valid: exact_match"):
+    with pytest.raises(KeyError, match="unknown reward function 'numeric'; valid: answer_uses_tool_result, "
+                                       "exact_match"):
         RewardEngine(RewardConfig(functions=[RewardFunctionConfig("numeric")]))
     with pytest.raises(ValueError, match="needs a reward-model worker"):
         RewardEngine(RewardConfig(reward_model=RewardModelConfig(path="x")))

@@ -1,6 +1,7 @@
 """Tool parsing, tools, and the multi-turn agent loop (token in / token out)."""
 
 import json
+import time
 
 import pytest
 
@@ -8,7 +9,7 @@ from examples.tool_math import CALCULATOR
 from megarl.data.render import render_messages, render_prompt
 from megarl.rollout.agent import AgentLoop
 from megarl.rollout.engine import Completion, SamplingConfig
-from megarl.rollout.tool_parser import HermesToolParser
+from megarl.rollout.tool_parser import MAX_NESTING_DEPTH, MAX_NUMBER_CHARS, HermesToolParser
 from megarl.rollout.tool_spec import ToolSpec, ToolSpecError, load_tool_specs
 from megarl.rollout.tools import ToolExecutor
 from megarl.rollout.tools.builtin import calculator
@@ -27,6 +28,55 @@ def test_hermes_parser():
     assert p.parse('<tool_call>{"name": 3}</tool_call>').errors
     assert p.parse("<tool_call>{").errors == ["unterminated <tool_call>"]
     assert p.parse("just text").calls == []
+
+
+def best_parse_seconds(text: str) -> float:
+    """Best of 3 (robust on a loaded machine); each run must return a result, not raise."""
+    parser, best = HermesToolParser(), float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        parser.parse(text)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+CALL_OPENING = '<tool_call>{"name": "calculator", "arguments": {'
+
+
+@pytest.mark.parametrize("text", ["<tool_call>" * 8000,  # 88k chars, ~32k tokens of one repeated tag
+                                  CALL_OPENING * 2700,  # ~130k chars of call openings, never closed
+                                  CALL_OPENING * 2700 + "</tool_call>",  # ...closed once: one deep block
+                                  "<tool_call>" + "[" * 100_000 + "</tool_call>"],
+                         ids=["tags", "openings", "openings-closed", "deep"])
+def test_degenerate_responses_parse_in_linear_time(text):
+    assert best_parse_seconds(text) < 0.1  # a regex parser took ~6 s on the 8000 tags (quadratic)
+    assert HermesToolParser().parse(text).errors  # a result that says what was wrong
+
+
+def call(arguments: str) -> str:
+    return f'<tool_call>{{"name": "calculator", "arguments": {arguments}}}</tool_call>'
+
+
+def test_oversized_calls_are_failed_calls_not_exceptions():
+    p = HermesToolParser()
+    for text in (call("[" * 100_000), call("[" * 100_000 + "]" * 100_000), call('{"x": ' * 65 + "1" + "}" * 65)):
+        t = p.parse(text)
+        assert t.calls == [] and t.errors == [f"tool call is nested deeper than {MAX_NESTING_DEPTH} levels"]
+    t = p.parse(call('{"x": ' + "1" * 5000 + "}"))  # past Python's 4300-digit int conversion limit
+    assert t.calls == [] and t.errors == [f"tool call has a number of 5000 characters (limit {MAX_NUMBER_CHARS})"]
+    # the same bounds hold for arguments sent as a JSON string
+    t = p.parse(call(json.dumps("[" * 100_000)))
+    assert t.errors == [f"tool call arguments string is nested deeper than {MAX_NESTING_DEPTH} levels"]
+    t = p.parse(call(json.dumps('{"x": ' + "9" * 5000 + "}")))
+    assert t.errors == [f"tool call arguments string has a number of 5000 characters (limit {MAX_NUMBER_CHARS})"]
+
+
+def test_brackets_in_strings_and_calls_within_the_limits_still_parse():
+    deep_ok = '{"x": ' * (MAX_NESTING_DEPTH - 2) + "1" + "}" * (MAX_NESTING_DEPTH - 2)
+    in_string = '\\"]' + "[" * 5000 + "\\"  # escapes and brackets inside a string are not nesting
+    arguments = {"expression": in_string, "n": int("7" * 200)}
+    [parsed] = HermesToolParser().parse(call(json.dumps(arguments)[:-1] + f', "deep": {deep_ok}}}')).calls
+    assert parsed.arguments == {**arguments, "deep": json.loads(deep_ok)}
 
 
 def test_calculator_is_not_eval():

@@ -208,3 +208,26 @@ def test_without_old_logprobs_the_update_gets_the_engine_logprobs(tmp_path):
     inputs = phases.update_inputs(batch, plan)
     assert set(inputs) == {"tokens", "mask", "rollout_logp", "advantages", "loss_weight"}
     assert torch.equal(inputs["rollout_logp"], batch.rollout_logp)
+
+
+def test_a_nonfinite_reward_stops_the_step_naming_row_sample_and_function(tmp_path):
+    r = recipe(tmp_path)
+    rows = Prompts()
+    with pytest.raises(FloatingPointError) as e:   # prompt 1, sample 0 -> flat sample 2
+        phases.collect_rollouts(r, 0, rows.take, fake_generate([]),
+                                score_by(lambda i, j: float("nan") if (i, j) == (1, 0) else 1.0))
+    msg = str(e.value)
+    assert "non-finite reward in 1 of 4 samples" in msg and "before any update" in msg
+    assert "sample 2: numeric_match=nan" in msg
+    # a failed (raising) reward is not non-finite: it is masked out of the update instead
+    out = phases.collect_rollouts(r, 0, Prompts().take, fake_generate([]),
+                                  score_by(lambda i, j: None if (i, j) == (1, 0) else 1.0))
+    assert [x.failed for x in out.results] == [False, False, True, False]
+
+
+def test_nonfinite_advantages_stop_the_step(tmp_path):
+    r = recipe(tmp_path)
+    batch = _batch_with_logps(r, lambda i, j: float(j))
+    batch.scores[1] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"non-finite advantages in 2 sample\(s\) .*rows \[0, 1\]"):
+        phases.compute_advantages(r, batch, kl_coef=0.0)

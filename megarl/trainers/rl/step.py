@@ -14,6 +14,7 @@ The driver (`driver.py`) calls them in this order and owns everything stateful.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ def score_groups(recipe: Recipe, prompts: list, groups: list[list], score: Calla
     flat = [x for g in groups for x in g]
     gids = [i for i, g in enumerate(groups) for _ in g]
     results = score(flat, [prompts[i].metadata for i in gids])
+    check_finite_rewards(results, [getattr(prompts[i], "row", i) for i in gids])
     scores = torch.tensor([r.scalar for r in results], dtype=torch.float32)
     if ov.mode == "shaping":
         lengths = torch.tensor([len(x.response_ids) for x in flat])
@@ -134,6 +136,32 @@ def score_groups(recipe: Recipe, prompts: list, groups: list[list], score: Calla
         rows = [j for j, gid in enumerate(gids) if gid == i]
         out.append(Group(prompt, trajs, [results[j] for j in rows], scores[rows], bool(informative[rows[0]])))
     return out
+
+
+def check_finite_rewards(results: list, rows: list[int], shown: int = 5) -> None:
+    """Stop the step, before any update, when a sample's reward is NaN or infinite: naming the data
+    row, the sample and each non-finite reward function. (A reward function that raises marks its
+    sample failed instead; a NaN it returns would otherwise train every weight into NaN.)"""
+    bad = []
+    for j, (r, row) in enumerate(zip(results, rows)):
+        named = {k: v for k, v in r.values.items() if not math.isfinite(v)}
+        if not r.failed and (named or not math.isfinite(r.scalar)):
+            bad.append(f"data row {row} sample {j}: " + (", ".join(f"{k}={v}" for k, v in named.items())
+                                                          or f"total reward {r.scalar}"))
+    if bad:
+        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise FloatingPointError(f"non-finite reward in {len(bad)} of {len(results)} samples, the step is stopped "
+                                 f"before any update: {'; '.join(bad[:shown])}{more}. Fix the reward function "
+                                 "(or make it raise: a failed reward leaves its sample out of the update)")
+
+
+def check_finite(name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
+    """Stop the step when `values` (e.g. advantages) are NaN or infinite on a trained token, naming
+    the samples."""
+    bad = (~torch.isfinite(values) & (mask > 0)).any(-1).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"non-finite {name} in {len(bad)} sample(s) of the batch (rows {bad[:10]}), the "
+                                 "step is stopped before any update")
 
 
 def sequence_multiple(recipe: Recipe) -> int:
@@ -214,6 +242,7 @@ def compute_advantages(recipe: Recipe, batch, kl_coef: float) -> UpdatePlan:
     batch.advantages, batch.returns = ADVANTAGE_ESTIMATORS.get(a.advantage_estimator)(inputs, **kwargs)
     if a.advantage_estimator == "gae":  # PPO: whiten GAE advantages over the batch's trained tokens
         batch.advantages = masked_whiten(batch.advantages, batch.mask) * batch.mask
+    check_finite("advantages", batch.advantages, batch.mask)
     rc, metrics = a.rollout_correction, {}
     if batch.old_logp is None:  # the update's own forward gives them; it applies the correction too
         is_weight, train_mask = None, batch.mask
