@@ -139,6 +139,8 @@ def _apply_overrides(data: dict, overrides: list[str], ctx: _Context) -> None:
                 node[part] = {}
             node = node[part]
         node[path[-1]] = value
+        for replaced in [k for k in ctx.locations if len(k) > len(path) and k[:len(path)] == path]:
+            del ctx.locations[replaced]  # keys under the overridden one now come from the override
         ctx.locations[path] = f"--set {item}"
 
 
@@ -280,7 +282,7 @@ def load_recipe(file: str, overrides: list[str] | tuple[str, ...] = (),
     data = _interpolate(data, (), os.environ if env is None else env, ctx)
     recipe = build(Recipe, data, (), ctx)
     if recipe is _INVALID or ctx.issues:
-        raise ConfigError(ctx.issues)
+        raise config_error(ctx.issues)
     recipe.source = os.path.abspath(file)
     if resolve:
         from megarl.config.validate import resolve_recipe
@@ -289,8 +291,23 @@ def load_recipe(file: str, overrides: list[str] | tuple[str, ...] = (),
         for issue in issues:
             ctx.issues.append(dataclasses.replace(issue, location=issue.location or ctx.where(
                 tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]+", issue.key) if p))))
-        ConfigError.raise_if(ctx.issues)
+        if ctx.issues:
+            raise config_error(ctx.issues)
     return recipe
+
+
+MAX_RENDERED_ISSUES = 20
+
+
+def config_error(issues: list[ConfigIssue], limit: int = MAX_RENDERED_ISSUES) -> ConfigError:
+    """The ConfigError for `issues`: `.issues` keeps every one, but its message lists the first `limit`
+    and counts the rest, so a recipe that is wrong everywhere (a file of the wrong kind) stays readable."""
+    error = ConfigError(issues)
+    if len(issues) > limit:
+        shown = "\n".join(f"  - {i}" for i in issues[:limit])
+        error.args = (f"{len(issues)} problem(s) in the configuration:\n{shown}\n"
+                      f"  ... and {len(issues) - limit} more",)
+    return error
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

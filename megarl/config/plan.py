@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megarl.config.errors import ConfigError, ConfigIssue
 from megarl.config.recipe import RL_STAGES, ModelShape, Recipe
 from megarl.config.shapes import local_hf_config, shape_from_hf_config
 
@@ -125,6 +126,7 @@ def memory_table(r: Recipe) -> tuple[list[RoleMemory], float]:
     gpu_gib = GPU_TYPES.get(r.cluster.gpu_type)
     if gpu_gib is None:
         raise ValueError(f"cluster.gpu_type {r.cluster.gpu_type!r} unknown; known: {', '.join(GPU_TYPES)}")
+    refuse_unplannable(r)
     roles = [_training_role(r, "actor", trainable=True)]
     if r.derived.needs_reference:
         roles.append(_training_role(r, "reference", trainable=False))
@@ -137,10 +139,50 @@ def memory_table(r: Recipe) -> tuple[list[RoleMemory], float]:
     return roles, gpu_gib
 
 
-def _reward_model_role(r: Recipe) -> RoleMemory:
+def _reward_model_shape(r: Recipe) -> tuple[ModelShape, str | None]:
+    """The reward model's shape and the directory its config.json is in (None: assumed the actor's)."""
     path = r.reward.reward_model.path
     local = next((d for d in (path, f"{path}/hf") if local_hf_config(d)), None)  # HF dir / converted checkpoint
-    shape = shape_from_hf_config(local)[1] if local else r.model.shape
+    return (shape_from_hf_config(local)[1] if local else r.model.shape), local
+
+
+def refuse_unplannable(r: Recipe) -> None:
+    """The estimates divide by heads, layers, lengths, engines and GPUs per node. A loaded recipe has
+    them >= 1 (validation), but the reward model's shape is read here from its own config.json and a
+    recipe may be edited in code after loading: a zero is refused by name (ConfigError, which the CLI
+    prints) rather than ending in a ZeroDivisionError."""
+    shapes = [("model.shape", r.model.shape, r.derived.shape_source or "model.shape")]
+    if r.reward is not None and r.reward.reward_model is not None:
+        try:
+            shape, local = _reward_model_shape(r)
+        except ValueError as e:
+            raise ConfigError([ConfigIssue("reward.reward_model.path", str(e))]) from None
+        if local:
+            shapes.append(("reward.reward_model.path", shape, f"{local}/config.json"))
+    issues = []
+    for key, shape, source in shapes:
+        if shape is None:
+            issues.append(ConfigIssue(key, "unknown: the plan needs it (set model.shape_preset or model.shape)"))
+            continue
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "vocab_size",
+                     "max_position_embeddings"):
+            value = getattr(shape, name)
+            if not isinstance(value, int) or value < 1:
+                where = f"{key}.{name}" if key == "model.shape" else key
+                issues.append(ConfigIssue(where, f"{name} in {source}: expected an integer >= 1, got {value!r}"))
+    sizes = {"cluster.gpus_per_node": r.cluster.gpus_per_node,
+             "trainer.micro_batch_per_rank": r.trainer.micro_batch_per_rank}
+    if r.stage in RL_STAGES:
+        for name in ("max_prompt_length", "max_response_length", "engines", "engine_tp"):
+            sizes[f"rollout.{name}"] = getattr(r.rollout, name)
+    elif r.data.max_length is not None:
+        sizes["data.max_length"] = r.data.max_length
+    issues += [ConfigIssue(key, f"expected >= 1, got {value!r}") for key, value in sizes.items() if value < 1]
+    ConfigError.raise_if(issues)
+
+
+def _reward_model_role(r: Recipe) -> RoleMemory:
+    shape, local = _reward_model_shape(r)
     m = _training_role(r, "reward_model", trainable=False, value_head=True, shape=shape)
     m.note += "" if local else " (shape assumed = the actor's: no config.json on this machine)"
     return m

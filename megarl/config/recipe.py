@@ -248,9 +248,11 @@ class AlgorithmConfig:
     """GRPO: divide by the group std (false = Dr.GRPO)."""
     policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
     clip_ratio_low: float | None = None
-    """Lower clip ε_low; unset = the policy_loss's paper default (POLICY_LOSS_DEFAULTS), set at load."""
+    """Lower clip ε_low (the ratio's lower bound is 1 − ε_low): in [0, 1), for cispo [0, 1]; unset = the
+    policy_loss's paper default (POLICY_LOSS_DEFAULTS), set at load."""
     clip_ratio_high: float | None = None
-    """Upper clip ε_high (> clip_ratio_low is DAPO's clip-higher); unset = the paper default."""
+    """Upper clip ε_high (> clip_ratio_low is DAPO's clip-higher; below it is refused except for cispo,
+    whose ε_low only drops the lower bound); unset = the paper default."""
     dual_clip: float | None = None
     """Dual-clip constant c > 1 for negative advantages (None = off)."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -329,9 +331,13 @@ class TrainerConfig:
     micro_batch_per_rank: int = 1
     """Sequences one data-parallel rank processes per forward/backward."""
     save_freq: int = 0
+    """Checkpoint every N steps (0 = only at the end and before stopping)."""
     eval_freq: int = 0
+    """Evaluate on data.eval every N steps (0 = no periodic evaluation; preference stages still
+    evaluate after the last step)."""
     resume: str = "auto"
-    """auto (latest complete checkpoint in output_dir), never, or a checkpoint path."""
+    """auto (latest complete checkpoint in output_dir), never, or a checkpoint path (it must exist when
+    the recipe is loaded)."""
     max_steps_this_run: int | None = None
     """Stop (after checkpointing) once this invocation has taken this many steps; the schedule still
     targets `steps`. For time-limited allocations: the next run resumes where this one stopped."""

@@ -19,6 +19,10 @@ and returns every rule the recipe breaks (each naming its key). Rules, by group:
 - lengths: max prompt + response <= the model's context
 - rollout: engines × engine tp fits the rollout GPUs; engine tp divides the heads
 - fp8 only with the Transformer Engine implementation (never on CPU)
+- values: every numeric key with an evident range is checked against it (RANGES: counts and sizes
+  >= 1, frequencies >= 0 where 0 is off, floats finite, fractions and probabilities in their
+  intervals), plus the cross-field ranges (min_lr <= lr, clip ratios per policy loss); expert
+  parallelism only on MoE models; trainer.resume names auto, never or an existing checkpoint
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from megarl.config.errors import ConfigIssue
 from megarl.config.recipe import (
@@ -65,6 +74,7 @@ def resolve_recipe(r: Recipe) -> list[ConfigIssue]:
     _algorithm(r, issues)
     _model_impl(r, issues)
     _not_implemented(r, issues)
+    _ranges(r, issues)
     if not issues:
         _batches(r, issues)
     if not issues:
@@ -105,10 +115,10 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
                 issues.add("critic", "stage grpo is critic-free; remove critic (or use stage ppo)")
             if r.algorithm.advantage_estimator == "gae":
                 issues.add("algorithm.advantage_estimator", "gae needs a critic: use stage ppo")
-            if r.rollout is not None and r.rollout.n < 2:
+            if r.rollout is not None and r.rollout.n == 1:
                 issues.add("rollout.n", f"grpo normalises rewards within a group of samples per prompt; "
                            f"needs n > 1, got {r.rollout.n}")
-        if not r.trainer.prompts_per_step:
+        if r.trainer.prompts_per_step is None:
             issues.add("trainer.prompts_per_step", f"required for stage {s}")
         if r.trainer.samples_per_step is not None:
             issues.add("trainer.samples_per_step", f"stage {s} counts prompts_per_step × rollout.n; "
@@ -117,14 +127,16 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
         for group in ("rollout", "algorithm", "critic"):
             if getattr(r, group) is not None:
                 issues.add(group, f"not used by stage {s}; remove it")
-        if r.reward is not None and s != "sft":
-            issues.add("reward", f"not used by stage {s}; remove it")
+        if r.reward is not None:
+            what = ", ".join(repr(f.name) for f in r.reward.functions)
+            issues.add("reward", f"not used by stage {s}: it trains on fixed targets and scores no samples"
+                       + (f", so reward functions {what} would never run" if what else "") + "; remove it")
         if s in PREFERENCE_STAGES or s == "rm":
             if r.preference is None:
                 r.preference = PreferenceConfig(loss_type="kto" if s == "kto" else "sigmoid")
         elif r.preference is not None:
             issues.add("preference", f"not used by stage {s}; remove it")
-        if not r.trainer.samples_per_step:
+        if r.trainer.samples_per_step is None:
             issues.add("trainer.samples_per_step", f"required for stage {s} (sequences per optimizer step"
                        + (", pairs for dpo/rm)" if s in ("dpo", "rm") else ")"))
         if r.trainer.prompts_per_step is not None:
@@ -133,6 +145,10 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
         issues.add("trainer.steps", "give trainer.steps or trainer.epochs")
     elif r.trainer.steps is not None and r.trainer.epochs is not None:
         issues.add("trainer.epochs", "give trainer.steps or trainer.epochs, not both")
+    resume = r.trainer.resume
+    if resume not in ("auto", "never") and not os.path.exists(resume):
+        issues.add("trainer.resume", f"no checkpoint at {resume!r} on this machine; expected auto (the newest "
+                   "checkpoint in output_dir, if any), never, or the path of an existing checkpoint")
 
 
 def _shape(r: Recipe, issues: _Issues):
@@ -176,10 +192,6 @@ def _preference(r: Recipe, issues: _Issues) -> None:
     if r.stage == "dpo" and p.loss_type == "kto":
         issues.add("preference.loss_type", "loss_type kto needs unpaired data: use stage kto")
     _preference_options(r, issues)
-    if not 0 <= p.label_smoothing < 0.5:
-        issues.add("preference.label_smoothing", f"expected 0 <= label_smoothing < 0.5, got {p.label_smoothing}")
-    if p.beta is not None and p.beta <= 0:
-        issues.add("preference.beta", f"expected beta > 0, got {p.beta}")
     reference_free = p.loss_type in REFERENCE_FREE_LOSSES
     if reference_free and p.reference in ("model", "precomputed"):
         issues.add("preference.reference", f"{p.loss_type} is reference-free; set reference: none (or auto)")
@@ -245,11 +257,8 @@ def _reward(r: Recipe, issues: _Issues) -> None:
 def _gpus(r: Recipe, issues: _Issues) -> tuple[int, int]:
     c = r.cluster
     total = c.total_gpus
-    if c.cpu_threads_per_rank is not None and c.cpu_threads_per_rank < 1:
-        issues.add("cluster.cpu_threads_per_rank", f"expected >= 1 (or unset), got {c.cpu_threads_per_rank}")
-    if c.nodes < 1 or c.gpus_per_node < 1:
-        issues.add("cluster.nodes", f"expected nodes >= 1 and gpus_per_node >= 1, got {c.nodes}×{c.gpus_per_node}")
-        return 1, 0
+    if c.nodes < 1 or c.gpus_per_node < 1:  # reported by _ranges; no GPU count to check the layout against
+        return 0, 0
     pl = c.placement
     if pl.mode == "colocated":
         if pl.rollout_gpus:
@@ -269,9 +278,18 @@ def _gpus(r: Recipe, issues: _Issues) -> tuple[int, int]:
 def _layout(r: Recipe, shape, train_gpus: int, issues: _Issues) -> None:
     p = r.parallel
     experts = shape.num_experts if shape else None
+    # MoE-ness is known once the shape is (model.shape, config.json or the preset); without a shape
+    # model.path is already refused above, so there is nothing to check here.
+    if shape is not None and not experts:
+        dense = f"the model is dense (no num_experts in {r.derived.shape_source})"
+        if p.ep > 1:
+            issues.add("parallel.ep", f"ep={p.ep} splits the experts of an MoE model over ranks, but {dense}; "
+                       "it would do nothing: use ep: 1")
+        if p.etp is not None and p.etp != p.tp:
+            issues.add("parallel.etp", f"etp={p.etp} shards the experts of an MoE model, but {dense}; remove it")
     layout_issues = p.issues(num_experts=experts)
     issues.extend(layout_issues)
-    if layout_issues:
+    if layout_issues or train_gpus < 1:
         return
     world_issues = dataclasses.replace(p, world_size=train_gpus).issues(num_experts=experts)
     for i in world_issues:  # name the GPUs in the message: that is what the user can change
@@ -296,54 +314,28 @@ def _rollout(r: Recipe, shape, rollout_gpus: int, issues: _Issues) -> None:
     ro = r.rollout
     if ro is None:
         return
-    if ro.engines < 1 or ro.engine_tp < 1:
-        issues.add("rollout.engines", f"expected engines >= 1 and engine_tp >= 1, got {ro.engines}, {ro.engine_tp}")
-        return
     need = ro.engines * ro.engine_tp
-    if r.cluster.device != "cpu" and need > rollout_gpus:
-        issues.add("rollout.engines", f"{ro.engines} engines × engine_tp {ro.engine_tp} = {need} GPUs, "
-                   f"but the rollout has {rollout_gpus} ({r.cluster.placement.mode} placement)")
-    if shape and shape.num_attention_heads % ro.engine_tp:
-        issues.add("rollout.engine_tp", f"{shape.num_attention_heads} attention heads are not divisible by "
-                   f"engine_tp={ro.engine_tp}")
+    if ro.engines >= 1 and ro.engine_tp >= 1:  # else reported by _ranges
+        if r.cluster.device != "cpu" and r.cluster.total_gpus >= 1 and need > rollout_gpus:
+            issues.add("rollout.engines", f"{ro.engines} engines × engine_tp {ro.engine_tp} = {need} GPUs, "
+                       f"but the rollout has {rollout_gpus} ({r.cluster.placement.mode} placement)")
+        if shape and shape.num_attention_heads % ro.engine_tp:
+            issues.add("rollout.engine_tp", f"{shape.num_attention_heads} attention heads are not divisible by "
+                       f"engine_tp={ro.engine_tp}")
     if shape and ro.max_prompt_length + ro.max_response_length > shape.max_position_embeddings:
         issues.add("rollout.max_response_length", f"max_prompt_length + max_response_length = "
                    f"{ro.max_prompt_length + ro.max_response_length} exceeds the model context "
                    f"({shape.max_position_embeddings})")
-    if ro.temperature <= 0:
-        issues.add("rollout.temperature", f"expected > 0 for sampling, got {ro.temperature}")
-    if ro.eval_n < 1:
-        issues.add("rollout.eval_n", f"expected >= 1 samples per held-out prompt, got {ro.eval_n}")
-    if ro.eval_temperature is not None and not 0 <= ro.eval_temperature < float("inf"):
-        issues.add("rollout.eval_temperature", f"expected >= 0 (0 = greedy), got {ro.eval_temperature}")
-    if not 0 < ro.top_p <= 1:
-        issues.add("rollout.top_p", f"expected 0 < top_p <= 1, got {ro.top_p}")
-    if ro.n < 1:
-        issues.add("rollout.n", f"expected n >= 1, got {ro.n}")
-    if not 0 < ro.gpu_memory_utilization <= 1:
-        issues.add("rollout.gpu_memory_utilization", f"expected a fraction in (0, 1], got {ro.gpu_memory_utilization}")
     al = r.algorithm
-    if al is not None:
-        if al.overlong.mode == "shaping" and not 0 < al.overlong.buffer < ro.max_response_length:
-            issues.add("algorithm.overlong.buffer", f"shaping needs 0 < buffer < rollout.max_response_length "
-                       f"({ro.max_response_length}), got {al.overlong.buffer}")
-        if al.dynamic_sampling_max_rounds < 0:
-            issues.add("algorithm.dynamic_sampling_max_rounds", f"expected >= 0, got {al.dynamic_sampling_max_rounds}")
-    ws = ro.weight_sync
-    if ws.bucket_mb < 1:
-        issues.add("rollout.weight_sync.bucket_mb", f"expected >= 1 (MiB), got {ws.bucket_mb}")
-    if ws.timeout_s <= 0:
-        issues.add("rollout.weight_sync.timeout_s", f"expected > 0 seconds, got {ws.timeout_s}")
-    if ws.logprob_tolerance <= 0:
-        issues.add("rollout.weight_sync.logprob_tolerance", f"expected > 0, got {ws.logprob_tolerance}")
+    if al is not None and al.overlong.mode == "shaping" and not 0 < al.overlong.buffer < ro.max_response_length:
+        issues.add("algorithm.overlong.buffer", f"shaping needs 0 < buffer < rollout.max_response_length "
+                   f"({ro.max_response_length}), got {al.overlong.buffer}")
     _check_sync_transport(r, issues)
     if ro.quantization == "fp8" and r.cluster.device == "cpu":
         issues.add("rollout.quantization", "FP8 rollout engines need GPUs (vLLM's CPU build has no FP8 linear "
                    "kernels); remove rollout.quantization for a CPU run")
     mt = ro.multi_turn
     if mt is not None:
-        if mt.max_turns < 1:
-            issues.add("rollout.multi_turn.max_turns", f"expected >= 1, got {mt.max_turns}")
         if mt.tools and not os.path.isfile(mt.tools):
             issues.add("rollout.multi_turn.tools", f"tool declaration file not found: {mt.tools}")
         budget = ro.max_prompt_length + ro.max_response_length
@@ -358,8 +350,6 @@ def _data(r: Recipe, shape, issues: _Issues) -> None:
     if shape and r.data.max_length and r.data.max_length > shape.max_position_embeddings:
         issues.add("data.max_length",
                    f"{r.data.max_length} exceeds the model context ({shape.max_position_embeddings})")
-    if r.data.max_length is not None and r.data.max_length < 1:
-        issues.add("data.max_length", f"expected >= 1, got {r.data.max_length}")
 
 
 def _algorithm(r: Recipe, issues: _Issues) -> None:
@@ -369,28 +359,35 @@ def _algorithm(r: Recipe, issues: _Issues) -> None:
     for key, default in POLICY_LOSS_DEFAULTS[a.policy_loss].items():  # resolved once: workers read values
         if getattr(a, key) is None:
             setattr(a, key, default)
-    if a.clip_ratio_low < 0 or a.clip_ratio_high < 0:
-        issues.add("algorithm.clip_ratio_low", "clip ratios must be >= 0")
-    if a.dual_clip is not None and a.dual_clip <= 1:
-        issues.add("algorithm.dual_clip", f"dual-clip constant must be > 1, got {a.dual_clip}")
+    _clip_ratios(a, issues)
     if a.dual_clip is not None and a.policy_loss != "ppo":
         issues.add("algorithm.dual_clip", f"only the ppo loss has a dual clip; policy_loss {a.policy_loss!r} "
                    "would ignore it")
-    for name in ("gamma", "lam"):
-        v = getattr(a, name)
-        if not 0 <= v <= 1:
-            issues.add(f"algorithm.{name}", f"expected 0 <= {name} <= 1, got {v}")
-    if a.ppo_epochs < 1:
-        issues.add("algorithm.ppo_epochs", f"expected >= 1, got {a.ppo_epochs}")
     if a.kl.controller == "adaptive" and a.kl.target is None:
         issues.add("algorithm.kl.target", "the adaptive KL controller needs a target KL")
-    if a.kl.coef < 0:
-        issues.add("algorithm.kl.coef", f"expected >= 0, got {a.kl.coef}")
     if a.kl.placement == "reward" and a.kl.coef == 0:
-        issues.add("algorithm.kl.placement", "placement reward with kl.coef 0 subtracts nothing from the "
-                   "reward; set kl.coef > 0 or remove placement")
+        issues.add("algorithm.kl.placement", "placement reward does nothing without a coefficient: with kl.coef 0 "
+                   "it subtracts nothing from the reward; set kl.coef > 0 or remove placement")
     r.derived.needs_reference = a.kl.coef > 0
     r.derived.needs_critic = r.stage == "ppo"
+
+
+def _clip_ratios(a: AlgorithmConfig, issues: _Issues) -> None:
+    """The ratio is clipped to [1 - clip_ratio_low, 1 + clip_ratio_high]. ppo/gspo: clip_ratio_low < 1
+    (at 1 or more the lower clip is gone) and clip_ratio_high >= clip_ratio_low (clip-higher widens
+    the upper side only). cispo clips a stop-gradient weight that is never negative: its paper default
+    clip_ratio_low = 1 (lower bound 0) with clip_ratio_high 0.28 is meant, so only 0..1 is asked."""
+    lo, hi = a.clip_ratio_low, a.clip_ratio_high
+    cispo = a.policy_loss == "cispo"
+    lo_ok = 0 <= lo <= 1 if cispo else 0 <= lo < 1
+    if not lo_ok:
+        issues.add("algorithm.clip_ratio_low", f"expected 0 <= clip_ratio_low {'<=' if cispo else '<'} 1 "
+                   f"(the ratio's lower bound is 1 - clip_ratio_low) for policy_loss {a.policy_loss!r}, got {lo!r}")
+    if not 0 <= hi < math.inf:
+        issues.add("algorithm.clip_ratio_high", f"expected >= 0 and finite, got {hi!r}")
+    elif lo_ok and not cispo and hi < lo:
+        issues.add("algorithm.clip_ratio_high", f"expected clip_ratio_high >= clip_ratio_low ({lo}), got {hi} "
+                   "(clip-higher widens the upper side; set both for a symmetric clip)")
 
 
 def _model_impl(r: Recipe, issues: _Issues) -> None:
@@ -406,8 +403,10 @@ def _model_impl(r: Recipe, issues: _Issues) -> None:
     if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
         issues.add("model.tokenizer", f"no tokenizer directory at {m.tokenizer!r} on this machine "
                    "(remove the key to use the model's own tokenizer)")
-    if r.optim.lr <= 0:
-        issues.add("optim.lr", f"expected lr > 0, got {r.optim.lr}")
+    o = r.optim
+    if 0 < o.lr < math.inf and 0 <= o.min_lr < math.inf and o.min_lr > o.lr:  # each alone: _ranges
+        issues.add("optim.min_lr", f"expected min_lr <= lr ({o.lr}), got {o.min_lr}: the schedule decays "
+                   "from lr to min_lr")
 
 
 def _not_implemented(r: Recipe, issues: _Issues) -> None:
@@ -429,13 +428,115 @@ def _not_implemented(r: Recipe, issues: _Issues) -> None:
                    "use grpo, rloo, reinforce_pp or reinforce_pp_baseline")
 
 
+# ---- value ranges -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Range:
+    """What a value must be: `ok(value)`, the words for it and an optional note; the message reads
+    "expected <text>[ or null] [(<note>)], got <value>" ("or null" for a key that may be unset)."""
+
+    text: str
+    ok: Callable[[Any], bool]
+    note: str = ""
+
+    def explain(self, note: str) -> _Range:
+        return _Range(self.text, self.ok, note)
+
+
+AT_LEAST_1 = _Range(">= 1", lambda v: v >= 1)
+COUNT = _Range(">= 0", lambda v: v >= 0)
+POSITIVE = _Range("> 0 and finite", lambda v: 0 < v < math.inf)
+NON_NEGATIVE = _Range(">= 0 and finite", lambda v: 0 <= v < math.inf)
+FINITE = _Range("a finite number", lambda v: -math.inf < v < math.inf)
+FRACTION = _Range("a fraction in (0, 1]", lambda v: 0 < v <= 1)
+UNIT = _Range("in [0, 1]", lambda v: 0 <= v <= 1)
+BETA = _Range("in [0, 1)", lambda v: 0 <= v < 1)
+
+_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
+          "max_position_embeddings", "num_experts", "moe_topk", "moe_ffn_hidden_size")
+# Every numeric key whose range follows from what it means. A path walks the recipe's attributes
+# ("[]" goes over a list); an unset group or value (None) is skipped, so each row holds "when set".
+# Ranges that depend on another key are written out where that key is checked (the clip ratios per
+# policy loss in _clip_ratios, min_lr <= lr in _model_impl, overlong.buffer in _rollout, grpo's
+# n > 1 in _stage_groups); the parallel sizes are ParallelConfig.issues'. Seeds take any integer.
+RANGES: tuple[tuple[str, _Range], ...] = (
+    *((f"{group}.shape.{name}", AT_LEAST_1) for group in ("model", "critic") for name in _SHAPE),
+    ("data.max_length", AT_LEAST_1),
+    ("rollout.engines", AT_LEAST_1), ("rollout.engine_tp", AT_LEAST_1), ("rollout.n", AT_LEAST_1),
+    ("rollout.temperature", POSITIVE.explain("sampled training groups; eval_temperature 0 is greedy")),
+    ("rollout.eval_temperature", NON_NEGATIVE.explain("0 = greedy")),
+    ("rollout.eval_n", AT_LEAST_1), ("rollout.top_p", FRACTION),
+    ("rollout.top_k", _Range(">= -1", lambda v: v >= -1, "-1 or 0 = off")),
+    ("rollout.max_prompt_length", AT_LEAST_1), ("rollout.max_response_length", AT_LEAST_1),
+    ("rollout.gpu_memory_utilization", FRACTION),
+    ("rollout.kv_cache_bytes", AT_LEAST_1.explain("bytes; null: gpu_memory_utilization sizes the cache")),
+    ("rollout.weight_sync.bucket_mb", AT_LEAST_1.explain("MiB")),
+    ("rollout.weight_sync.logprob_tolerance", POSITIVE), ("rollout.weight_sync.timeout_s", POSITIVE),
+    ("rollout.multi_turn.max_turns", AT_LEAST_1), ("rollout.multi_turn.max_total_tokens", AT_LEAST_1),
+    ("rollout.multi_turn.max_tool_output_tokens", AT_LEAST_1),
+    ("reward.functions[].weight", FINITE), ("reward.reward_model.weight", FINITE), ("reward.remote.weight", FINITE),
+    ("reward.remote.timeout_s", POSITIVE), ("reward.remote.retries", COUNT),
+    ("reward.remote.max_concurrency", AT_LEAST_1),
+    ("algorithm.dual_clip", _Range("> 1 and finite", lambda v: 1 < v < math.inf, "the dual-clip constant c")),
+    ("algorithm.entropy_coef", NON_NEGATIVE), ("algorithm.gamma", UNIT), ("algorithm.lam", UNIT),
+    ("algorithm.ppo_epochs", AT_LEAST_1), ("algorithm.value_clip", POSITIVE),
+    ("algorithm.dynamic_sampling_max_rounds", COUNT),
+    ("algorithm.kl.coef", NON_NEGATIVE), ("algorithm.kl.clamp", POSITIVE), ("algorithm.kl.target", POSITIVE),
+    ("algorithm.kl.horizon", AT_LEAST_1.explain("steps")),
+    ("algorithm.rollout_correction.threshold", _Range(">= 1 and finite", lambda v: 1 <= v < math.inf,
+                                                      "the cap C on the importance ratio")),
+    ("algorithm.overlong.buffer", COUNT), ("algorithm.overlong.penalty", NON_NEGATIVE),
+    ("preference.beta", POSITIVE), ("preference.label_smoothing", _Range("in [0, 0.5)", lambda v: 0 <= v < 0.5)),
+    ("preference.ftx", NON_NEGATIVE), ("preference.simpo_gamma", NON_NEGATIVE),
+    ("preference.kto_desirable_weight", NON_NEGATIVE), ("preference.kto_undesirable_weight", NON_NEGATIVE),
+    ("optim.lr", POSITIVE), ("optim.min_lr", NON_NEGATIVE), ("optim.critic_lr", POSITIVE),
+    ("optim.weight_decay", NON_NEGATIVE), ("optim.adam_beta1", BETA), ("optim.adam_beta2", BETA),
+    ("optim.adam_eps", POSITIVE), ("optim.clip_grad", NON_NEGATIVE.explain("0 = off")),
+    ("optim.warmup_steps", COUNT),
+    ("trainer.steps", AT_LEAST_1), ("trainer.epochs", AT_LEAST_1), ("trainer.prompts_per_step", AT_LEAST_1),
+    ("trainer.samples_per_step", AT_LEAST_1), ("trainer.samples_per_minibatch", AT_LEAST_1),
+    ("trainer.micro_batch_per_rank", AT_LEAST_1), ("trainer.save_freq", COUNT.explain("0 = no periodic checkpoints")),
+    ("trainer.eval_freq", COUNT.explain("0 = no periodic evaluation")), ("trainer.max_steps_this_run", AT_LEAST_1),
+    ("logging.samples_every", COUNT.explain("0 = off")),
+    ("cluster.nodes", AT_LEAST_1), ("cluster.gpus_per_node", AT_LEAST_1), ("cluster.cpu_threads_per_rank", AT_LEAST_1),
+    ("cluster.placement.rollout_gpus", COUNT), ("cluster.placement.reward_model_gpus", COUNT),
+)
+
+
+def _values_at(obj: Any, path: str, key: str = "") -> Iterator[tuple[str, Any, str, Any]]:
+    """(dotted key, owning object, field name, value) of every value `path` reaches from `obj`."""
+    head, _, rest = path.partition(".")
+    name = head.removesuffix("[]")
+    value = getattr(obj, name)
+    sub = f"{key}.{name}" if key else name
+    if not rest:
+        yield sub, obj, name, value
+    elif head.endswith("[]"):
+        for i, item in enumerate(value):
+            yield from _values_at(item, rest, f"{sub}[{i}]")
+    elif value is not None:
+        yield from _values_at(value, rest, sub)
+
+
+def _ranges(r: Recipe, issues: _Issues) -> None:
+    shared_shape = r.critic is not None and r.critic.shape is r.model.shape  # the actor's, checked once
+    for path, expected in RANGES:
+        if shared_shape and path.startswith("critic.shape."):
+            continue
+        for key, owner, name, value in _values_at(r, path):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is None or (number and expected.ok(value)):
+                continue
+            nullable = type(None) in typing.get_args(typing.get_type_hints(type(owner))[name])
+            derived_shape = key.startswith("model.shape.") and r.derived.shape_source != "model.shape"
+            where = f" (read from {r.derived.shape_source})" if derived_shape else ""
+            note = f" ({expected.note})" if expected.note else ""
+            issues.add(key, f"expected {expected.text}{' or null' if nullable else ''}{note}, got {value!r}{where}")
+
+
 def _batches(r: Recipe, issues: _Issues) -> None:
     t, d = r.trainer, r.derived
     dp = r.parallel.dp
     per_update_unit = t.micro_batch_per_rank * dp
-    if t.micro_batch_per_rank < 1:
-        issues.add("trainer.micro_batch_per_rank", f"expected >= 1, got {t.micro_batch_per_rank}")
-        return
     if r.stage in RL_STAGES:
         samples = t.prompts_per_step * r.rollout.n
         mini = t.samples_per_minibatch or samples
