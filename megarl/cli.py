@@ -72,12 +72,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with open(resolved, "w") as f:
         yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
     print(f"resolved recipe written to {resolved}")
+    from megarl.data.readers import DatasetError
     from megarl.trainers import TRAINERS
     from megarl.trainers.common import ModelNotFound
 
     try:
         return TRAINERS[recipe.stage](recipe)
-    except ModelNotFound as e:
+    except (ModelNotFound, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -122,8 +123,9 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from megarl.data.checks import CheckContext, check_dataset
+    from megarl.data.readers import DatasetError
 
-    stage, model_cfg = args.stage, None
+    stage, model_cfg, fmt = args.stage, None, "auto"
     ctx = CheckContext(max_prompt_length=args.max_prompt_length, max_length=args.max_length,
                        max_tool_output_tokens=args.max_tool_output_tokens)
     tools_file = args.tools
@@ -140,6 +142,11 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
                 tools_file = tools_file or mt.tools
                 ctx.max_tool_output_tokens = ctx.max_tool_output_tokens or mt.max_tool_output_tokens
         ctx.max_length = ctx.max_length or recipe.data.max_length
+        fmt = recipe.data.format
+        if recipe.reward is not None and stage in ("ppo", "grpo"):
+            from megarl.reward.functions import required_metadata  # torch-free
+
+            ctx.required_metadata = required_metadata([f.name for f in recipe.reward.functions])
     if not stage:
         print("give --stage or --recipe", file=sys.stderr)
         return 2
@@ -148,14 +155,20 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
         ctx.tools = {t.name for t in load_tool_specs(tools_file)}
     ctx.tokenizer = _data_check_tokenizer(args.tokenizer, model_cfg)
-    report = check_dataset(args.dataset, stage, ctx)
+    try:
+        report = check_dataset(args.dataset, stage, ctx, fmt=fmt)
+    except DatasetError as e:  # the file as a whole cannot be read (bad rows are reported, not raised)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(report.render())
+    if report.total == 0:
+        print(f"{args.dataset}: the dataset has no rows", file=sys.stderr)
     if args.rejected_out and report.rejected:
         report.write_rejected(args.rejected_out)
         print(f"rejected rows written to {args.rejected_out}")
     if args.json:
         print(json.dumps(report.summary()))
-    return 1 if report.rejected else 0
+    return 1 if report.rejected or not report.total else 0
 
 
 def _data_check_tokenizer(explicit_dir: str | None, model_cfg):

@@ -1,11 +1,13 @@
 """Dataset validation with a report: every problem kind, how many rows, which rows, an example.
 
-Problem kinds: bad_schema, no_messages, bad_role, bad_content, bad_role_order,
-tool_result_without_call, call_without_result, malformed_tool_call, unknown_tool,
-repeated_tool_call, tool_output_too_long, prompt_too_long, too_long, prompt_mismatch, bad_label,
-render_failed (the training sets add no_trainable_tokens, identical_pair, bad_margin and
-no_kl_partner: see sft.py and preference.py). A row with any problem is rejected (never truncated
-or silently fixed); the recipe's `data.on_bad_row` decides whether rejected rows stop the run.
+Problem kinds: bad_encoding, bad_json, not_an_object (a line that is not a row: see readers.py),
+bad_schema, no_messages, bad_role, bad_content, bad_role_order, tool_result_without_call,
+call_without_result, malformed_tool_call, unknown_tool, repeated_tool_call, tool_output_too_long,
+empty_prompt, identical_pair, missing_metadata (a key the recipe's reward functions read, e.g.
+ground_truth), prompt_too_long, too_long, prompt_mismatch, bad_label, render_failed (the training
+sets add no_trainable_tokens, bad_margin and no_kl_partner: see sft.py and preference.py). A row
+with any problem is rejected (never truncated or silently fixed); the recipe's `data.on_bad_row`
+decides whether rejected rows stop the run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from megarl.data.readers import read_rows
+from megarl.data.readers import BadRow, read_rows
 from megarl.data.schemas import STAGE_KINDS, Row, RowError, normalize
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -30,6 +32,9 @@ class CheckContext:
     max_length: int | None = None          # whole sequences (sft, preference, kto)
     max_tool_output_tokens: int | None = None
     loop_threshold: int = 3                # identical tool calls allowed in one conversation
+    required_metadata: dict[str, list[str]] | None = None
+    """RL prompts: {metadata key: the reward functions that read it}; a row without the key is
+    rejected. Plain strings from the caller (the recipe's reward functions), so data never imports reward."""
 
 
 @dataclass
@@ -46,7 +51,7 @@ class DataReport:
 
     def add(self, row_number: int, raw: dict, kind: str, detail: str) -> None:
         self.problems[kind].append((row_number, detail))
-        self.rejected_rows.setdefault(row_number, raw)
+        self.rejected_rows.setdefault(row_number, raw.text if isinstance(raw, BadRow) else raw)
 
     def render(self, max_rows: int = 10) -> str:
         lines = [f"{self.path}: {self.total} rows, stage {self.stage}: {self.total - self.rejected} ok, "
@@ -124,8 +129,12 @@ def check_conversation(messages: list[dict], tools: set[str] | None, ctx: CheckC
                 problems.append(("call_without_result", f"message {i - 1}: {pending} tool call(s) got no result"))
                 pending = 0
         if role == "assistant":
-            calls = list(m.get("tool_calls") or [])
-            for j, block in enumerate(TEXT_TOOL_CALL.findall(content or "")):
+            structured = m.get("tool_calls") or []
+            if not isinstance(structured, list):
+                problems.append(("malformed_tool_call", f"message {i}: 'tool_calls' must be a list"))
+                structured = []
+            calls = list(structured)
+            for j, block in enumerate(TEXT_TOOL_CALL.findall(content if isinstance(content, str) else "")):
                 try:
                     calls.append(json.loads(block))
                 except json.JSONDecodeError:
@@ -144,7 +153,7 @@ def check_conversation(messages: list[dict], tools: set[str] | None, ctx: CheckC
                 if seen_calls[key] == ctx.loop_threshold:
                     problems.append(("repeated_tool_call", f"message {i}: {name}({key[1][:80]}) called "
                                                            f"{ctx.loop_threshold} times"))
-            pending += len(m.get("tool_calls") or [])
+            pending += len(structured)
         prev = role
     if pending and not ends_with_prompt:
         problems.append(("call_without_result", f"message {len(messages) - 1}: {pending} tool call(s) got no result"))
@@ -168,17 +177,31 @@ def check_row(row: Row, kind: str, ctx: CheckContext) -> list[tuple[str, str]]:
             problems.append(("no_assistant_turn", "nothing to train on: no assistant message"))
         return problems
     if kind == "prompts":
-        problems = check_conversation(row.messages, tools, ctx, ends_with_prompt=True)
+        problems = check_conversation(row.messages, tools, ctx, ends_with_prompt=True) + _empty_prompt(row)
         if row.messages and isinstance(row.messages[-1], dict) and row.messages[-1].get("role") not in ("user", "tool"):
             problems.append(("bad_role_order", "a prompt must end with a user (or tool) turn"))
+        for key, needed_by in (ctx.required_metadata or {}).items():
+            if row.metadata.get(key) is None:
+                fns = ("reward function " if len(needed_by) == 1 else "reward functions ") + ", ".join(needed_by)
+                problems.append(("missing_metadata", f"no {key!r} in the row (needed by {fns})"))
         return problems
-    problems = check_conversation(row.messages, tools, ctx, ends_with_prompt=True)
+    problems = check_conversation(row.messages, tools, ctx, ends_with_prompt=True) + _empty_prompt(row)
+    if "chosen" in row.completions and row.completions["chosen"] == row.completions.get("rejected"):
+        problems.append(("identical_pair", "chosen equals rejected: nothing to learn"))
     for name, completion in row.completions.items():
         problems += [(k, f"{name}: {d}") for k, d in check_conversation(row.messages + completion, tools, ctx)
                      if k not in {k2 for k2, _ in problems}]
         if not any(m.get("role") == "assistant" for m in completion if isinstance(m, dict)):
             problems.append(("bad_schema", f"{name}: has no assistant turn"))
     return problems
+
+
+def _empty_prompt(row: Row) -> list[tuple[str, str]]:
+    """A prompt with no user text (no messages, or only empty/whitespace user turns) asks nothing."""
+    if any(isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)
+           and m["content"].strip() for m in row.messages):
+        return []
+    return [("empty_prompt", "the prompt has no user content" if row.messages else "the prompt has no messages")]
 
 
 def _texts_for_length(row: Row, kind: str, tokenizer) -> dict[str, str]:

@@ -8,13 +8,16 @@
 - kto:        {"prompt": messages|text, "completion": messages|text, "label": true|false}
 
 A message is {"role": system|user|assistant|tool, "content": str, "tool_calls"?: [...],
-"tool_call_id"?: str}. Normalisation raises `RowError(kind, detail)`; `checks.py` adds the
-semantic checks (turn order, tool-call pairing, JSON, loops, lengths).
+"tool_call_id"?: str}. Normalisation raises `RowError(kind, detail)` (also for a line the reader
+could not parse: a `BadRow`); `checks.py` adds the semantic checks (turn order, tool-call pairing,
+JSON, loops, lengths, empty prompts, identical pairs, metadata the reward functions need).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from megarl.data.readers import BadRow
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
@@ -61,7 +64,18 @@ def from_sharegpt(conversations) -> list[dict]:
     return out
 
 
-def normalize(row: dict, kind: str) -> Row:
+def _tools(row: dict) -> list[dict] | None:
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise RowError("bad_schema", "'tools' must be a list of tool schemas (JSON objects)")
+    return tools
+
+
+def normalize(row: dict | BadRow, kind: str) -> Row:
+    if isinstance(row, BadRow):  # a line the reader could not parse
+        raise RowError(row.kind, row.detail)
+    if not isinstance(row, dict):
+        raise RowError("not_an_object", f"a {type(row).__name__}, expected a JSON object")
     if kind == "sft":
         if "messages" in row:
             messages = row["messages"]
@@ -71,7 +85,7 @@ def normalize(row: dict, kind: str) -> Row:
             raise RowError("bad_schema", "expected 'messages' (or ShareGPT 'conversations')")
         if not isinstance(messages, list) or not messages:
             raise RowError("no_messages", "expected a non-empty list of messages")
-        return Row(messages, row.get("tools"))
+        return Row(messages, _tools(row))
     if kind == "prompts":
         if "messages" in row:
             messages = _as_messages(row["messages"], "'messages'", "user")
@@ -80,7 +94,7 @@ def normalize(row: dict, kind: str) -> Row:
         else:
             raise RowError("bad_schema", "expected 'messages' or 'prompt'")
         meta = {k: v for k, v in row.items() if k not in ("messages", "prompt", "tools")}
-        return Row(messages, row.get("tools"), metadata=meta)
+        return Row(messages, _tools(row), metadata=meta)
     if kind == "preference":
         if "chosen" not in row or "rejected" not in row:
             raise RowError("bad_schema", "expected 'chosen' and 'rejected'")
@@ -95,14 +109,14 @@ def normalize(row: dict, kind: str) -> Row:
             if cut is None or full_c[:cut + 1] != full_r[:cut + 1]:
                 raise RowError("prompt_mismatch", "chosen and rejected do not share the same prompt turns")
             prompt, chosen, rejected = full_c[:cut + 1], full_c[cut + 1:], full_r[cut + 1:]
-        return Row(prompt, row.get("tools"), {"chosen": chosen, "rejected": rejected})
+        return Row(prompt, _tools(row), {"chosen": chosen, "rejected": rejected})
     if kind == "kto":
         if "prompt" not in row or "completion" not in row:
             raise RowError("bad_schema", "expected 'prompt', 'completion' and 'label'")
         label = row.get("label")
         if not isinstance(label, bool):
             raise RowError("bad_label", f"'label' must be true (desirable) or false, got {label!r}")
-        return Row(_as_messages(row["prompt"], "'prompt'", "user"), row.get("tools"),
+        return Row(_as_messages(row["prompt"], "'prompt'", "user"), _tools(row),
                    {"completion": _as_messages(row["completion"], "'completion'", "assistant")}, label)
     raise ValueError(f"unknown row kind {kind!r}")
 

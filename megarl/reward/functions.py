@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from megarl.registry import Registry
 
 REWARD_FUNCTIONS: Registry = Registry("reward function")
+NEEDS_METADATA: dict[str, tuple[str, ...]] = {
+    "numeric_match": ("ground_truth",),
+    "exact_match": ("ground_truth",),
+    "tool_result_match": ("ground_truth",),
+}
+"""The row metadata keys each reward function cannot score without (rows lacking one are rejected
+when the prompts are loaded, and by `megarl data check --recipe`)."""
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 TOOL_BLOCK = re.compile(r"<tool_call>.*?</tool_call>", re.S)
 
@@ -40,6 +47,16 @@ class TrajectoryView:
             else:
                 results.append({"name": e["name"], "text": e["text"], "ok": e["ok"]})
         return cls(texts, calls, results, traj.parse_failures, traj.finish)
+
+
+def required_metadata(names: list[str]) -> dict[str, list[str]]:
+    """{metadata key: the named reward functions that need it}, for the data checks (plain strings:
+    megarl.data does not import reward)."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        for key in NEEDS_METADATA.get(name, ()):
+            out.setdefault(key, []).append(name)
+    return out
 
 
 def _number(text: str) -> float | None:

@@ -206,9 +206,10 @@ def test_parquet_rows_are_read_with_row_numbers(tmp_path):
 
 
 def test_bad_json_names_the_row(tmp_path):
-    from megarl.data.readers import DatasetError, read_rows
+    from megarl.data.readers import BadRow, read_rows
 
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok"}\n{"prompt": \n')
-    with pytest.raises(DatasetError, match="row 2 is not valid JSON"):
-        list(read_rows(str(path)))
+    (n1, good), (n2, bad) = read_rows(str(path))  # a bad line is a row, not an exception (see test_bad_rows)
+    assert (n1, good) == (1, {"prompt": "ok"}) and n2 == 2 and isinstance(bad, BadRow)
+    assert bad.kind == "bad_json" and bad.detail.startswith("not valid JSON")

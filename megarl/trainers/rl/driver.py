@@ -65,6 +65,7 @@ def load_inputs(recipe: Recipe) -> RLInputs:
     from megarl.data.prompts import PromptDataset
     from megarl.data.tokenizer import load_tokenizer
     from megarl.models.hf_config import read_hf_config
+    from megarl.reward.functions import required_metadata
     from megarl.rollout.tool_spec import load_tool_specs
     from megarl.rollout.tools import ToolExecutor
 
@@ -72,16 +73,19 @@ def load_inputs(recipe: Recipe) -> RLInputs:
     init = initial_checkpoint(recipe, TAG)
     tokenizer = load_tokenizer(recipe.model, os.path.join(init, "hf"))
     tools = ToolExecutor(load_tool_specs(mt.tools)) if mt and mt.tools else None
+    needs = required_metadata([f.name for f in recipe.reward.functions]) if recipe.reward else None
 
     def prompts(path):
         return PromptDataset(path, tokenizer, ro.max_prompt_length, tools=set(tools.specs) if tools else None,
                              fmt=recipe.data.format, on_bad_row=recipe.data.on_bad_row,
-                             extra_tools=tools.schemas() if tools else None)
+                             extra_tools=tools.schemas() if tools else None, required_metadata=needs)
 
     data = prompts(recipe.data.train)
     if data.report.rejected:
         print(f"[{TAG}] {data.report.render()}", flush=True)
     eval_data = prompts(recipe.data.eval) if recipe.data.eval else None
+    if eval_data is not None and eval_data.report.rejected:
+        print(f"[{TAG}] eval: {eval_data.report.render()}", flush=True)
     return RLInputs(init, read_hf_config(os.path.join(init, "hf")), tokenizer, tools, data, eval_data)
 
 
