@@ -36,7 +36,7 @@ def run_steps(work: str, model: str, args, name: str, *extra: str) -> list[dict]
            "--set", f"trainer.steps={args.steps}", "--set", f"trainer.prompts_per_step={args.prompts}",
            "--set", f"rollout.n={args.n}", "--set", f"trainer.samples_per_minibatch={args.prompts * args.n}",
            "--set", "trainer.save_freq=0", "--set", "trainer.resume=never", "--set", "logging.sinks=[jsonl]",
-           "--set", "trainer.eval_freq=0", *extra]
+           "--set", "trainer.eval_freq=0", "--set", "optim.warmup_steps=0", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(proc.stdout[-4000:] + proc.stderr[-4000:])

@@ -407,6 +407,10 @@ def _model_impl(r: Recipe, issues: _Issues) -> None:
     if 0 < o.lr < math.inf and 0 <= o.min_lr < math.inf and o.min_lr > o.lr:  # each alone: _ranges
         issues.add("optim.min_lr", f"expected min_lr <= lr ({o.lr}), got {o.min_lr}: the schedule decays "
                    "from lr to min_lr")
+    steps = r.trainer.steps
+    if isinstance(steps, int) and steps >= 1 and o.warmup_steps >= steps:  # with epochs: checked when built
+        issues.add("optim.warmup_steps", f"expected fewer than trainer.steps ({steps}), got {o.warmup_steps}: "
+                   "the learning rate would never leave its warmup")
 
 
 def _not_implemented(r: Recipe, issues: _Issues) -> None:

@@ -24,6 +24,9 @@ def lr_scheduler(optimizer, recipe, steps: int):
     from megarl.runtime.megatron import OptimizerParamScheduler
 
     o = recipe.optim
+    if o.warmup_steps >= max(steps, 1):  # recipes with trainer.steps are refused at load already
+        raise ValueError(f"optim.warmup_steps={o.warmup_steps} must be fewer than the run's {steps} optimizer "
+                         "steps (the learning rate would never leave its warmup)")
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(steps, 1), lr_decay_style=o.lr_scheduler,

@@ -57,6 +57,8 @@ CASES = [
      "no checkpoint at '/nonexistent'"),
     # the rest of the range table: one row each for its kinds of range
     ("min_lr_above_lr", GRPO, ["optim.lr=1e-6", "optim.min_lr=1e-5"], "optim.min_lr", "expected min_lr <= lr"),
+    ("warmup_not_below_steps", GRPO, ["trainer.steps=4", "optim.warmup_steps=4"], "optim.warmup_steps",
+     "expected fewer than trainer.steps (4), got 4"),
     ("top_p_zero", GRPO, ["rollout.top_p=0"], "rollout.top_p", "a fraction in (0, 1], got 0.0"),
     ("gpu_memory_utilization_above_one", GRPO, ["rollout.gpu_memory_utilization=1.5"],
      "rollout.gpu_memory_utilization", "(0, 1], got 1.5"),

@@ -52,7 +52,8 @@ def job_args(tmp_path_factory, tiny_hf_models):
         sets = {"model.path": tiny_hf_models["qwen2"], "data.train": root / "rl.jsonl", "data.eval": "null",
                 "trainer.output_dir": out, "trainer.steps": STEPS, "trainer.prompts_per_step": 4, "rollout.n": 4,
                 "trainer.samples_per_minibatch": 8, "trainer.micro_batch_per_rank": 2, "trainer.eval_freq": 0,
-                "trainer.save_freq": 0, "rollout.max_response_length": 48, "logging.sinks": "[jsonl]"}
+                "trainer.save_freq": 0, "rollout.max_response_length": 48, "logging.sinks": "[jsonl]",
+                "optim.warmup_steps": 0}
         return " ".join(f"--set {k}={v}" for k, v in sets.items())
 
     return root, args

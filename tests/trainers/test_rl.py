@@ -46,6 +46,7 @@ def _train(root, model, out, *extra, timeout=600):
             "--set", "rollout.weight_sync.logprob_tolerance=1e-4", "--set", "algorithm.dynamic_sampling=true",
             "--set", "algorithm.dynamic_sampling_max_rounds=1", "--set", "algorithm.overlong.mode=filter",
             "--set", "optim.lr=1.0e-4", "--set", "optim.min_lr=0", "--set", "optim.lr_scheduler=linear",
+            "--set", "optim.warmup_steps=0",
             "--set", "algorithm.kl.coef=0.001", *extra]   # a reference gang too (the demo recipe runs without)
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "WANDB_MODE": "offline"})
