@@ -53,6 +53,8 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
 
 
 MISMATCH_METRICS = ("mismatch_k3_kl", "mismatch_abs_logp_diff", "mismatch_frac_over_threshold")
+MISMATCH_KEYS = {name: f"mismatch/{name.removeprefix('mismatch_')}" for name in MISMATCH_METRICS}
+"""Each term's metric name in a run's logs (the driver's and the on-policy update's alike)."""
 
 
 def mismatch_sums(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,

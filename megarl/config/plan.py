@@ -148,36 +148,27 @@ def _reward_model_shape(r: Recipe) -> tuple[ModelShape, str | None]:
 
 def refuse_unplannable(r: Recipe) -> None:
     """The estimates divide by heads, layers, lengths, engines and GPUs per node. A loaded recipe has
-    them >= 1 (validation), but the reward model's shape is read here from its own config.json and a
-    recipe may be edited in code after loading: a zero is refused by name (ConfigError, which the CLI
-    prints) rather than ending in a ZeroDivisionError."""
-    shapes = [("model.shape", r.model.shape, r.derived.shape_source or "model.shape")]
+    them >= 1 (validation), but a recipe may be edited in code after loading, and the reward model's
+    shape is read here from its own config.json, which load does not check: a zero is refused by name
+    (ConfigError, which the CLI prints) rather than ending in a ZeroDivisionError."""
+    from megarl.config.validate import range_issues
+
+    issues = range_issues(r)  # the load-time range rules, again on the recipe as it is now
+    if r.model.shape is None:
+        issues.append(ConfigIssue("model.shape", "unknown: the plan needs it (set model.shape_preset or "
+                                                 "model.shape)"))
     if r.reward is not None and r.reward.reward_model is not None:
         try:
             shape, local = _reward_model_shape(r)
         except ValueError as e:
             raise ConfigError([ConfigIssue("reward.reward_model.path", str(e))]) from None
-        if local:
-            shapes.append(("reward.reward_model.path", shape, f"{local}/config.json"))
-    issues = []
-    for key, shape, source in shapes:
-        if shape is None:
-            issues.append(ConfigIssue(key, "unknown: the plan needs it (set model.shape_preset or model.shape)"))
-            continue
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "vocab_size",
-                     "max_position_embeddings"):
-            value = getattr(shape, name)
-            if not isinstance(value, int) or value < 1:
-                where = f"{key}.{name}" if key == "model.shape" else key
-                issues.append(ConfigIssue(where, f"{name} in {source}: expected an integer >= 1, got {value!r}"))
-    sizes = {"cluster.gpus_per_node": r.cluster.gpus_per_node,
-             "trainer.micro_batch_per_rank": r.trainer.micro_batch_per_rank}
-    if r.stage in RL_STAGES:
-        for name in ("max_prompt_length", "max_response_length", "engines", "engine_tp"):
-            sizes[f"rollout.{name}"] = getattr(r.rollout, name)
-    elif r.data.max_length is not None:
-        sizes["data.max_length"] = r.data.max_length
-    issues += [ConfigIssue(key, f"expected >= 1, got {value!r}") for key, value in sizes.items() if value < 1]
+        if local:  # without a config.json the reward model's shape is the actor's, checked above
+            for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "vocab_size",
+                         "max_position_embeddings"):
+                value = getattr(shape, name)
+                if not isinstance(value, int) or value < 1:
+                    issues.append(ConfigIssue("reward.reward_model.path", f"{name} in {local}/config.json: "
+                                                                          f"expected an integer >= 1, got {value!r}"))
     ConfigError.raise_if(issues)
 
 

@@ -521,6 +521,14 @@ def _values_at(obj: Any, path: str, key: str = "") -> Iterator[tuple[str, Any, s
         yield from _values_at(value, rest, sub)
 
 
+def range_issues(r: Recipe) -> list[ConfigIssue]:
+    """The RANGES rules alone, for code that reads a recipe which may have been edited since it was
+    loaded (`megarl.config.plan`)."""
+    issues = _Issues()
+    _ranges(r, issues)
+    return list(issues)
+
+
 def _ranges(r: Recipe, issues: _Issues) -> None:
     shared_shape = r.critic is not None and r.critic.shape is r.model.shape  # the actor's, checked once
     for path, expected in RANGES:

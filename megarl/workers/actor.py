@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from megarl.algorithms.correction import MISMATCH_METRICS
+from megarl.algorithms.correction import MISMATCH_KEYS
 from megarl.algorithms.policy_loss import (
     METRIC_SUMS,
     ON_POLICY_SUMS,
@@ -63,7 +63,7 @@ class ActorWorker(TrainableRank):
         if a.entropy_coef > 0:  # computed in the loss only when it is part of it
             out["actor/entropy"] = s["entropy"] / count
         if on_policy:  # what the skipped old-log-prob pass would have reported
-            out.update({f"mismatch/{k.removeprefix('mismatch_')}": s[k] / count for k in MISMATCH_METRICS})
+            out.update({key: s[name] / count for name, key in MISMATCH_KEYS.items()})
             out["actor/entropy_rollout"] = s["entropy_rollout"] / count
         return out
 

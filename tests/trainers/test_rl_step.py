@@ -43,7 +43,8 @@ class Prompts:
         self.taken: list[int] = []
 
     def take(self, k: int) -> list:
-        rows = [SimpleNamespace(prompt_ids=[1, 100 + i], metadata={"id": i}) for i in range(self.next, self.next + k)]
+        rows = [SimpleNamespace(row=i + 1, prompt_ids=[1, 100 + i], metadata={"id": i})
+                for i in range(self.next, self.next + k)]
         self.next += k
         self.taken += [r.metadata["id"] for r in rows]
         return rows
@@ -105,7 +106,7 @@ def test_overlong_shaping_penalises_long_responses(tmp_path):
     # 2 tokens of a 4-token limit with a 2-token buffer: exactly at the buffer's start, no penalty
     assert out.scores.tolist() == [1.0] * 4
     long = [[Trajectory([1], [5, 5, 5, 5], [1] * 4, [0.0] * 4, finish="length")]]
-    groups = phases.score_groups(r, [SimpleNamespace(metadata={"id": 0})], long, score_by(lambda i, j: 1.0))
+    groups = phases.score_groups(r, [SimpleNamespace(row=1, metadata={"id": 0})], long, score_by(lambda i, j: 1.0))
     assert groups[0].scores.item() == pytest.approx(0.0)   # the last buffer token: full penalty
 
 
@@ -218,7 +219,7 @@ def test_a_nonfinite_reward_stops_the_step_naming_row_sample_and_function(tmp_pa
                                 score_by(lambda i, j: float("nan") if (i, j) == (1, 0) else 1.0))
     msg = str(e.value)
     assert "non-finite reward in 1 of 4 samples" in msg and "before any update" in msg
-    assert "sample 2: numeric_match=nan" in msg
+    assert "data row 2 sample 2: numeric_match=nan" in msg
     # a failed (raising) reward is not non-finite: it is masked out of the update instead
     out = phases.collect_rollouts(r, 0, Prompts().take, fake_generate([]),
                                   score_by(lambda i, j: None if (i, j) == (1, 0) else 1.0))

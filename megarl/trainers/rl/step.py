@@ -125,7 +125,7 @@ def score_groups(recipe: Recipe, prompts: list, groups: list[list], score: Calla
     flat = [x for g in groups for x in g]
     gids = [i for i, g in enumerate(groups) for _ in g]
     results = score(flat, [prompts[i].metadata for i in gids])
-    check_finite_rewards(results, [getattr(prompts[i], "row", i) for i in gids])
+    check_finite_rewards(results, [prompts[i].row for i in gids])
     scores = torch.tensor([r.scalar for r in results], dtype=torch.float32)
     if ov.mode == "shaping":
         lengths = torch.tensor([len(x.response_ids) for x in flat])
@@ -231,7 +231,7 @@ def compute_advantages(recipe: Recipe, batch, kl_coef: float) -> UpdatePlan:
     `kl.placement: reward`; PPO's GAE advantages whitened over the batch), then the rollout
     correction against the engine's log-probs and the loss weights of every mini-batch."""
     from megarl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, estimator_kwargs
-    from megarl.algorithms.correction import mismatch_metrics, rollout_correction
+    from megarl.algorithms.correction import MISMATCH_KEYS, mismatch_metrics, rollout_correction
     from megarl.algorithms.masked import masked_whiten
     from megarl.algorithms.policy_loss import minibatch_loss_weights
 
@@ -250,7 +250,7 @@ def compute_advantages(recipe: Recipe, batch, kl_coef: float) -> UpdatePlan:
         is_weight, train_mask = rollout_correction(batch.old_logp, batch.rollout_logp, batch.mask, rc.mode,
                                                    rc.threshold)
         mismatch = mismatch_metrics(batch.old_logp, batch.rollout_logp, batch.mask, rc.threshold)
-        metrics = {f"mismatch/{k.removeprefix('mismatch_')}": float(v) for k, v in mismatch.items()}
+        metrics = {MISMATCH_KEYS[k]: float(v) for k, v in mismatch.items()}
     weights = minibatch_loss_weights(train_mask, recipe.derived.minibatches_per_step, a.loss_agg_mode,
                                      recipe.rollout.max_response_length)
     return UpdatePlan(is_weight, train_mask, weights, metrics)
