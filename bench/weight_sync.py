@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -116,13 +115,13 @@ def trainer(ckpt: str, plans: dict, port: int, repeats: int, naive_dir: str) -> 
     from megarl.checkpoint.hf_map import hf_tensors
     from megarl.config.parallel import ParallelConfig
     from megarl.sync.sender import WeightSender, full_tensor
-    from megarl.sync.transport import Rendezvous, open_store
+    from megarl.sync.transport import Rendezvous
 
     torch.set_num_threads(1)
     plan = plans["broadcast"]
     chunks, _, _ = load_converted(ckpt, ParallelConfig(tp=plan.trainer.tp), dtype="fp32")
     rank = dist.get_rank()
-    store = open_store("127.0.0.1", port)[0] if rank == 0 else None
+    store = _client_store(port) if rank == 0 else None  # the bench process hosts it (bound, then published)
     raw = _raw_group(store, 0) if rank == 0 else None
     out: dict = {"raw": [], "naive": [], **{k: {t: [] for t in plans} for k in ("sync", "extra_mb", "stats")}}
     buf = torch.empty(plan.total_bytes, dtype=torch.uint8).fill_(7) if rank == 0 else None
@@ -173,12 +172,6 @@ def trainer(ckpt: str, plans: dict, port: int, repeats: int, naive_dir: str) -> 
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -210,7 +203,9 @@ def main() -> None:
         print(plan.summary(), flush=True)
         engine = IsolatedActor("bench.weight_sync:BenchEngine", args=(model,),
                                env={"OMP_NUM_THREADS": str(args.engine_threads)})
-        port = _free_port()
+        from megarl.sync.transport import open_store
+
+        host_store, port = open_store("127.0.0.1", 0, timeout_s=900)  # bound to port 0, then published
         box = {}
 
         def run_trainer():
@@ -223,6 +218,7 @@ def main() -> None:
         engine_out = engine.call("run", plans, port, args.repeats, os.path.join(work, "naive"), timeout=900)
         thread.join()
         engine.close()
+        del host_store  # held until both sides are done with it
         rank0 = box["trainer"][0]
         raw, naive = min(rank0["raw"]), min(rank0["naive"])
         gb = plan.total_bytes / 1e9

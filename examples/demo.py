@@ -31,7 +31,8 @@ sys.path.insert(0, ROOT)
 
 def train(what: str, recipe: str, *overrides: str) -> int:
     """`megarl train <recipe>` from scratch, as a user would run it."""
-    sets = [x for o in ("trainer.resume=never", *overrides) for x in ("--set", o)]
+    # the demo always starts over: a previous demo's outputs there (another seed, say) are replaced
+    sets = [x for o in ("trainer.resume=never", "trainer.existing_run=overwrite", *overrides) for x in ("--set", o)]
     print(f"[demo] {what}: megarl train {recipe} {' '.join(sets[2:])}".rstrip(), flush=True)
     return subprocess.call([sys.executable, "-m", "megarl.cli", "train", recipe, *sets])
 

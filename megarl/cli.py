@@ -23,10 +23,14 @@ import sys
 def _load(args: argparse.Namespace):
     from megarl.config import ConfigError
     from megarl.config.loader import load_recipe
+    from megarl.launch.placement import PlacementError, build_placement
 
     try:
-        return load_recipe(args.recipe, overrides=args.set or [])
-    except ConfigError as e:
+        recipe = load_recipe(args.recipe, overrides=args.set or [])
+        if recipe.rollout is not None:  # an RL run must be placeable on its cluster, checked at load
+            build_placement(recipe)
+        return recipe
+    except (ConfigError, PlacementError) as e:
         print(f"{args.recipe}: {e}", file=sys.stderr)
         return None
 
@@ -43,6 +47,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from megarl.config.plan import render_plan
+    from megarl.launch.placement import build_placement
 
     recipe = _load(args)
     if recipe is None:
@@ -50,7 +55,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.gpu_type:
         recipe.cluster.gpu_type = args.gpu_type
     try:
-        text, fits = render_plan(recipe)
+        text, fits = render_plan(recipe, build_placement(recipe).lines() if recipe.rollout is not None else ())
     except ValueError as e:
         print(f"{args.recipe}: {e}", file=sys.stderr)
         return 1
@@ -59,26 +64,27 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import yaml
-
     from megarl.config.loader import recipe_to_dict
+    from megarl.trainers.run_dir import RESOLVED, OutputDirTaken, claim_output_dir
 
     recipe = _load(args)
     if recipe is None:
         return 1
     out = recipe.trainer.output_dir
-    os.makedirs(out, exist_ok=True)
-    resolved = os.path.join(out, "recipe.resolved.yaml")
-    with open(resolved, "w") as f:
-        yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
-    print(f"resolved recipe written to {resolved}")
+    try:  # before anything is written there; under srun only rank 0 writes
+        action = claim_output_dir(recipe, recipe_to_dict(recipe), write=os.environ.get("RANK", "0") == "0")
+    except OutputDirTaken as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{out}: {action}; resolved recipe written to {os.path.join(out, RESOLVED)}")
+    from megarl.checkpoint.manifest import CheckpointCorrupt
     from megarl.data.readers import DatasetError
     from megarl.trainers import TRAINERS
     from megarl.trainers.common import ModelNotFound
 
     try:
         return TRAINERS[recipe.stage](recipe)
-    except (ModelNotFound, DatasetError) as e:
+    except (ModelNotFound, DatasetError, CheckpointCorrupt) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

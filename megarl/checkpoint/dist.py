@@ -3,8 +3,9 @@
 Checkpoints are layout-free: one saved at TP=2 loads at PP=2 or DP=2 with the optimizer state
 resharded (the distributed optimizer's `fully_reshardable` format, as Megatron-LM uses; the
 library default raises "ShardedTensor.flattened_range is not supported" in 0.19). A checkpoint is
-written to `<path>.partial` and renamed only after every rank finished, so a crash mid-save never
-leaves a directory that looks complete.
+written to `<path>.partial`, listed in a manifest (sizes and checksums, see manifest.py) and
+renamed only after every rank finished, so a crash mid-save never leaves a directory that looks
+complete, and damage after the save is found before a resume loads it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from megarl.checkpoint.manifest import write_manifest
 from megarl.checkpoint.paths import EXTRA_DIR, PARTIAL_SUFFIX
 from megarl.models.train import TrainState, ranks_with_nonfinite
 from megarl.runtime.megatron import dist_checkpointing
@@ -81,6 +83,7 @@ def save_sharded(models: list, path: str, optimizer=None, extra: dict | None = N
     if dist.get_rank() == 0 and finish_rank0 is not None:
         finish_rank0(tmp)
     if dist.get_rank() == 0:
+        write_manifest(tmp)  # rank 0 reads every rank's files back (shared storage, as loading needs)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     dist.barrier()

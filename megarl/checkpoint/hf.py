@@ -54,6 +54,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tokenizer_dir: str | None 
     the tokenizer from `tokenizer_dir` when given (else hf_dir's). Collective over a world-size-1 group."""
     import torch.distributed as dist
 
+    from megarl.checkpoint.manifest import write_manifest
     from megarl.checkpoint.paths import PARTIAL_SUFFIX
     from megarl.checkpoint.stream import ReadOnDemandSafetensors, stream_convert
 
@@ -77,6 +78,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tokenizer_dir: str | None 
     with open(os.path.join(tmp, MARKER), "w") as f:
         json.dump({"format": "megatron-dist", "arch": arch, "dtype": dtype, "source": os.path.abspath(hf_dir),
                    "tokenizer": os.path.abspath(tokenizer_dir) if tokenizer_dir else None}, f, indent=1)
+    write_manifest(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return {"arch": arch, "dtype": dtype, "chunks": written}

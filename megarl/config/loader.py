@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from megarl.config.errors import ConfigError, ConfigIssue
-from megarl.config.recipe import Recipe
+from megarl.config.recipe import ModelConfig, Recipe
 
 Path = tuple  # key path, e.g. ("rollout", "n") or ("reward", "functions", 0, "name")
 ENV_PATTERN = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -313,3 +313,32 @@ def config_error(issues: list[ConfigIssue], limit: int = MAX_RENDERED_ISSUES) ->
 def recipe_to_dict(recipe: Recipe) -> dict:
     """Plain-data form of a resolved recipe (written next to a run's outputs)."""
     return dataclasses.asdict(recipe)
+
+
+def with_absolute_paths(recipe: Recipe, base: str | None = None) -> Recipe:
+    """A copy of `recipe` whose file paths are absolute, relative ones taken from `base` (default: the
+    current directory). The RL driver's workers and engines run on other nodes, in other working
+    directories; a relative path would name another file there, or none. A model "path" that is
+    not a local file (a hub id) is left as it is."""
+    base = base or os.getcwd()
+
+    def absolute(path: str | None, must_exist: bool = False) -> str | None:
+        if not path or os.path.isabs(path) or (must_exist and not os.path.exists(os.path.join(base, path))):
+            return path
+        return os.path.normpath(os.path.join(base, path))
+
+    def model(m: ModelConfig | None) -> ModelConfig | None:
+        return m and dataclasses.replace(m, path=absolute(m.path, must_exist=True), tokenizer=absolute(m.tokenizer))
+
+    r = dataclasses.replace(recipe, model=model(recipe.model), critic=model(recipe.critic))
+    r.data = dataclasses.replace(r.data, train=absolute(r.data.train), eval=absolute(r.data.eval),
+                                 rejected_path=absolute(r.data.rejected_path))
+    resume = r.trainer.resume if r.trainer.resume in ("auto", "never") else absolute(r.trainer.resume)
+    r.trainer = dataclasses.replace(r.trainer, output_dir=absolute(r.trainer.output_dir), resume=resume)
+    if r.rollout is not None and r.rollout.multi_turn is not None:
+        r.rollout = dataclasses.replace(r.rollout, multi_turn=dataclasses.replace(
+            r.rollout.multi_turn, tools=absolute(r.rollout.multi_turn.tools)))
+    if r.reward is not None and r.reward.reward_model is not None:
+        r.reward = dataclasses.replace(r.reward, reward_model=dataclasses.replace(
+            r.reward.reward_model, path=absolute(r.reward.reward_model.path, must_exist=True)))
+    return r

@@ -198,8 +198,8 @@ def gpu_map(r: Recipe) -> list[str]:
     c, p, d = r.cluster, r.parallel, r.derived
     lines = []
     trainers = "actor" + (" + reference" if d.needs_reference else "") + (" + critic" if d.needs_critic else "") \
-        + (" + reward model" if r.reward is not None and r.reward.reward_model is not None else "")
-    train_nodes = d.train_world_size // c.gpus_per_node if d.train_world_size % c.gpus_per_node == 0 else None
+        + (" + reward model" if r.reward is not None and r.reward.reward_model is not None
+           and not (c.placement.mode == "separate" and c.placement.reward_model_gpus) else "")
     lines.append(f"training ranks 0-{d.train_world_size - 1} ({trainers}): {p.describe()}")
     per_stage = d.train_world_size // p.pp
     for stage in range(min(p.pp, 8)):
@@ -211,17 +211,6 @@ def gpu_map(r: Recipe) -> list[str]:
                      f"ranks (inside a node{'' if p.tp <= c.gpus_per_node else ' — NO: tp spans nodes'})")
     if p.pp > 8:
         lines.append(f"  ... {p.pp - 8} more stages")
-    if r.rollout is not None:
-        ro = r.rollout
-        if c.placement.mode == "colocated":
-            lines.append(f"rollout: {ro.engines} vLLM engines × tp {ro.engine_tp} on GPUs 0-"
-                         f"{ro.engines * ro.engine_tp - 1}, resident alongside the training roles")
-        else:
-            start = d.train_world_size
-            lines.append(f"rollout: {ro.engines} vLLM engines × tp {ro.engine_tp} on GPUs {start}-"
-                         f"{start + ro.engines * ro.engine_tp - 1} (separate pool)")
-    if train_nodes is None and c.placement.mode == "separate":
-        lines.append("  note: training and rollout share a node")
     return lines
 
 
@@ -255,12 +244,9 @@ def _pool_lines(r: Recipe, roles: list[RoleMemory], gpu_gib: float) -> tuple[lis
                    f"{gib:.1f} GiB  {'fits' if ok else 'DOES NOT FIT'}")
         if not ok and any(m.role == "rollout" for m in members) and r.rollout.kv_cache_bytes is None:
             out.append("    " + _engine_budget_hint(r, members, gpu_gib))
-    if r.rollout is not None:
-        tp = r.rollout.engine_tp
-        out.append("  note: the runtime does not place roles by cluster.placement yet (placement and the memory "
-                   "hand-off come with the multi-node/GPU work): its Ray actors request no GPUs, so training rank "
-                   f"r uses GPU r and every engine uses {'GPU 0' if tp == 1 else f'GPUs 0-{tp - 1}'} of the node it "
-                   "runs on, whatever the placement says. The sums above are for the placement the recipe asks for.")
+    if r.rollout is not None and r.cluster.placement.mode == "colocated":
+        out.append("  note: colocated roles stay resident together (no offload, no engine sleep yet), so the sum "
+                   "above is what each GPU holds")
     return out, fits
 
 
@@ -276,8 +262,9 @@ def _engine_budget_hint(r: Recipe, members: list[RoleMemory], gpu_gib: float) ->
             f"{room / gpu_gib:.2f} ({room - engine.params:.1f} GiB of KV cache) would fit")
 
 
-def render_plan(r: Recipe) -> tuple[str, bool]:
-    """The plan as text, and whether every role fits, alone and with the roles sharing its GPUs."""
+def render_plan(r: Recipe, placement_lines: list[str] = ()) -> tuple[str, bool]:
+    """The plan as text, and whether every role fits, alone and with the roles sharing its GPUs.
+    `placement_lines`: the run's placement map (megarl.launch.placement, which config cannot import)."""
     from megarl.config.validate import summary
 
     roles, gpu_gib = memory_table(r)
@@ -289,6 +276,7 @@ def render_plan(r: Recipe) -> tuple[str, bool]:
            "", f"GPU map ({r.cluster.nodes} nodes × {r.cluster.gpus_per_node} GPUs, "
            f"{r.cluster.placement.mode} placement):"]
     out += ["  " + line for line in gpu_map(r)]
+    out += ["  " + line for line in placement_lines]
     out += ["", "batch accounting:"]
     out += [f"  {k:<28} {v}" for k, v in batch_table(r)]
     out += ["", f"memory per GPU on {r.cluster.gpu_type} ({gpu_gib} GiB), GiB "

@@ -336,12 +336,21 @@ class TrainerConfig:
     """Evaluate on data.eval every N steps (0 = no periodic evaluation; preference stages still
     evaluate after the last step)."""
     resume: str = "auto"
-    """auto (latest complete checkpoint in output_dir), never, or a checkpoint path (it must exist when
-    the recipe is loaded)."""
+    """auto (the newest checkpoint in output_dir that matches the manifest written at save; a damaged
+    one is named and skipped), never, or a checkpoint path (it must exist when the recipe is loaded,
+    and is refused if it does not match its manifest)."""
     max_steps_this_run: int | None = None
     """Stop (after checkpointing) once this invocation has taken this many steps; the schedule still
     targets `steps`. For time-limited allocations: the next run resumes where this one stopped."""
     output_dir: str = "runs/default"
+    existing_run: Literal["refuse", "resume", "overwrite"] = "refuse"
+    """What `megarl train` does when output_dir already holds a run whose resolved recipe differs
+    from this one (or megarl outputs without a recipe): refuse (the default: nothing is written, the
+    differing keys are listed), resume (continue that run with this recipe; the old one is kept as
+    recipe.resolved.prev.yaml) or overwrite (delete that run's megarl outputs, nothing else in the
+    directory, and start fresh). An identical recipe always resumes; keys that may change between
+    invocations of one run (trainer.resume, max_steps_this_run, layout, ...) are listed in
+    megarl.trainers.run_dir.SAME_RUN_KEYS."""
     seed: int = 1234
 
 
@@ -358,8 +367,10 @@ class LoggingConfig:
 @dataclass
 class PlacementConfig:
     mode: Literal["colocated", "separate"] = "colocated"
-    """colocated: training and rollout share every GPU; separate: disjoint GPU pools. Read by
-    `megarl plan` and validation only: the runtime does not place roles by it yet."""
+    """colocated: training and rollout share every GPU; separate: disjoint GPU pools (training,
+    rollout, and the reward model's own when reward_model_gpus > 0). The RL driver places its Ray
+    workers and engines by it (megarl.launch.placement; `megarl plan` prints the map). Nothing is
+    offloaded and engines do not sleep yet: colocated roles stay resident together."""
     rollout_gpus: int = 0
     """GPUs reserved for rollout engines when mode=separate."""
     reward_model_gpus: int = 0

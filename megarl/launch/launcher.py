@@ -66,8 +66,9 @@ def plan_text(nodes: NodeMap, cluster: RayCluster | None, driver: list[str], env
 def launch(recipe_path: str, overrides: list[str], dry_run: bool = False, start_timeout: float = 300.0,
            port: int | None = None) -> int:
     from megarl.config import ConfigError
-    from megarl.config.loader import load_recipe
+    from megarl.config.loader import load_recipe, recipe_to_dict
     from megarl.trainers import RAY_STAGES, prepare_start
+    from megarl.trainers.run_dir import OutputDirTaken, claim_output_dir
 
     try:
         recipe = load_recipe(recipe_path, overrides=overrides)
@@ -85,6 +86,11 @@ def launch(recipe_path: str, overrides: list[str], dry_run: bool = False, start_
     if not cpu_only and nodes.total_gpus < recipe.cluster.total_gpus:
         problems.append(f"the recipe wants {recipe.cluster.total_gpus} GPUs (cluster.nodes × gpus_per_node) but "
                         f"the job has {nodes.total_gpus}; fix the sbatch header or the recipe's cluster group")
+    if not problems or dry_run:  # the output directory is claimed (recipe written) before anything goes there
+        try:
+            claim_output_dir(recipe, recipe_to_dict(recipe), write=not dry_run)
+        except OutputDirTaken as e:
+            problems.append(str(e))
     if problems and not dry_run:
         raise LaunchError("; ".join(problems))
     log_dir = os.path.join(recipe.trainer.output_dir, "launch", nodes.job_id or "local")

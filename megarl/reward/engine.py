@@ -18,6 +18,12 @@ class RewardResult:
     values: dict[str, float] = field(default_factory=dict)
     failed: bool = False
     errors: list[str] = field(default_factory=list)
+    failed_in: list[str] = field(default_factory=list)  # "<component>/<function>" of each failure
+
+    def fail(self, where: str, error: str) -> None:
+        self.failed, self.scalar = True, 0.0
+        self.failed_in.append(where)
+        self.errors.append(f"{where.split('/', 1)[1]}: {error}")
 
 
 class RewardEngine:
@@ -42,8 +48,7 @@ class RewardEngine:
             try:
                 value = float(fn(view, metadata, **spec.args))
             except Exception as e:  # noqa: BLE001 - a broken reward must not kill the run
-                result.failed = True
-                result.errors.append(f"{spec.name}: {type(e).__name__}: {e}")
+                result.fail(f"{spec.component}/{spec.name}", f"{type(e).__name__}: {e}")
                 continue
             result.values[spec.name] = value
             result.components[spec.component] = result.components.get(spec.component, 0.0) + spec.weight * value
@@ -69,9 +74,7 @@ class RewardEngine:
             cfg = self.remote_config
             for result, (value, error) in zip(results, self.remote.score(views, metadata)):
                 if error is not None:
-                    result.failed = True
-                    result.errors.append(f"remote: {error}")
-                    result.scalar = 0.0
+                    result.fail(f"{cfg.component}/remote", error)
                     continue
                 result.values["remote"] = value
                 result.components[cfg.component] = result.components.get(cfg.component, 0.0) + cfg.weight * value
@@ -80,10 +83,23 @@ class RewardEngine:
         return results, reward_summary(results)
 
 
+FAILED_PREFIX = "reward/failed/"
+
+
+def failure_counts(metrics: dict) -> str:
+    """The console's view of reward failures: "task/numeric_match 3, task/remote 1" ("" if none)."""
+    failed = sorted((k[len(FAILED_PREFIX):], int(v)) for k, v in metrics.items() if k.startswith(FAILED_PREFIX))
+    return ", ".join(f"{where} {n}" for where, n in failed)
+
+
 def reward_summary(results: list[RewardResult]) -> dict[str, float]:
-    """reward/failed_frac, and over the samples that scored: reward/mean and reward/<component>."""
+    """reward/failed_frac, reward/failed/<component>/<function> (how many samples that function
+    failed), and over the samples that scored: reward/mean and reward/<component>."""
     ok = [r for r in results if not r.failed]
     metrics = {"reward/failed_frac": 1.0 - len(ok) / max(len(results), 1)}
+    for r in results:
+        for where in r.failed_in:
+            metrics[f"{FAILED_PREFIX}{where}"] = metrics.get(f"{FAILED_PREFIX}{where}", 0.0) + 1.0
     if ok:
         metrics["reward/mean"] = sum(r.scalar for r in ok) / len(ok)
         for name in {c for r in ok for c in r.components}:

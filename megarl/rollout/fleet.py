@@ -61,14 +61,18 @@ class FleetEvent:
 
 class RolloutFleet:
     def __init__(self, config: EngineConfig, num_engines: int, cpus_per_engine: float = 1.0,
-                 max_restarts: int = 3, chunk_size: int | None = None, chunks_per_engine: int = 2):
+                 max_restarts: int = 3, chunk_size: int | None = None, chunks_per_engine: int = 2,
+                 engine_options: list[dict] | None = None):
+        """`engine_options[e]`: Ray actor options of engine e (its placement-group bundle and share);
+        without them each engine asks for `cpus_per_engine` wherever Ray puts it."""
         import ray
 
         self.config, self.num_engines = config, num_engines
         # Fewer, larger chunks keep vLLM's own batching full; more chunks balance uneven engines.
         self.chunk_size, self.chunks_per_engine, self.max_restarts = chunk_size, chunks_per_engine, max_restarts
-        self._actor_cls = ray.remote(num_cpus=cpus_per_engine)(EngineActorImpl)
-        self.actors = [self._actor_cls.remote(config) for _ in range(num_engines)]
+        self._actor_cls = ray.remote(EngineActorImpl)
+        self._options = engine_options or [{"num_cpus": cpus_per_engine}] * num_engines
+        self.actors = [self._new_actor(e) for e in range(num_engines)]
         ray.get([a.pid.remote() for a in self.actors])  # engines are up (or this raises)
         self.weight_version = 0
         self._weights_ref = None
@@ -76,6 +80,9 @@ class RolloutFleet:
         self.events: list[FleetEvent] = []
         self.in_sync_group = False
         self.engine_seconds = 0.0  # wall time the busiest engine spent generating (model compute)
+
+    def _new_actor(self, index: int):
+        return self._actor_cls.options(**self._options[index]).remote(self.config)
 
     def _restart(self, index: int, reason: str) -> None:
         import ray
@@ -95,7 +102,7 @@ class RolloutFleet:
             ray.kill(self.actors[index])
         except Exception:  # noqa: BLE001 - it is already gone
             pass
-        actor = self._actor_cls.remote(self.config)
+        actor = self._new_actor(index)  # on the same bundle: the placement map stays true
         if self._weights_ref is not None:
             ray.get(actor.load_weights.remote(self._weights_ref, self.weight_version))
         self.actors[index] = actor

@@ -6,11 +6,14 @@
         parameters: {type: object, properties: {expression: {type: string}}, required: [expression]}
         callable: megarl.rollout.tools.builtin:calculator
         timeout_s: 5
+
+`callable` may name a class: it is constructed once with `options` (settings the model never sees,
+e.g. a sandbox's limits) and then called with the model's arguments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -26,6 +29,7 @@ class ToolSpec:
     parameters: dict
     callable: str
     timeout_s: float = 10.0
+    options: dict = field(default_factory=dict)
 
     def openai_schema(self) -> dict:
         """What the chat template shows the model."""
@@ -45,7 +49,7 @@ def load_tool_specs(path: str) -> list[ToolSpec]:
         where = f"{path}: tools[{i}]"
         if not isinstance(item, dict):
             raise ToolSpecError(f"{where}: expected a mapping")
-        unknown = set(item) - {"name", "description", "parameters", "callable", "timeout_s"}
+        unknown = set(item) - {"name", "description", "parameters", "callable", "timeout_s", "options"}
         if unknown:
             raise ToolSpecError(f"{where}: unknown keys {sorted(unknown)}")
         for key in ("name", "description", "callable"):
@@ -56,9 +60,16 @@ def load_tool_specs(path: str) -> list[ToolSpec]:
         params = item.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict) or params.get("type") != "object":
             raise ToolSpecError(f"{where}.parameters: expected a JSON schema with type: object")
+        options = item.get("options", {})
+        if not isinstance(options, dict):
+            raise ToolSpecError(f"{where}.options: expected a mapping of the callable's settings")
+        clash = sorted(set(options) & set(params.get("properties", {})))
+        if clash:
+            raise ToolSpecError(f"{where}.options: {clash} are also model-visible parameters; a setting is one or "
+                                "the other")
         if item["name"] in seen:
             raise ToolSpecError(f"{where}.name: tool {item['name']!r} is declared twice")
         seen.add(item["name"])
         specs.append(ToolSpec(item["name"], item["description"], params, item["callable"],
-                              float(item.get("timeout_s", 10.0))))
+                              float(item.get("timeout_s", 10.0)), options))
     return specs

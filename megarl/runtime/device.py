@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 
 DEVICE_ENV = "MEGARL_DEVICE"
+DEVICE_INDEX_ENV = "MEGARL_DEVICE_INDEX"
+"""Set by a launcher that knows which visible accelerator a process should use; else LOCAL_RANK."""
 
 
 def usable_cpus() -> int:

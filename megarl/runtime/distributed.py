@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megarl.config.parallel import ParallelConfig
-from megarl.runtime.device import DeviceSpec, select_device
+from megarl.runtime.device import DEVICE_INDEX_ENV, DeviceSpec, select_device
 from megarl.runtime.megatron import parallel_state as ps
 from megarl.runtime.seed import seed_everything
 
@@ -30,6 +30,9 @@ class ParallelContext:
     device: DeviceSpec
     parallel: ParallelConfig
     seed: int
+    device_index: int = 0
+    """The accelerator this process uses, among those it can see (LOCAL_RANK under torchrun, where
+    every process sees the node's GPUs; 0 for a Ray worker that Ray gave one GPU)."""
 
     @property
     def tp_rank(self) -> int:
@@ -61,7 +64,7 @@ class ParallelContext:
 
     @property
     def torch_device(self) -> torch.device:
-        return self.device.torch_device(self.local_rank)
+        return self.device.torch_device(self.device_index)
 
 
 def init_distributed(
@@ -82,8 +85,9 @@ def init_distributed(
         dist.init_process_group(backend=device.backend, timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device_index = int(os.environ.get(DEVICE_INDEX_ENV, local_rank))
     if device.is_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device_index)
     parallel = parallel.resolve(world, num_experts=num_experts)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -96,7 +100,7 @@ def init_distributed(
         expert_tensor_parallel_size=parallel.etp,
     )
     seed_everything(seed)
-    return ParallelContext(rank, world, local_rank, device, parallel, seed)
+    return ParallelContext(rank, world, local_rank, device, parallel, seed, device_index)
 
 
 def destroy_distributed() -> None:

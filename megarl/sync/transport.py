@@ -102,7 +102,7 @@ class Rendezvous:
     timeout_s: float = 600.0
 
 
-def open_store(host: str = "127.0.0.1", port: int = 0, timeout_s: float = 600.0) -> tuple[dist.TCPStore, int]:
+def open_store(host: str, port: int = 0, timeout_s: float = 600.0) -> tuple[dist.TCPStore, int]:
     """Host the rendezvous store (port 0: any free port). Returns (store, port)."""
     store = dist.TCPStore(host, port, is_master=True, timeout=timedelta(seconds=timeout_s),
                           wait_for_workers=False, use_libuv=True)

@@ -179,7 +179,7 @@ def resume_stage(recipe, state, scheduler, num_rows: int, tag: str):
     from megarl.runtime.seed import set_rng_state
 
     d = recipe.data
-    resume_from = resume_checkpoint(recipe)
+    resume_from = agreed_resume_checkpoint(recipe, tag)
     if not resume_from:
         return 0, EpochSampler(num_rows, d.seed, d.shuffle), None
     load_sharded(state.models, resume_from, state.optimizer)
@@ -190,6 +190,26 @@ def resume_stage(recipe, state, scheduler, num_rows: int, tag: str):
     if dist.get_rank() == 0:
         print(f"[{tag}] resumed from {resume_from} at step {extra['step']}", flush=True)
     return extra["step"], EpochSampler.from_state(num_rows, d.seed, d.shuffle, extra["sampler"]), resume_from
+
+
+def agreed_resume_checkpoint(recipe, tag: str) -> str | None:
+    """Collective: `resume_checkpoint` decided on rank 0 (which alone reads the checkpoints to verify
+    them) and shared, so every rank loads the same one, or every rank raises its refusal."""
+    import torch.distributed as dist
+
+    from megarl.checkpoint.manifest import CheckpointCorrupt
+
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", resume_checkpoint(recipe, tag))]
+        except CheckpointCorrupt as e:
+            box = [("refused", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "refused":
+        raise CheckpointCorrupt(value)
+    return value
 
 
 def after_rank_step(recipe, policy, step: int, state, init_ckpt: str, sampler, scheduler) -> StageResult | None:

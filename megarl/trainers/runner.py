@@ -3,7 +3,7 @@
     run_stage(recipe, tag, body)   stop signals -> body() -> StageResult -> exit code, HF export
     StagePolicy                    after each step: save? stop? (save_freq, the last step,
                                    max_steps_this_run, a stop signal agreed by every rank)
-    resume_checkpoint(recipe)      trainer.resume: auto (newest complete) | never | a path
+    resume_checkpoint(recipe)      trainer.resume: auto (newest verified) | never | a path (verified)
     open_metrics(recipe, step)     the recipe's sinks; the curve cut back to the resumed step
 
 A stop signal (SIGTERM/SIGUSR1 to the driver; the launcher forwards Slurm's preemption warning)
@@ -19,6 +19,8 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from megarl.checkpoint.manifest import CheckpointCorrupt
 
 EXIT_CHECKPOINTED = 75
 """Exit code of `megarl train` stopped early by SIGUSR1/SIGTERM after writing a checkpoint
@@ -48,6 +50,7 @@ def run_stage(recipe, tag: str, body: Callable[[], StageResult | None]) -> int:
     finished run's newest checkpoint is exported to HF in `<output_dir>/hf`. `body` returns None
     on processes that do not report (ranks other than 0 of a launched job)."""
     os.makedirs(recipe.trainer.output_dir, exist_ok=True)
+    check_resume_path(recipe)
     watch_stop_signals(recipe.trainer.output_dir, tag)
     result = body()
     if result is None:
@@ -66,29 +69,57 @@ def run_stage(recipe, tag: str, body: Callable[[], StageResult | None]) -> int:
 
 
 def export_final(recipe, tag: str) -> str:
-    """The newest checkpoint converted to an HF directory `<output_dir>/hf`."""
+    """The newest verified checkpoint converted to an HF directory `<output_dir>/hf`."""
     from megarl.checkpoint.hf import convert_megatron_to_hf
-    from megarl.checkpoint.paths import latest_checkpoint
+    from megarl.checkpoint.paths import newest_verified
     from megarl.runtime.local_group import run_local_group
 
-    final = latest_checkpoint(os.path.join(recipe.trainer.output_dir, CKPT_DIR))
+    final = newest_verified(os.path.join(recipe.trainer.output_dir, CKPT_DIR), warner(tag))
+    if final is None:
+        raise CheckpointCorrupt(f"no intact checkpoint in {recipe.trainer.output_dir}/{CKPT_DIR} to export")
     out = os.path.join(recipe.trainer.output_dir, HF_EXPORT_DIR)
     run_local_group(convert_megatron_to_hf, 1, args=(final, out, 1 << 30, recipe.model.tokenizer), timeout=3600)
     print(f"[{tag}] exported {final} to {out}", flush=True)
     return out
 
 
-def resume_checkpoint(recipe) -> str | None:
-    """The checkpoint this run starts from: `trainer.resume` auto -> the newest complete one in
-    `<output_dir>/checkpoints` (None on a fresh directory), never -> None, else the path given."""
-    from megarl.checkpoint.paths import latest_checkpoint
+def resume_checkpoint(recipe, tag: str = "megarl", companions: tuple[str, ...] = ()) -> str | None:
+    """The checkpoint this run starts from: `trainer.resume` auto -> the newest one in
+    `<output_dir>/checkpoints` that matches its manifest, together with its step's checkpoint in
+    each `companions` directory (a damaged one is named and the one before it used; None on a
+    fresh directory), never -> None, else the path given, refused (CheckpointCorrupt) if damaged."""
+    from megarl.checkpoint.manifest import usable
+    from megarl.checkpoint.paths import newest_verified
 
     t = recipe.trainer
     if t.resume == "never":
         return None
     if t.resume == "auto":
-        return latest_checkpoint(os.path.join(t.output_dir, CKPT_DIR))
+        return newest_verified(os.path.join(t.output_dir, CKPT_DIR), warner(tag),
+                               tuple(os.path.join(t.output_dir, c) for c in companions))
+    why = usable(t.resume, warner(tag))
+    if why is not None:
+        raise refused_resume(t.resume, why)
     return t.resume
+
+
+def check_resume_path(recipe) -> None:
+    """Refuse an explicit `trainer.resume` checkpoint with a missing or truncated file before any
+    worker starts (sizes only: cheap; the checksums are checked where it is loaded)."""
+    from megarl.checkpoint.manifest import has_manifest, problem
+
+    path = recipe.trainer.resume
+    if path not in ("auto", "never") and has_manifest(path) and (why := problem(path, checksums=False)):
+        raise refused_resume(path, why)
+
+
+def refused_resume(path: str, why: str) -> CheckpointCorrupt:
+    return CheckpointCorrupt(f"trainer.resume={path}: {why}; point trainer.resume at an intact checkpoint "
+                             "(or use auto to take the newest intact one)")
+
+
+def warner(tag: str) -> Callable[[str], None]:
+    return lambda message: print(f"[{tag}] warning: {message}", flush=True)
 
 
 def checkpoint_path(recipe, step: int, root: str = CKPT_DIR) -> str:

@@ -68,14 +68,18 @@ class ActorWorker(TrainableRank):
         return out
 
     # ---- weight sync (megarl.sync) ------------------------------------------------------------
-    def sync_open_store(self, host: str = "127.0.0.1", timeout_s: float = 600.0) -> int | None:
-        """Rank 0 (always sender 0) hosts the sync group's rendezvous store; returns its port."""
+    def sync_open_store(self, timeout_s: float = 600.0) -> tuple[str, int] | None:
+        """Rank 0 (always sender 0) hosts the sync group's rendezvous store on its node's routable
+        address; returns (address, port), the port bound before it is published."""
+        import ray
+
         from megarl.sync.transport import open_store
 
         if self.rank != 0:
             return None
+        host = ray.util.get_node_ip_address()
         self._store, port = open_store(host, 0, timeout_s)
-        return port
+        return host, port
 
     def sync_join(self, plan, rendezvous, generation: int = 0) -> None:
         from megarl.sync.sender import WeightSender

@@ -14,6 +14,7 @@ import inspect
 import os
 import time
 import traceback
+from datetime import timedelta
 from functools import partial
 
 import torch
@@ -22,6 +23,22 @@ from megarl.workers.wire import encode_share
 
 BATCH_FIELDS = ("tokens", "mask", "old_logp", "rollout_logp", "ref_logp", "advantages", "is_weight", "loss_weight",
                 "values", "returns")
+
+
+GANG_TIMEOUT_S = 600.0  # a rank that does not join (or answer a collective) within this fails the gang
+
+
+def _ray_gpu_ids() -> list[str]:
+    import ray
+
+    return [str(g) for g in ray.get_gpu_ids()]
+
+
+def _store(host: str, port: int, world: int, master: bool):
+    import torch.distributed as dist
+
+    return dist.TCPStore(host, port, world, is_master=master, wait_for_workers=False,
+                         timeout=timedelta(seconds=GANG_TIMEOUT_S), use_libuv=True)
 
 
 class WorkerError(RuntimeError):
@@ -61,26 +78,62 @@ class MegatronRank:
         super().__init_subclass__(**kwargs)
         _plain_errors(cls)
 
-    def __init__(self, recipe, init_ckpt: str, role: str, rank: int, world: int, master_addr: str,
-                 master_port: int, threads: int = 1):
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR=master_addr,
-                          MASTER_PORT=str(master_port))
+    def __init__(self, recipe, init_ckpt: str, role: str, rank: int, world: int, threads: int = 1,
+                 local_rank: int = 0):
+        """Cheap: the gang meets in `build`, after rank 0 has bound its store (`rendezvous`)."""
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
         torch.set_num_threads(threads)
+        self.recipe, self.role, self.rank, self.world, self.init_ckpt = recipe, role, rank, world, init_ckpt
+        self.local_rank = local_rank
+        self._gang_store = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: host the gang's store on this node's routable address and return (address, port).
+        The port is bound here (port 0) and only then published, so no other process can take it."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        self._gang_store = _store(host, 0, self.world, master=True)
+        return host, self._gang_store.port
+
+    def build(self, host: str, port: int) -> dict:
+        """Join the gang's process group through rank 0's store, then build the model; returns coords."""
+        import torch.distributed as dist
+
         from megarl.runtime import cpu_compat
 
         cpu_compat.install()
         from megarl.checkpoint.hf import load_converted
         from megarl.models.hf_config import BuildOptions
-        from megarl.runtime.device import select_device
+        from megarl.runtime.device import DEVICE_INDEX_ENV, select_device
 
-        self.recipe, self.role, self.rank, self.init_ckpt = recipe, role, rank, init_ckpt
-        options = BuildOptions.from_recipe(recipe.model, select_device(recipe.cluster.device))
-        chunks, config, _ = load_converted(init_ckpt, recipe.parallel, seed=recipe.trainer.seed, options=options,
-                                           dtype=recipe.model.dtype)
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port))  # for anything that reads them
+        if _ray_gpu_ids():  # Ray shows this process only the GPU(s) it assigned: the first is ours
+            os.environ[DEVICE_INDEX_ENV] = "0"
+        device = select_device(self.recipe.cluster.device)
+        store = self._gang_store or _store(host, port, self.world, master=False)
+        dist.init_process_group(device.backend, store=store, rank=self.rank, world_size=self.world,
+                                timeout=timedelta(seconds=GANG_TIMEOUT_S))
+        options = BuildOptions.from_recipe(self.recipe.model, device)
+        chunks, config, _ = load_converted(self.init_ckpt, self.recipe.parallel, seed=self.recipe.trainer.seed,
+                                           options=options, dtype=self.recipe.model.dtype)
         self.config = config
         self.models = chunks
         self.optimizer = self.scheduler = None
         self._setup()
+        return self.coords()
+
+    def placement(self) -> dict:
+        """Where Ray put this process: node address and name, LOCAL_RANK, the accelerators Ray
+        assigned and what the process sees of them (checked by the driver against its map)."""
+        import socket
+
+        import ray
+
+        gpu_ids = _ray_gpu_ids()
+        return {"rank": self.rank, "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+                "local_rank": int(os.environ["LOCAL_RANK"]), "gpu_ids": gpu_ids,
+                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def _setup(self) -> None:
         """Role-specific state once the model is built (nothing for a frozen rank)."""

@@ -419,7 +419,8 @@ def test_plan_adds_up_every_role_resident_on_a_colocated_gpu(capsys, monkeypatch
                    for line in out.splitlines()), role
     assert "every GPU (colocated): actor + reference + rollout = 100.0 GiB  DOES NOT FIT" in out
     assert "rollout.gpu_memory_utilization <= 0.35" in out
-    assert "does not place roles by cluster.placement yet" in out
+    assert "colocated roles stay resident together" in out
+    assert "nodes 0-7: 0:A+R+E 1:A+R+E 2:A+R+E" in out  # the placement map the run uses
     assert "offloaded during" not in out and "time-share" not in out
     assert "how each number is computed" in out and "Korthikanti" in out
     assert cli(["plan", "configs/grpo_70b.yaml"]) == 0     # the shipped recipe sizes its engines to fit
@@ -432,9 +433,14 @@ def test_plan_separate_pools_and_the_reward_model(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "training GPUs (separate): actor + reference + critic + reward_model = 107.8 GiB  DOES NOT FIT" in out
     assert "rollout GPUs (separate): rollout = 52.0 GiB  fits" in out
-    assert "shape assumed = the actor's" in out and "does not place roles by cluster.placement yet" in out
-    cli(["plan", "configs/ppo_8b.yaml", "--set", "cluster.placement.reward_model_gpus=4"])
-    assert "reward-model GPUs (separate): reward_model = " in capsys.readouterr().out
+    assert "shape assumed = the actor's" in out and "node 1: 0:A+R+C+M 1:A+R+C+M 2:A+R+C+M 3:A+R+C+M 4:E" in out
+    # the reward model runs with the training layout: its own GPUs must hold that many ranks
+    assert cli(["plan", "configs/ppo_8b.yaml", "--set", "cluster.placement.reward_model_gpus=4"]) == 1
+    assert "reward_model_gpus: the reward model runs with the training layout (8 ranks)" in capsys.readouterr().err
+    cli(["plan", "configs/ppo_8b.yaml", "--set", "parallel.tp=2", "--set", "cluster.placement.reward_model_gpus=6"])
+    out = capsys.readouterr().out
+    assert "reward-model GPUs (separate): reward_model = " in out
+    assert "reward_model  ranks 0-5 on node 1, dev 2-7" in out
     assert cli(["plan", "configs/ppo_8b.yaml"]) == 0   # the shipped recipe: tp 4 fits all four roles
     assert "actor + reference + critic + reward_model = 69.1 GiB  fits" in capsys.readouterr().out
 

@@ -1,7 +1,7 @@
 import pytest
 
 from megarl.config.recipe import RewardConfig, RewardFunctionConfig, RewardModelConfig
-from megarl.reward.engine import RewardEngine
+from megarl.reward.engine import RewardEngine, failure_counts
 from megarl.reward.functions import (
     REWARD_FUNCTIONS,
     TrajectoryView,
@@ -62,6 +62,17 @@ def test_engine_combines_weights_keeps_components_and_marks_failures():
     assert bad.values == {"tool_call_format": 1.0, "forbidden_patterns": 0.0}
     results, metrics = engine.score_batch([view(), view()], [{"ground_truth": "84"}, {}])
     assert metrics["reward/failed_frac"] == 0.5 and metrics["reward/task"] == 1.0
+
+
+def test_failures_are_counted_per_component_and_function_for_the_console():
+    cfg = RewardConfig(functions=[RewardFunctionConfig("numeric_match", 1.0, "task"),
+                                  RewardFunctionConfig("tool_result_match", 0.5, "process")])
+    _, metrics = RewardEngine(cfg).score_batch([view()] * 4, [{"ground_truth": "84"}, {}, {}, {"x": 1}])
+    assert metrics["reward/failed/task/numeric_match"] == 3.0
+    assert metrics["reward/failed/process/tool_result_match"] == 3.0
+    assert failure_counts(metrics) == "process/tool_result_match 3, task/numeric_match 3"
+    _, clean = RewardEngine(cfg).score_batch([view()], [{"ground_truth": "84"}])
+    assert failure_counts(clean) == "" and not any(k.startswith("reward/failed/") for k in clean)
 
 
 def test_unknown_function_and_unimplemented_sources_are_refused():

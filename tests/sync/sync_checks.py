@@ -1,8 +1,9 @@
 """Both sides of a real weight sync, for tests and the benchmark.
 
 `EngineHost` / `PlainReceiver` run in their own process (an `IsolatedActor`: no megatron layer);
-`trainer_rounds` runs on every rank of a `run_local_group` world (megatron on gloo). Rank 0 hosts
-the rendezvous store on the port the test picked.
+`trainer_rounds` runs on every rank of a `run_local_group` world (megatron on gloo). The test
+process hosts each round's rendezvous store (bound to port 0, then published); every rank and
+engine joins it as a client.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def trainer_rounds(ckpt_dir: str, parallel: dict, rounds: list[dict], seqs: list
     from megarl.models.forward import full_logits
     from megarl.sync.plan import UnsupportedLayout
     from megarl.sync.sender import WeightSender
-    from megarl.sync.transport import Rendezvous, open_store
+    from megarl.sync.transport import Rendezvous
 
     torch.set_num_threads(1)
     chunks, _, _ = load_converted(ckpt_dir, ParallelConfig(**parallel), dtype="fp32")
@@ -97,8 +98,8 @@ def trainer_rounds(ckpt_dir: str, parallel: dict, rounds: list[dict], seqs: list
             del chunks[0].decoder.layers[0].self_attention.linear_extra
             continue
         sender = WeightSender(r["plan"], chunks, corrupt_bucket=r.get("corrupt_bucket"))
-        store = open_store("127.0.0.1", r["port"])[0] if dist.get_rank() == 0 else None
-        sender.join(Rendezvous("127.0.0.1", r["port"], timeout_s=60), store=store, generation=r.get("generation", 0))
+        # the test process hosts the round's store (bound, then published): every member is a client
+        sender.join(Rendezvous("127.0.0.1", r["port"], timeout_s=60), generation=r.get("generation", 0))
         out["rounds"].append(sender.send(r["version"]))
         dist.barrier()  # the store host (rank 0) outlives every member's use of it
     lps = []

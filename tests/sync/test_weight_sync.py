@@ -7,7 +7,6 @@ fails (the "before" difference is asserted to be large)."""
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
@@ -178,10 +177,17 @@ def test_bucket_header_detects_corruption_version_and_order():
 
 
 # ---- real syncs ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_STORES = []  # kept alive for the module: every round's members connect to their store as clients
+
+
+def _store_port() -> int:
+    """A rendezvous store hosted by this process, bound to a port it got from the OS (port 0) and
+    only then published to the round: no port is picked free here and bound later elsewhere."""
+    from megarl.sync.transport import open_store
+
+    store, port = open_store("127.0.0.1", 0, timeout_s=300)
+    _STORES.append(store)
+    return port
 
 
 class _Hosts:
@@ -269,9 +275,9 @@ def test_sync_into_one_then_two_engines(arch, parallel, hosts, converted, cfgs):
     cfg = cfgs[arch]
     a, b = hosts.get(arch, 0), hosts.get(arch, 1)
     before = a.call("prompt_logprobs", SEQS)
-    rounds = [dict(plan=_plan(cfg, arch, parallel, 1, bucket_bytes=256 << 10), port=_free_port(), version=1),
+    rounds = [dict(plan=_plan(cfg, arch, parallel, 1, bucket_bytes=256 << 10), port=_store_port(), version=1),
               dict(plan=_plan(cfg, arch, parallel, 2, bucket_bytes=256 << 10, transport="shared_memory"),
-                   port=_free_port(), version=2, generation=1)]
+                   port=_store_port(), version=2, generation=1)]
     trainer, (one, two) = _run(converted[arch]["ckpt"], parallel, rounds, [_engines_round([a]), _engines_round([a, b])])
     ref = _trainer_logprobs(trainer)
     assert _max_diff(before, ref) > 0.05                       # the sync has something to change
@@ -312,18 +318,18 @@ def test_tp2_sync_detects_corruption_refuses_unknown_layouts_and_carries_fp8(hos
         return res
 
     rounds = [
-        dict(plan=plan1, port=_free_port(), version=1),
-        dict(plan=_plan(cfg, arch, parallel, 2, bucket_bytes=128 << 10), port=_free_port(), version=2, generation=1),
-        dict(plan=plan1, port=_free_port(), version=3, corrupt_bucket=2, generation=2),
-        dict(plan=plan1, port=_free_port(), version=4, generation=3),
+        dict(plan=plan1, port=_store_port(), version=1),
+        dict(plan=_plan(cfg, arch, parallel, 2, bucket_bytes=128 << 10), port=_store_port(), version=2, generation=1),
+        dict(plan=plan1, port=_store_port(), version=3, corrupt_bucket=2, generation=2),
+        dict(plan=plan1, port=_store_port(), version=4, generation=3),
         dict(wrong_plan=_plan(cfg, arch, dict(pp=2), 1)),
         dict(extra_param=True, plan=plan1),
-        dict(plan=_plan(cfg, arch, parallel, 1), port=_free_port(), version=5, receiver=0),
-        dict(plan=_plan(cfg, arch, parallel, 1, quantization="fp8"), port=_free_port(), version=5, receiver=1),
+        dict(plan=_plan(cfg, arch, parallel, 1), port=_store_port(), version=5, receiver=0),
+        dict(plan=_plan(cfg, arch, parallel, 1, quantization="fp8"), port=_store_port(), version=5, receiver=1),
         # shared memory: both TP ranks write their shards into the slots; corruption is caught the same way
-        dict(plan=shm1, port=_free_port(), version=6, corrupt_bucket=3, generation=4),
+        dict(plan=shm1, port=_store_port(), version=6, corrupt_bucket=3, generation=4),
         dict(plan=_plan(cfg, arch, parallel, 2, bucket_bytes=128 << 10, transport="shared_memory"),
-             port=_free_port(), version=7, generation=5),
+             port=_store_port(), version=7, generation=5),
     ]
     receivers = [_engines_round([a]), _engines_round([a, b]), failing_round, _engines_round([a]), None, None,
                  plain_round, plain_round, failing_round, _engines_round([a, b])]

@@ -232,3 +232,15 @@ def test_nonfinite_advantages_stop_the_step(tmp_path):
     batch.scores[1] = float("inf")
     with pytest.raises(FloatingPointError, match=r"non-finite advantages in 2 sample\(s\) .*rows \[0, 1\]"):
         phases.compute_advantages(r, batch, kl_coef=0.0)
+
+
+def test_console_line_names_reward_failures_per_component_and_function(capsys):
+    from megarl.trainers.rl.driver import RLDriver
+
+    driver = SimpleNamespace(step_count=3, recipe=SimpleNamespace(trainer=SimpleNamespace(steps=10)))
+    m = {"reward/mean": 0.5, "reward/task": 0.5, "rollout/turns_mean": 2.0, "actor/pg_loss": 0.1,
+         "timing/step_s": 1.0}
+    RLDriver._print(driver, m)
+    assert "reward failures" not in capsys.readouterr().out
+    RLDriver._print(driver, {**m, "reward/failed/task/remote": 2.0, "reward/failed/task/numeric_match": 1.0})
+    assert capsys.readouterr().out.rstrip().endswith("| reward failures: task/numeric_match 1, task/remote 2")

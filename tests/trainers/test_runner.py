@@ -48,7 +48,8 @@ def test_resume_checkpoint_auto_never_and_path(tmp_path):
     os.makedirs(tmp_path / "checkpoints" / "step_000012.partial")   # unfinished saves never count
     assert runner.resume_checkpoint(fake_recipe(tmp_path)).endswith("step_000010")
     assert runner.resume_checkpoint(fake_recipe(tmp_path, resume="never")) is None
-    assert runner.resume_checkpoint(fake_recipe(tmp_path, resume="/x/step_000002")) == "/x/step_000002"
+    given = str(tmp_path / "checkpoints" / "step_000002")
+    assert runner.resume_checkpoint(fake_recipe(tmp_path, resume=given)) == given
 
 
 def test_metrics_keep_each_step_once_across_a_resume(tmp_path):

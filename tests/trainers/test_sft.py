@@ -1,5 +1,6 @@
 """The SFT stage end to end on the tiny model: trains (loss falls), exports HF, and resumes exactly:
-N steps straight == N/2, stop, resume, N/2 (weights, optimizer, LR schedule, RNG, data position)."""
+N steps straight == N/2, stop, resume, N/2 (weights, optimizer, LR schedule, RNG, data position);
+a damaged newest checkpoint is named and the one before it resumed from."""
 
 import json
 import os
@@ -48,7 +49,7 @@ def metrics(run_dir):
 
 
 @pytest.mark.dist
-def test_sft_trains_exports_and_resumes_exactly(tmp_path, converted, sft_data):
+def test_sft_trains_exports_and_resumes_exactly(tmp_path, converted, sft_data, capfd):
     straight = recipe(tmp_path, converted, sft_data, "straight")
     assert cli(["train", straight]) == 0
     ref = metrics(tmp_path / "straight")
@@ -71,6 +72,27 @@ def test_sft_trains_exports_and_resumes_exactly(tmp_path, converted, sft_data):
     assert all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
     initial = load_file(os.path.join(converted["qwen2"]["hf"], "model.safetensors"))
     assert not torch.equal(initial["lm_head.weight"], w_ref["lm_head.weight"])
+    damaged_newest_checkpoint_is_named_and_the_one_before_resumed(tmp_path / "resumed", resumed, ref, w_ref, capfd)
+
+
+def damaged_newest_checkpoint_is_named_and_the_one_before_resumed(run, resumed, ref, w_ref, capfd):
+    """Truncate a file of the final checkpoint: an explicit resume from it is refused naming the file;
+    `resume: auto` says why it skips it and redoes steps 5-8 from step 4, exactly."""
+    newest = run / "checkpoints" / "step_000008"
+    assert (newest / "manifest.json").is_file() and (run / "checkpoints" / "step_000004" / "manifest.json").is_file()
+    shard = max((p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(10)
+    capfd.readouterr()
+    assert cli(["train", resumed, "--set", f"trainer.resume={newest}"]) == 1
+    assert f"{shard.name} is 10 bytes, the manifest says" in capfd.readouterr().err
+    assert cli(["train", resumed]) == 0
+    out = capfd.readouterr().out
+    assert f"skipping checkpoint {newest}: {shard.name} is 10 bytes" in out and "resumed from" in out
+    got = metrics(run)
+    assert [(m["step"], m["loss"]) for m in got] == [(m["step"], m["loss"]) for m in ref]
+    w_got = load_file(run / "hf" / "model.safetensors")
+    assert all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
 
 
 @pytest.mark.dist

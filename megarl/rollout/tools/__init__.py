@@ -5,7 +5,9 @@ crashes the rollout."""
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import importlib
+import inspect
 from dataclasses import dataclass
 
 from megarl.rollout.tool_parser import ToolCall
@@ -22,16 +24,30 @@ class ToolResult:
     error: str | None = None
 
 
+def _bind(spec: ToolSpec):
+    """The function a call runs: a class named by `callable` is constructed once with the spec's
+    options (a sandbox checks its layers then, at setup); a function gets them as fixed keywords."""
+    module, _, name = spec.callable.partition(":")
+    try:
+        target = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"tool {spec.name!r}: cannot import {spec.callable!r} ({e})") from None
+    try:
+        inspect.signature(target).bind_partial(**spec.options)
+    except TypeError as e:
+        raise ValueError(f"tool {spec.name!r}: options {sorted(spec.options)} do not fit {spec.callable} "
+                         f"({e})") from None
+    if isinstance(target, type):
+        return target(**spec.options)
+    return functools.partial(target, **spec.options) if spec.options else target
+
+
 class ToolExecutor:
     def __init__(self, specs: list[ToolSpec]):
         self.specs = {s.name: s for s in specs}
         self.fns = {}
         for s in specs:
-            module, _, name = s.callable.partition(":")
-            try:
-                self.fns[s.name] = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError) as e:
-                raise ValueError(f"tool {s.name!r}: cannot import {s.callable!r} ({e})") from None
+            self.fns[s.name] = _bind(s)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="megarl-tool")
 
     def schemas(self) -> list[dict]:

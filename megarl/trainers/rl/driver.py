@@ -24,7 +24,7 @@ from megarl.config.recipe import Recipe
 from megarl.metrics import PhaseTimer
 from megarl.trainers.common import critic_hf_dir, initial_checkpoint
 from megarl.trainers.rl import step as phases
-from megarl.trainers.rl.gangs import TAG, Gang, WeightSync, build_fleet, engine_model_dir, start_ray
+from megarl.trainers.rl.gangs import TAG, Gang, RayPlacement, WeightSync, build_fleet, engine_model_dir, start_ray
 from megarl.trainers.runner import (
     StagePolicy,
     StageResult,
@@ -92,9 +92,10 @@ def load_inputs(recipe: Recipe) -> RLInputs:
 class RLDriver:
     def __init__(self, recipe: Recipe):
         from megarl.algorithms.kl import make_kl_controller
+        from megarl.config.loader import with_absolute_paths
         from megarl.data.sampler import EpochSampler
 
-        self.recipe = recipe
+        recipe = self.recipe = with_absolute_paths(recipe)  # workers on other nodes have other working dirs
         t, k = recipe.trainer, recipe.algorithm.kl
         os.makedirs(t.output_dir, exist_ok=True)
         self.inputs = load_inputs(recipe)
@@ -102,30 +103,35 @@ class RLDriver:
         self.kl_ctl = make_kl_controller(k.controller, k.coef, k.target, k.horizon)
         self.old_logprobs_in_update = phases.old_logprobs_in_update(recipe)
         self.step_count = 0
-        self.actor = self.reference = self.critic = self.reward_model = self.fleet = None
+        self.actor = self.reference = self.critic = self.reward_model = self.fleet = self.placement = None
         self.logger = None
 
     # ---- bring-up ------------------------------------------------------------------------------
     def start(self) -> None:
         """Gangs, rewards, engines, the sync group; then resume and the per-run helpers."""
+        from megarl.launch.placement import REWARD_MODEL, build_placement
         from megarl.reward.engine import RewardEngine
         from megarl.runtime.device import usable_cpus
         from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD
 
         r, init = self.recipe, self.inputs.init
-        start_ray()
+        pmap = build_placement(r)
+        start_ray(min_cpus=len(pmap.used_slots()))
+        self.placement = RayPlacement(pmap)
+        print("\n".join(f"[{TAG}] placement: {line}" for line in pmap.lines()), flush=True)
         threads = r.cluster.cpu_threads_per_rank or max(1, usable_cpus() // r.derived.train_world_size)
-        self.actor = Gang(r, init, ACTOR, threads)
-        if r.algorithm.kl.coef > 0:
-            self.reference = Gang(r, init, REFERENCE, threads)
-        if r.algorithm.advantage_estimator == "gae":
-            self.critic = Gang(r, initial_checkpoint(r, TAG, critic_hf_dir(r, TAG), "critic_init"), CRITIC, threads)
-        if r.reward.reward_model:
+        self.actor = Gang(r, init, ACTOR, threads, self.placement)
+        if REFERENCE in pmap.roles:
+            self.reference = Gang(r, init, REFERENCE, threads, self.placement)
+        if CRITIC in pmap.roles:
+            critic_init = initial_checkpoint(r, TAG, critic_hf_dir(r, TAG), "critic_init")
+            self.critic = Gang(r, critic_init, CRITIC, threads, self.placement)
+        if REWARD_MODEL in pmap.roles:
             rm_init = initial_checkpoint(r, TAG, r.reward.reward_model.path, "reward_model_init")
-            self.reward_model = Gang(r, rm_init, REWARD, threads)
+            self.reward_model = Gang(r, rm_init, REWARD, threads, self.placement, slots_role=REWARD_MODEL)
         scorer = self.reward_model.reward_scorer(r.derived.dp) if self.reward_model else None
         self.rewards = RewardEngine(r.reward, scorer)
-        self.fleet = build_fleet(r, engine_model_dir(r, init))
+        self.fleet = build_fleet(r, engine_model_dir(r, init), self.placement)
         self.sync = WeightSync(r, self.actor, self.fleet, self.inputs.hf_cfg)
         self._resume()
         self.logger = open_metrics(r, self.step_count)
@@ -135,7 +141,7 @@ class RLDriver:
     def _resume(self) -> None:
         from megarl.data.sampler import EpochSampler
 
-        path = resume_checkpoint(self.recipe)
+        path = resume_checkpoint(self.recipe, TAG, (CRITIC_CKPT_DIR,) if self.critic is not None else ())
         if not path:
             return
         state = self.actor.call("load", path)[0]
@@ -297,9 +303,13 @@ class RLDriver:
         return out
 
     def _print(self, m: dict) -> None:
+        from megarl.reward.engine import failure_counts
+
+        failed = failure_counts(m)
         print(f"[{TAG}] step {self.step_count}/{self.recipe.trainer.steps} reward {m.get('reward/mean', 0.0):.3f} "
               f"task {m.get('reward/task', 0.0):.3f} turns {m['rollout/turns_mean']:.2f} "
-              f"pg {m['actor/pg_loss']:.4f} {m['timing/step_s']:.1f}s", flush=True)
+              f"pg {m['actor/pg_loss']:.4f} {m['timing/step_s']:.1f}s"
+              + (f" | reward failures: {failed}" if failed else ""), flush=True)
 
     def close(self) -> None:
         if self.logger is not None:
@@ -309,3 +319,5 @@ class RLDriver:
                 gang.shutdown()
         if self.fleet is not None:
             self.fleet.shutdown()
+        if self.placement is not None:
+            self.placement.remove()

@@ -9,12 +9,12 @@ each data-parallel replica's reporting rank (`megarl.workers.wire`).
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import torch
 
 from megarl.config.recipe import Recipe
+from megarl.launch.placement import PlacementError, PlacementMap, Slot
 from megarl.trainers.common import has_hf_weights
 
 TAG = "rl"
@@ -25,9 +25,10 @@ class WorkerLost(RuntimeError):
     """A megatron worker process died; the gang cannot continue without it."""
 
 
-def start_ray() -> None:
+def start_ray(min_cpus: int = 0) -> None:
     """Join the cluster `megarl launch` brought up (RAY_ADDRESS), else start a private local one
-    with logical CPUs >= actors (each worker sets its own thread count)."""
+    with at least `min_cpus` logical CPUs (a CPU slot is a logical CPU bundle; each worker sets its
+    own thread count)."""
     import ray
 
     if ray.is_initialized():
@@ -35,26 +36,141 @@ def start_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, configure_logging=False)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=max(4, os.cpu_count() or 1, min_cpus), include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
 
 
-class Gang:
-    """The Ray actors of one megatron model group; `call` runs a method on every rank."""
+class RayPlacement:
+    """The run's Ray placement group, made from the `PlacementMap`: one bundle per used slot (a GPU,
+    or a logical CPU on CPU clusters), pinned to its node. Nodes are ordered with the driver's node
+    first, then by address; on GPUs, a node's slots follow the GPU ids Ray reserved, in order."""
 
-    def __init__(self, recipe: Recipe, init_ckpt: str, role: str, threads: int):
+    def __init__(self, pmap: PlacementMap, timeout_s: float = 600.0):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.map, self.gpu = pmap, pmap.accelerator == "gpu"
+        self.node_ips = _ordered_node_ips(pmap.nodes)
+        slots = pmap.used_slots()
+        unit = "GPU" if self.gpu else "CPU"
+        self.pg = placement_group([{unit: 1.0, f"node:{self.node_ips[s.node]}": 0.001} for s in slots],
+                                  strategy="PACK")
+        if not self.pg.wait(timeout_seconds=timeout_s):
+            ray.util.remove_placement_group(self.pg)
+            raise PlacementError(f"Ray could not reserve {len(slots)} {unit} bundle(s) for the placement map within "
+                                 f"{timeout_s:g}s; the cluster has {ray.available_resources()}")
+        self.gpu_ids: dict[Slot, int] = {}  # slot -> the GPU id Ray reserved for it
+        self.bundle = self._bundles_by_slot(slots)
+
+    def _bundles_by_slot(self, slots: list[Slot]) -> dict[Slot, int]:
+        """Bundle index of each slot. On GPUs, a probe in every bundle reads the GPU id Ray gave it and
+        a node's slots take its bundles in GPU-id order, so "dev d" is the node's d-th reserved GPU."""
+        if not self.gpu:
+            return {s: i for i, s in enumerate(slots)}
         import ray
 
-        from megarl.workers import worker_class
+        probe = ray.remote(num_gpus=1.0, num_cpus=0)(_Probe)
+        probes = [probe.options(scheduling_strategy=self._strategy(i)).remote() for i in range(len(slots))]
+        found = ray.get([p.where.remote() for p in probes])
+        for p in probes:
+            ray.kill(p)
+        by_node: dict[int, list[tuple[int, int]]] = {}
+        for i, (ip, ids) in enumerate(found):
+            by_node.setdefault(self.node_ips.index(ip), []).append((int(ids[0]), i))
+        out = {}
+        for node, bundles in by_node.items():
+            mine = sorted(s for s in slots if s.node == node)
+            for slot, (gpu_id, index) in zip(mine, sorted(bundles)):
+                out[slot] = index
+                self.gpu_ids[slot] = gpu_id
+        return out
 
-        world = recipe.derived.train_world_size
-        port = _free_port()
-        cls = ray.remote(num_cpus=0)(worker_class(role))  # logical 0: CPU threads are set explicitly
+    def _strategy(self, bundle: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
+
+    def options(self, slot: Slot) -> dict:
+        """Ray actor options for one process on `slot`: its bundle and its share of the slot."""
+        share = self.map.share(slot)
+        resources = {"num_gpus": share, "num_cpus": 0} if self.gpu else {"num_cpus": share}
+        return {"scheduling_strategy": self._strategy(self.bundle[slot]), **resources}
+
+    def check(self, role: str, reports: list[dict]) -> None:
+        """Every rank of `role` is on the node, with the LOCAL_RANK and GPU, that the map says."""
+        for rank, (slot, got) in enumerate(zip(self.map.roles[role], reports, strict=True)):
+            want = {"node_ip": self.node_ips[slot.node], "local_rank": self.map.local_rank(role, rank)}
+            if self.gpu:
+                want["gpu_ids"] = [str(self.gpu_ids[slot])]
+            wrong = {k: (v, got[k]) for k, v in want.items() if got[k] != v}
+            if wrong:
+                raise PlacementError(f"{role} rank {rank} should be on {slot} but is elsewhere: "
+                                     + ", ".join(f"{k} {v[1]} (expected {v[0]})" for k, v in wrong.items()))
+
+    def remove(self) -> None:
+        import ray
+
+        ray.util.remove_placement_group(self.pg)
+
+
+class _Probe:
+    def where(self) -> tuple[str, list[str]]:
+        import ray
+
+        return ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
+
+
+def _ordered_node_ips(count: int) -> list[str]:
+    """The first `count` alive Ray nodes' addresses: the driver's node, then the others by address."""
+    import ipaddress
+
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    ips = sorted({n["NodeManagerAddress"] for n in alive if n["NodeID"] != here}, key=ipaddress.ip_address)
+    ordered = [n["NodeManagerAddress"] for n in alive if n["NodeID"] == here] + ips
+    if len(ordered) < count:
+        raise PlacementError(f"cluster.nodes: the recipe places work on {count} node(s), but the Ray cluster has "
+                             f"{len(ordered)} ({', '.join(ordered)}); start Ray on every node of the allocation "
+                             "(megarl launch does) or lower cluster.nodes")
+    return ordered[:count]
+
+
+def place_ranks(recipe: Recipe, init_ckpt: str, role: str, threads: int, placement: RayPlacement,
+                slots_role: str) -> list:
+    """One Ray actor per rank of `role` on its slot (cheap: nothing is built yet), checked against
+    the map: node, LOCAL_RANK and, on GPUs, the GPU Ray gave it."""
+    import ray
+
+    from megarl.workers import worker_class
+
+    cls = ray.remote(worker_class(role))
+    world = recipe.derived.train_world_size
+    workers = [cls.options(**placement.options(slot)).remote(recipe, init_ckpt, role, r, world, threads,
+                                                           placement.map.local_rank(slots_role, r))
+               for r, slot in enumerate(placement.map.roles[slots_role])]
+    placement.check(slots_role, ray.get([w.placement.remote() for w in workers]))
+    return workers
+
+
+class Gang:
+    """The Ray actors of one megatron model group, each on its slot of the placement map; `call`
+    runs a method on every rank."""
+
+    def __init__(self, recipe: Recipe, init_ckpt: str, role: str, threads: int, placement: RayPlacement,
+                 slots_role: str | None = None):
         self.role = role
-        self.workers = [cls.remote(recipe, init_ckpt, role, r, world, "127.0.0.1", port, threads)
-                        for r in range(world)]
-        threads = sorted({c["threads"] for c in self.call("coords")})  # up and built (or this raises)
-        print(f"[{TAG}] {role}: {world} rank(s), {'/'.join(map(str, threads))} torch thread(s) each", flush=True)
+        self.workers = place_ranks(recipe, init_ckpt, role, threads, placement, slots_role or role)
+        host, port = self.call_one(0, "rendezvous")
+        threads = sorted({c["threads"] for c in self.call("build", host, port)})  # up and built (or this raises)
+        print(f"[{TAG}] {role}: {len(self.workers)} rank(s), {'/'.join(map(str, threads))} torch thread(s) each; "
+              f"rendezvous {host}:{port}", flush=True)
+
+    def call_one(self, rank: int, method: str, *args):
+        import ray
+
+        return ray.get(getattr(self.workers[rank], method).remote(*args))
 
     def call(self, method: str, *args, **kwargs) -> list:
         import ray
@@ -109,8 +225,8 @@ class WeightSync:
                                          transport=resolve_transport(recipe))
         self.actor, self.fleet, self.config = actor, fleet, ro.weight_sync
         self.generation = 0
-        port = actor.call("sync_open_store", "127.0.0.1", ro.weight_sync.timeout_s)[0]
-        self.rendezvous = Rendezvous("127.0.0.1", port, timeout_s=ro.weight_sync.timeout_s)
+        host, port = actor.call_one(0, "sync_open_store", ro.weight_sync.timeout_s)
+        self.rendezvous = Rendezvous(host, port, timeout_s=ro.weight_sync.timeout_s)
         self._join()
         print(f"[{TAG}] {self.plan.summary()}", flush=True)
 
@@ -164,8 +280,10 @@ class WeightSync:
         return compare_logprobs(trainer, self.fleet.prompt_logprobs(seqs), self.config.logprob_tolerance)
 
 
-def build_fleet(recipe: Recipe, engine_dir: str):
-    """The rollout engines, sized so a whole multi-turn conversation fits one context."""
+def build_fleet(recipe: Recipe, engine_dir: str, placement: RayPlacement):
+    """The rollout engines, sized so a whole multi-turn conversation fits one context, each on the
+    first slot of its group in the placement map (vLLM's own workers for engine_tp > 1 are placed
+    by vLLM on that node: the GPU path issue gives them the group's bundles)."""
     from megarl.data.tokenizer import tokenizer_dir
     from megarl.rollout.engine import EngineConfig
     from megarl.rollout.fleet import RolloutFleet
@@ -177,7 +295,7 @@ def build_fleet(recipe: Recipe, engine_dir: str):
                           max_model_len=max_len, tensor_parallel_size=ro.engine_tp, kv_cache_bytes=ro.kv_cache_bytes,
                           gpu_memory_utilization=ro.gpu_memory_utilization, seed=recipe.trainer.seed,
                           quantization=ro.quantization)
-    return RolloutFleet(config, ro.engines)
+    return RolloutFleet(config, ro.engines, engine_options=[placement.options(e[0]) for e in placement.map.engines])
 
 
 def engine_model_dir(recipe: Recipe, init_ckpt: str) -> str:
@@ -192,9 +310,3 @@ def engine_model_dir(recipe: Recipe, init_ckpt: str) -> str:
     if not has_hf_weights(out):
         run_local_group(convert_megatron_to_hf, 1, args=(init_ckpt, out, 1 << 30, recipe.model.tokenizer), timeout=3600)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
