@@ -52,9 +52,24 @@ class _Context:
 
 
 # ---- YAML with line numbers -----------------------------------------------------------------
+MAX_YAML_VALUES = 100_000
+"""A recipe has hundreds of values; anchors and aliases that expand past this are refused (a few
+hundred bytes of nested aliases can otherwise expand to millions of values)."""
+
+
+class _TooLarge(Exception):
+    pass
+
+
 def _read_yaml(file: str, ctx: _Context, base: Path = ()) -> Any:
-    with open(file) as f:
-        text = f.read()
+    with open(file, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        ctx.issues.append(ConfigIssue("<recipe>", f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                                      "save the recipe as UTF-8", file))
+        return {}
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -66,11 +81,20 @@ def _read_yaml(file: str, ctx: _Context, base: Path = ()) -> Any:
     finally:
         loader.dispose()
 
+    seen = [0]
+
     def walk(n, path):
+        seen[0] += 1
+        if seen[0] > MAX_YAML_VALUES:
+            raise _TooLarge
         if isinstance(n, yaml.MappingNode):
             out = {}
             for k_node, v_node in n.value:
                 key = loader.construct_object(k_node, deep=True)
+                if not isinstance(key, str | int | float | bool):
+                    ctx.issues.append(ConfigIssue(dotted(path) or "<recipe>", f"key {key!r} is not a name: recipe "
+                                                  "keys are plain words", f"{file}:{k_node.start_mark.line + 1}"))
+                    continue
                 sub = path + (key,)
                 if key in out:
                     ctx.locations[sub] = f"{file}:{k_node.start_mark.line + 1}"
@@ -86,7 +110,12 @@ def _read_yaml(file: str, ctx: _Context, base: Path = ()) -> Any:
             return items
         return loader.construct_object(n, deep=True)
 
-    return {} if node is None else walk(node, base)
+    try:
+        return {} if node is None else walk(node, base)
+    except _TooLarge:
+        ctx.issues.append(ConfigIssue("<recipe>", f"expands to more than {MAX_YAML_VALUES:,} values (anchors and "
+                                      "aliases); a recipe is far smaller: remove the nested aliases", file))
+        return {}
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -113,6 +142,10 @@ def _load_with_defaults(file: str, ctx: _Context, chain: tuple[str, ...] = ()) -
     bases = data.pop("defaults", []) or []
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        ctx.issues.append(ConfigIssue("defaults", f"expected a recipe file name or a list of them, got {bases!r}",
+                                      ctx.where(("defaults",)) or file))
+        bases = []
     merged: dict = {}
     for b in bases:
         merged = _deep_merge(merged, _load_with_defaults(os.path.join(os.path.dirname(file), b), ctx,

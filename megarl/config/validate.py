@@ -149,6 +149,24 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
     if resume not in ("auto", "never") and not os.path.exists(resume):
         issues.add("trainer.resume", f"no checkpoint at {resume!r} on this machine; expected auto (the newest "
                    "checkpoint in output_dir, if any), never, or the path of an existing checkpoint")
+    problem = _unwritable_dir(r.trainer.output_dir)
+    if problem:
+        issues.add("trainer.output_dir", problem)
+
+
+def _unwritable_dir(path: str) -> str | None:
+    """Why `path` cannot be (or become) a directory this process writes into; None if it can."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file, not a directory; point output_dir at a directory"
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip("/")) or "."
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, so {path} cannot be created"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user, so {path} cannot be " + (
+            "written" if existing == path else "created")
+    return None
 
 
 def _shape(r: Recipe, issues: _Issues):

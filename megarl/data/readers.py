@@ -69,7 +69,28 @@ def parse_line(raw: bytes, first: bool = False) -> dict | BadRow | None:
     if not isinstance(row, dict):
         what = "null" if row is None else type(row).__name__
         return BadRow("not_an_object", f"a JSON {what}, expected a JSON object (one row per line)", text)
+    where = _lone_surrogate(row)
+    if where:
+        return BadRow("bad_encoding", f"{where} holds a lone surrogate escape (\\ud800-\\udfff unpaired): not "
+                      "Unicode text, and no tokenizer can encode it", text)
     return row
+
+
+def _lone_surrogate(value, path: str = "") -> str | None:
+    """The field path of the first string in `value` that JSON decoded to an unpaired surrogate
+    (valid JSON, invalid text), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "the row"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip("."))
+        if found:
+            return found
+    return None
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[int, dict | BadRow]]:

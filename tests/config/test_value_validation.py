@@ -205,3 +205,33 @@ def test_cli_plan_names_zero_values_instead_of_a_traceback(tmp_path, capsys):
     assert cli(["plan", write(tmp_path, merge(GRPO, {"reward": {"reward_model": {"path": str(rm)}}}))]) == 1
     err = capsys.readouterr().err
     assert "reward.reward_model.path: num_attention_heads in" in err and "got 0" in err
+
+
+ALIAS_BOMB = ("a: &a [" + ",".join(['"lol"'] * 9) + "]\n" + "".join(
+    f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, c in zip("abcdef", "bcdefg")) + "stage: sft\n").encode()
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("latin1.yaml", b"stage: sft\nmodel: {path: caf\xe9}\n", "not UTF-8 text (byte 0xe9 at offset 28)"),
+    ("binary.yaml", bytes(range(256)), "not UTF-8 text (byte 0x80 at offset 128)"),
+    ("complex_key.yaml", b"stage: sft\n? [a, b]\n: 1\n", "key ['a', 'b'] is not a name"),
+    ("defaults_int.yaml", b"defaults: 5\nstage: sft\n", "defaults: expected a recipe file name or a list of them"),
+    # 393 bytes of nested aliases expanding to ~4.8 million values: refused at once, not walked
+    ("alias_bomb.yaml", ALIAS_BOMB, "expands to more than 100,000 values"),
+])
+def test_file_level_recipe_errors_are_one_line_messages(tmp_path, capsys, name, content, fragment):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert cli(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_output_dir_that_is_a_file_or_under_one_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    recipe = write(tmp_path, SFT)
+    assert cli(["validate", recipe, "--set", f"trainer.output_dir={blocker}"]) == 1
+    assert f"trainer.output_dir: {blocker} is a file, not a directory" in capsys.readouterr().err
+    assert cli(["validate", recipe, "--set", f"trainer.output_dir={blocker}/run"]) == 1
+    assert f"{blocker} is a file, so {blocker}/run cannot be created" in capsys.readouterr().err

@@ -201,3 +201,15 @@ def test_training_rejects_or_stops_on_bad_lines(mixed, tmp_path, tokenizer):
     assert [json.loads(line)["row"] for line in rejected.read_text().splitlines()] == [2, 3]
     with pytest.raises(DatasetError, match="bad_encoding: 1 \\(rows 3\\)"):
         SFTDataset(str(sft), tokenizer, 256, on_bad_row="fail")
+
+
+def test_a_lone_surrogate_is_a_rejected_row_not_a_tokenizer_crash(tmp_path):
+    """Valid JSON ("\\ud800" unpaired) that is not Unicode text: rejected with the field named, so no
+    tokenizer (data check with --tokenizer, or training) ever sees it."""
+    path = tmp_path / "surrogate.jsonl"
+    bad = {"messages": [{"role": "user", "content": "x \ud800 y"}], "ground_truth": "4"}
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(bad) + "\n")
+    rows = list(read_rows(str(path)))
+    assert isinstance(rows[1][1], BadRow) and rows[1][1].kind == "bad_encoding"
+    assert rows[1][1].detail.startswith("messages[0].content holds a lone surrogate escape")
+    assert not isinstance(rows[0][1], BadRow)
