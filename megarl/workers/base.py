@@ -161,19 +161,10 @@ class MegatronRank:
 
         return sums_from_reporter(sums)
 
-    def _my_rows(self, n: int) -> slice:
-        from megarl.runtime.megatron import parallel_state as ps
-
-        dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        if n % dp:
-            raise ValueError(f"{n} samples do not split over {dp} data-parallel ranks")
-        per = n // dp
-        return slice(r * per, (r + 1) * per)
-
-    def _microbatches(self, batch: dict, rows: slice, micro: int) -> list[dict]:
-        """This rank's `rows` of `batch` as micro-batches of `micro` samples: tokens/labels shifted
+    def _microbatches(self, batch: dict, micro: int) -> list[dict]:
+        """`batch` (this replica's share) as micro-batches of `micro` samples: tokens/labels shifted
         by one, position ids, and every other known per-sample field."""
-        tokens = batch["tokens"][rows]
+        tokens = batch["tokens"]
         s = tokens.shape[1] - 1
         out = []
         for i in range(0, tokens.shape[0], micro):
@@ -181,18 +172,17 @@ class MegatronRank:
                   "position_ids": torch.arange(s).expand(min(micro, tokens.shape[0] - i), s).contiguous()}
             for name in BATCH_FIELDS[1:]:
                 if name in batch:
-                    mb[name] = batch[name][rows][i:i + micro].contiguous()
+                    mb[name] = batch[name][i:i + micro].contiguous()
             out.append(mb)
         return out
 
     # ---- forward-only passes ------------------------------------------------------------------
     def _forward_only(self, batch: dict, forward_step) -> list:
-        """Run `forward_step(data_iterator, model, sink=..., per_token_mode=...)` over this rank's rows
-        without gradients; returns what it appended to the sink (last pipeline stage only)."""
+        """Run `forward_step(data_iterator, model, sink=..., per_token_mode=...)` over this replica's
+        share without gradients; returns what it appended to the sink (last pipeline stage only)."""
         from megarl.models.train import TrainState, run_schedule
 
-        micro = self._microbatches(batch, self._my_rows(batch["tokens"].shape[0]),
-                                   self.recipe.trainer.micro_batch_per_rank)
+        micro = self._microbatches(batch, self.recipe.trainer.micro_batch_per_rank)
         collected: list = []
         step = partial(forward_step, sink=collected, per_token_mode=self.config.calculate_per_token_loss)
         with torch.no_grad():
@@ -276,8 +266,10 @@ class TrainableRank(MegatronRank):
 
     def _optimize(self, batch: dict, minibatches: int, forward_step, width: int,
                   what: str) -> tuple[torch.Tensor, list[float]]:
-        """ppo_epochs × `minibatches` optimizer updates over the batch (rows already shuffled by the
-        driver; mini-batches from `minibatch_slices`), then one step of the LR schedule.
+        """ppo_epochs × `minibatches` optimizer updates over this replica's share of the batch (rows
+        shuffled by the driver; the share holds its part of each mini-batch, in order, so cutting
+        it with `minibatch_slices` gives this replica's part of each update), then one step of the
+        LR schedule.
         `forward_step(data_iterator, model, sink)` appends a float64 [width] tensor of metric sums per
         micro-batch. Returns (the sums over all updates, reduced over DP, identical on every rank;
         each update's grad norm)."""
@@ -293,8 +285,7 @@ class TrainableRank(MegatronRank):
         for _ in range(self.recipe.algorithm.ppo_epochs):
             for rows in minibatch_slices(batch["tokens"].shape[0], minibatches):
                 mini = {k: v[rows] for k, v in batch.items()}
-                micro = self._microbatches(mini, self._my_rows(rows.stop - rows.start),
-                                           self.recipe.trainer.micro_batch_per_rank)
+                micro = self._microbatches(mini, self.recipe.trainer.micro_batch_per_rank)
                 sums: list[torch.Tensor] = []
                 run_schedule(state, micro, micro[0]["tokens"].shape[1], forward_step=partial(forward_step, sink=sums))
                 grad_norms.append(optimizer_update(state, what))

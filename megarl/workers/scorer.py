@@ -22,12 +22,12 @@ class ReferenceWorker(MegatronRank):
 class RewardModelWorker(MegatronRank):
     @torch.no_grad()
     def score(self, sequences: list[list[int]]) -> bytes | None:
-        """Wire share (dp rank, {"scores": [rows], "seconds"}) of this replica's share of `sequences`
-        (a multiple of the DP size), on its reporting rank; None elsewhere."""
+        """Wire share (dp rank, {"scores": [rows], "seconds"}) of `sequences` (this replica's share),
+        on its reporting rank; None elsewhere."""
         from megarl.reward.rm_scorer import score_sequences
 
         t0 = time.perf_counter()
-        mine = sequences[self._my_rows(len(sequences))]
+        mine = sequences
         scores = []
         for i in range(0, len(mine), RM_CHUNK):
             scores += score_sequences(self.models, mine[i:i + RM_CHUNK]) or []

@@ -102,3 +102,19 @@ def test_workers_import_neither_trainers_nor_megatron():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_each_replica_gets_its_part_of_every_minibatch_and_nothing_else():
+    from megarl.workers.wire import replica_rows, replica_share
+
+    # 16 samples, 2 mini-batches of 8, 4 replicas: replica 1 gets rows 2-3 of each mini-batch
+    assert replica_rows(16, 1, 4, minibatches=2) == [2, 3, 10, 11]
+    every = sorted(r for d in range(4) for r in replica_rows(16, d, 4, minibatches=2))
+    assert every == list(range(16))                      # each row to exactly one replica
+    assert replica_rows(6, 2, 3) == [4, 5]               # forward-only: consecutive blocks in dp order
+    batch = {"tokens": torch.arange(16).view(8, 2), "mask": torch.ones(8, 1), "note": "kept"}
+    share = replica_share(batch, 1, 2, minibatches=2)
+    assert share["tokens"][:, 0].tolist() == [4, 6, 12, 14] and share["mask"].shape == (4, 1)
+    assert share["note"] == "kept" and replica_share(list("abcdef"), 0, 3) == ["a", "b"]
+    with pytest.raises(ValueError, match="mini-batches of 6 samples do not split over 4"):
+        replica_rows(12, 0, 4, minibatches=2)

@@ -261,9 +261,11 @@ class RLDriver:
         from megarl.algorithms.masked import masked_mean
 
         minibatches = self.recipe.derived.minibatches_per_step
-        metrics = self.actor.call("update", phases.update_inputs(batch, plan), minibatches, self.kl_ctl.coef)[0]
+        metrics = self.actor.call_sharded("update", phases.update_inputs(batch, plan), minibatches, self.kl_ctl.coef,
+                                          minibatches=minibatches)[0]
         if self.critic is not None:
-            metrics.update(self.critic.call("update_critic", phases.critic_inputs(batch), minibatches)[0])
+            metrics.update(self.critic.call_sharded("update_critic", phases.critic_inputs(batch), minibatches,
+                                                    minibatches=minibatches)[0])
             metrics["critic/values_mean"] = float(masked_mean(batch.values, batch.mask))
         return metrics
 

@@ -163,7 +163,9 @@ class Gang:
         self.role = role
         self.workers = place_ranks(recipe, init_ckpt, role, threads, placement, slots_role or role)
         host, port = self.call_one(0, "rendezvous")
-        threads = sorted({c["threads"] for c in self.call("build", host, port)})  # up and built (or this raises)
+        self.coords = self.call("build", host, port)  # up and built (or this raises)
+        self.dp_size = self.coords[0]["dp_size"]
+        threads = sorted({c["threads"] for c in self.coords})
         print(f"[{TAG}] {role}: {len(self.workers)} rank(s), {'/'.join(map(str, threads))} torch thread(s) each; "
               f"rendezvous {host}:{port}", flush=True)
 
@@ -173,23 +175,38 @@ class Gang:
         return ray.get(getattr(self.workers[rank], method).remote(*args))
 
     def call(self, method: str, *args, **kwargs) -> list:
-        import ray
-        from ray.exceptions import RayActorError
-
-        try:
-            return ray.get(self.call_async(method, *args, **kwargs))
-        except RayActorError as e:
-            raise WorkerLost(f"a {self.role} worker died during {method}: {str(e).splitlines()[0]}. Restart the "
-                             "run: with trainer.resume=auto it continues from the last checkpoint") from None
+        return self._get(self.call_async(method, *args, **kwargs), method)
 
     def call_async(self, method: str, *args, **kwargs) -> list:
         return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
 
-    def gather(self, method: str, *args) -> dict[str, torch.Tensor]:
-        """Per-sample tensors from the reporting rank of each data-parallel replica, in row order."""
+    def call_sharded(self, method: str, batch: dict | list, *args, minibatches: int = 1) -> list:
+        """`method(share, *args)` on every rank, each rank given only its data-parallel replica's
+        share of `batch` (its part of every mini-batch), put in the object store once per replica."""
+        import ray
+
+        from megarl.workers.wire import replica_share
+
+        shares = [ray.put(replica_share(batch, d, self.dp_size, minibatches)) for d in range(self.dp_size)]
+        refs = [getattr(w, method).remote(shares[c["dp"]], *args) for w, c in zip(self.workers, self.coords)]
+        return self._get(refs, method)
+
+    def _get(self, refs: list, method: str) -> list:
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get(refs)
+        except RayActorError as e:
+            raise WorkerLost(f"a {self.role} worker died during {method}: {str(e).splitlines()[0]}. Restart the "
+                             "run: with trainer.resume=auto it continues from the last checkpoint") from None
+
+    def gather(self, method: str, batch: dict | list, *args) -> dict[str, torch.Tensor]:
+        """Per-sample tensors of `batch` (each replica given its share), from the reporting rank of
+        each data-parallel replica, in row order."""
         from megarl.workers.wire import gather_shares
 
-        return gather_shares(self.call(method, *args))
+        return gather_shares(self.call_sharded(method, batch, *args))
 
     def logprobs(self, batch: dict, with_entropy: bool = False) -> dict[str, torch.Tensor]:
         return self.gather("compute_logprobs", batch, with_entropy)
