@@ -67,6 +67,7 @@ def launch(recipe_path: str, overrides: list[str], dry_run: bool = False, start_
            port: int | None = None) -> int:
     from megarl.config import ConfigError
     from megarl.config.loader import load_recipe, recipe_to_dict
+    from megarl.launch.placement import build_placement
     from megarl.trainers import RAY_STAGES, prepare_start
     from megarl.trainers.run_dir import OutputDirTaken, claim_output_dir
 
@@ -97,6 +98,8 @@ def launch(recipe_path: str, overrides: list[str], dry_run: bool = False, start_
     cluster = RayCluster(nodes, log_dir, port=port) if recipe.stage in RAY_STAGES else None
     driver, driver_env = driver_plan(recipe, recipe_path, overrides, nodes, cluster)
     print(plan_text(nodes, cluster, driver, driver_env, log_dir), flush=True)
+    if recipe.rollout is not None:  # the same map `megarl plan` prints and the RL driver places by
+        print("\n".join(["placement:"] + ["  " + line for line in build_placement(recipe).lines()]), flush=True)
     if dry_run:
         for p in problems:
             print(f"would fail: {p}", flush=True)

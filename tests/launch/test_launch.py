@@ -37,6 +37,9 @@ def test_dry_run_shows_the_ray_map_of_a_multi_node_grpo_job(eight_node_job):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "Slurm job 4242: 8 node(s), 8 GPU(s) and 96 CPU(s) per node" in text
+    # the placement map the run uses, as `megarl plan` prints it
+    assert ("placement:\n  8 node(s) × 8 GPU(s), colocated:\n"
+            "    actor         ranks 0-63 on nodes 0-7, dev 0-7 each") in text
     head = [line for line in text.splitlines() if line.strip().startswith("head gpu01:")]
     workers = [line for line in text.splitlines() if line.strip().startswith("worker gpu")]
     assert len(head) == 1 and "srun --overlap --nodes=1 --ntasks=1 -w gpu01" in head[0] and "--head" in head[0]
