@@ -146,6 +146,18 @@ class SimCluster:
         out = _ip("netns", "pids", self.name(i), check=False).stdout.split()
         return [int(p) for p in out]
 
+    # ---- faults -------------------------------------------------------------------------------
+    def crash(self, i: int) -> None:
+        """Every process on node i killed at once (its address stays: peers get connection resets),
+        as when a node's processes crash or the OOM killer runs; the node itself stays up."""
+        holder = self.holder(i)
+        for pid in self.node_pids(i):
+            if pid != holder:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     # ---- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> SimCluster:
         self.up()
@@ -220,27 +232,37 @@ class SimCluster:
         token = self.state / "ray_token"
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
-        env = {k: v for k, v in self.env().items() if k != "RAY_ADDRESS"}
-        pids = []
         for i in range(1, self.nodes + 1):
-            role = (["--head", f"--port={RAY_PORT}", "--include-dashboard=false"] if i == 1
-                    else [f"--address={self.ip(1)}:{RAY_PORT}"])
-            log = open(self.state / "nodes" / f"{self.name(i)}.ray.log", "w")
-            proc = self.popen(i, [self.python, "-m", "ray.scripts.scripts", "start", "--block", *role,
-                                  f"--node-ip-address={self.ip(i)}", f"--num-cpus={self.cpus}",
-                                  f"--num-gpus={self.gpus}", "--object-store-memory=300000000",
-                                  "--disable-usage-stats"],
-                              env=env, stdout=log, stderr=log, cwd=str(self.state), start_new_session=True)
-            pids.append(proc.pid)
-            (self.state / "ray_pids").write_text(json.dumps(pids))
+            self._start_ray_node(i)
             if i == 1:
                 time.sleep(2.0)  # the head's GCS first; workers retry anyway
+        self._wait_ray(timeout)
+
+    def _start_ray_node(self, i: int) -> None:
+        env = {k: v for k, v in self.env().items() if k != "RAY_ADDRESS"}
+        role = (["--head", f"--port={RAY_PORT}", "--include-dashboard=false"] if i == 1
+                else [f"--address={self.ip(1)}:{RAY_PORT}"])
+        log = open(self.state / "nodes" / f"{self.name(i)}.ray.log", "a")
+        proc = self.popen(i, [self.python, "-m", "ray.scripts.scripts", "start", "--block", *role,
+                              f"--node-ip-address={self.ip(i)}", f"--num-cpus={self.cpus}", f"--num-gpus={self.gpus}",
+                              "--object-store-memory=300000000", "--disable-usage-stats"],
+                          env=env, stdout=log, stderr=log, cwd=str(self.state), start_new_session=True)
+        pids_file = self.state / "ray_pids"
+        pids = json.loads(pids_file.read_text()) if pids_file.exists() else []
+        pids_file.write_text(json.dumps(pids + [proc.pid]))
+
+    def _wait_ray(self, timeout: float) -> None:
         check = RAY_NODES_CHECK.replace("NODES", str(self.nodes))
         out = self.run(1, [self.python, "-c", check], timeout=timeout, cwd=str(self.state))
         if int(out.stdout.split()[-1]) < self.nodes:
             logs = "\n".join(f"--- {p.name}:\n" + "\n".join(p.read_text().splitlines()[-15:])
                              for p in sorted((self.state / "nodes").glob("*.ray.log")))
             raise SimError(f"Ray came up with {out.stdout.split()[-1]} of {self.nodes} nodes\n{logs}")
+
+    def restart_ray_node(self, i: int, timeout: float = 180.0) -> None:
+        """Node i (not the head) joins the Ray cluster again, e.g. after `crash(i)`."""
+        self._start_ray_node(i)
+        self._wait_ray(timeout)
 
     def down(self) -> None:
         """Everything `up` made, removed and checked; safe to call twice and after a failed `up`."""

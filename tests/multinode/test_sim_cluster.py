@@ -56,7 +56,8 @@ def shared_inputs(sim, tiny_hf_models):
     return root
 
 
-def _grpo(sim, inputs, out, *extra):
+def _grpo(sim, inputs, out, *extra, dry: bool = False):
+    """`megarl train` of the tiny GRPO recipe on node 1 over the 3 nodes (`dry`: the argv only)."""
     args = [sim.python, "-m", "megarl.cli", "train", "configs/tiny/grpo_cpu.yaml",
             "--set", f"model.path={inputs / 'model'}", "--set", f"data.train={inputs / 'rl.jsonl'}",
             "--set", f"data.eval={inputs / 'eval.jsonl'}", "--set", f"trainer.output_dir={out}",
@@ -68,7 +69,7 @@ def _grpo(sim, inputs, out, *extra):
             "--set", "rollout.weight_sync.verify_logprobs=true", "--set", "rollout.weight_sync.logprob_tolerance=1e-4",
             "--set", "optim.warmup_steps=0", "--set", "algorithm.kl.coef=0.001", "--set", "logging.sinks=[jsonl]",
             *extra]
-    return sim.run(1, args, timeout=900, check=False)
+    return args if dry else sim.run(1, args, timeout=900, check=False)
 
 
 def test_grpo_across_three_nodes_checkpoints_and_resumes(sim, shared_inputs):
@@ -88,3 +89,30 @@ def test_grpo_across_three_nodes_checkpoints_and_resumes(sim, shared_inputs):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["sync/verify_max_diff"] <= 1e-4 for r in rows)
     assert (out / "hf" / "model.safetensors").is_file()
+
+
+def test_a_lost_node_fails_the_run_in_bounded_time_naming_it(sim, shared_inputs):
+    """Every process on node 2 (actor and reference ranks) killed mid-run: the driver stops with an
+    error naming the lost ranks and their node within a bounded time, never hangs. Node 2 rejoins
+    Ray afterwards."""
+    import subprocess
+    import time
+
+    out = sim.state / "grpo_loss"
+    args = _grpo(sim, shared_inputs, out, "--set", "trainer.steps=50", "--set", "trainer.resume=never", dry=True)
+    proc = sim.popen(1, args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (out / "metrics.jsonl").is_file():
+            time.sleep(1)
+        assert (out / "metrics.jsonl").is_file(), "the run never completed a step"
+        t0 = time.monotonic()
+        sim.crash(2)
+        output, _ = proc.communicate(timeout=300)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sim.restart_ray_node(2)
+    assert proc.returncode != 0 and elapsed < 180, (elapsed, output[-3000:])
+    assert "worker(s) lost during" in output and f"on node {sim.ip(2)}" in output, output[-3000:]

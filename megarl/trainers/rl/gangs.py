@@ -162,6 +162,7 @@ class Gang:
                  slots_role: str | None = None):
         self.role = role
         self.workers = place_ranks(recipe, init_ckpt, role, threads, placement, slots_role or role)
+        self.nodes = [placement.node_ips[s.node] for s in placement.map.roles[slots_role or role]]
         host, port = self.call_one(0, "rendezvous")
         self.coords = self.call("build", host, port)  # up and built (or this raises)
         self.dp_size = self.coords[0]["dp_size"]
@@ -192,14 +193,47 @@ class Gang:
         return self._get(refs, method)
 
     def _get(self, refs: list, method: str) -> list:
+        """The results of one call on every rank. When a rank's process (or its whole node) is gone,
+        the surviving ranks fail too (their collectives lose a peer): name the lost ranks and nodes."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         try:
             return ray.get(refs)
-        except RayActorError as e:
-            raise WorkerLost(f"a {self.role} worker died during {method}: {str(e).splitlines()[0]}. Restart the "
-                             "run: with trainer.resume=auto it continues from the last checkpoint") from None
+        except (RayActorError, RayTaskError) as e:
+            lost = self.worker_lost(method, e)
+            if lost is None:
+                raise
+            raise lost from None
+
+    def worker_lost(self, method: str, error: Exception) -> WorkerLost | None:
+        """A WorkerLost naming the ranks (and their nodes) that no longer answer, after `error` from
+        `method`; None when every rank still answers (the error is the method's own)."""
+        from ray.exceptions import RayActorError
+
+        lost = self.lost_ranks()
+        if not lost and not isinstance(error, RayActorError):
+            return None
+        where = ", ".join(f"rank {r} on node {self.nodes[r]}" for r in lost) or str(error).splitlines()[0]
+        return WorkerLost(f"{self.role} worker(s) lost during {method}: {where}. Restart the run (on nodes that "
+                          "are up): with trainer.resume=auto it continues from the last checkpoint")
+
+    def lost_ranks(self, timeout_s: float = 60.0) -> list[int]:
+        """Ranks whose process Ray reports dead within `timeout_s` (killed, or on a node Ray declared
+        dead: ~15 s after its processes die with Ray's default health checks). A rank that is only
+        slow to answer (still inside a collective) is not counted."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        pings = {w.pid.remote(): r for r, w in enumerate(self.workers)}
+        done, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
+        dead = []
+        for ref in done:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                dead.append(pings[ref])
+        return sorted(dead)
 
     def gather(self, method: str, batch: dict | list, *args) -> dict[str, torch.Tensor]:
         """Per-sample tensors of `batch` (each replica given its share), from the reporting rank of
@@ -276,9 +310,10 @@ class WeightSync:
 
         try:
             return ray.get(self.actor.call_async("sync_send", version))
-        except ray.exceptions.RayActorError as e:
-            raise WorkerLost(f"an actor worker died during the weight sync: {str(e).splitlines()[0]}") from None
-        except Exception as e:  # noqa: BLE001 - a sender's transport error usually means an engine went away
+        except Exception as e:  # noqa: BLE001 - a lost trainer rank is named; else usually an engine went away
+            lost = self.actor.worker_lost("the weight sync", e)
+            if lost is not None:
+                raise lost from None
             try:
                 self.fleet.finish_receive(receives, version)
             except EngineLost:
