@@ -9,7 +9,10 @@ cluster's shared filesystem. A node is held open by one `sleep` process; `exec`/
 command inside its namespaces with nsenter.
 
 Optional on top: a Ray cluster (head on node 1, one worker per other node, token auth, logical GPUs
-declared so GPU placement is exercised on CPU).
+declared so GPU placement is exercised on CPU), and a real multi-node Slurm (Debian's packages:
+one munged per node with a private /run/munge and the same key, slurmctld on node 1, one slurmd per
+node that finds its NodeName from the node's hostname; a short credential lifetime and backfill
+interval so a requeued job reruns within ~20 s instead of ~150 s).
 
 The root namespace gets no link and no address; a blackhole route for the subnet makes a stray
 connection from it fail at once instead of leaving the machine. `down` removes everything `up`
@@ -51,6 +54,7 @@ mount -t tmpfs -o size={shm},mode=1777 {prefix}-shm /dev/shm
 mount -t tmpfs -o mode=1777 {prefix}-tmp /tmp
 mount --bind "$SIM_STATE/hosts" /etc/hosts
 mount --bind "$SIM_STATE/resolv.conf" /etc/resolv.conf
+if [ -d /run/munge ]; then mount -t tmpfs -o mode=0755 {prefix}-munge /run/munge; chown munge:munge /run/munge; fi
 echo "$$" > "$SIM_STATE/nodes/$SIM_NAME.ready"
 exec sleep infinity
 """
@@ -66,6 +70,58 @@ for _ in range(600):
     time.sleep(0.2)
 print(n)
 """
+
+
+SLURM_CONF = """ClusterName=megarlsim
+SlurmctldHost={head}({head_ip})
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# 22.05 holds a requeued job for the credential lifetime + 1 s (default 120 s), then waits for the
+# next backfill pass (default 30 s): short values keep requeue tests short
+AuthInfo=cred_expire=10
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1
+MpiDefault=none
+ProctrackType=proctrack/cgroup
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SlurmctldPidFile={d}/run/slurmctld.pid
+SlurmdPidFile={d}/run/slurmd.%n.pid
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool/%n
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd.%n.log
+SlurmdTimeout=20
+InactiveLimit=0
+MinJobAge=300
+KillWait=5
+Waittime=0
+{nodes}
+PartitionName=sim Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+"""
+
+
+def _install_slurm() -> None:
+    """Debian's slurmctld, slurmd, slurm-client and munge (once), the munge key, /run/munge."""
+    if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "slurmctld", "slurmd",
+                        "slurm-client", "munge"], env=env, check=True, capture_output=True)
+    key = Path("/etc/munge/munge.key")
+    if not key.exists() or not key.stat().st_size:
+        key.write_bytes(secrets.token_bytes(1024))
+    shutil.chown(key, "munge", "munge")
+    key.chmod(0o600)
+    for d, mode in (("/run/munge", 0o755), ("/var/lib/munge", 0o700), ("/var/log/munge", 0o700)):
+        os.makedirs(d, exist_ok=True)
+        shutil.chown(d, "munge", "munge")
+        os.chmod(d, mode)
 
 
 class SimError(RuntimeError):
@@ -100,9 +156,10 @@ def _stop(pids: list[int], grace: float = 10.0) -> None:
 
 
 class SimCluster:
-    def __init__(self, nodes: int = 3, ray: bool = False, gpus: int = 0, cpus: int = 2,
+    def __init__(self, nodes: int = 3, ray: bool = False, gpus: int = 0, cpus: int = 2, slurm: bool = False,
                  python: str = sys.executable, subnet: str = SUBNET, state: Path = STATE):
         self.nodes, self.ray, self.gpus, self.cpus, self.python = nodes, ray, gpus, cpus, python
+        self.slurm = slurm
         self.subnet, self.state = subnet, Path(state)
         self.switch = f"{PREFIX}-sw"
 
@@ -129,6 +186,8 @@ class SimCluster:
         if self.ray:
             env.update(RAY_ADDRESS=f"{self.ip(1)}:{RAY_PORT}", RAY_AUTH_MODE="token",
                        RAY_AUTH_TOKEN_PATH=str(self.state / "ray_token"))
+        if self.slurm:
+            env["SLURM_CONF"] = str(self.state / "slurm" / "slurm.conf")
         return env
 
     def run(self, i: int, argv: list[str], timeout: float = 300, check: bool = True, cwd: str | None = None,
@@ -172,12 +231,16 @@ class SimCluster:
         if self.state.exists() or Path(f"/run/netns/{self.switch}").exists():
             raise SimError(f"a simulated cluster is already up (or was not torn down): {sys.argv[0]} down")
         try:
+            if self.slurm:
+                _install_slurm()  # before the nodes start: each mounts a private /run/munge
             self._network()
             for i in range(1, self.nodes + 1):
                 self._node(i)
             self._wait_nodes(timeout)
             if self.ray:
                 self._ray(timeout)
+            if self.slurm:
+                self._slurm(timeout)
         except BaseException:
             self.down()
             raise
@@ -264,8 +327,50 @@ class SimCluster:
         self._start_ray_node(i)
         self._wait_ray(timeout)
 
+    def _slurm(self, timeout: float) -> None:
+        d = self.state / "slurm"
+        for sub in ("state", "log", "run", *(f"spool/{self.name(i)}" for i in range(1, self.nodes + 1))):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        nodes = "\n".join(f"NodeName={self.name(i)} NodeAddr={self.ip(i)} CPUs={self.cpus} RealMemory=4096 "
+                          "State=UNKNOWN" for i in range(1, self.nodes + 1))
+        (d / "slurm.conf").write_text(SLURM_CONF.format(head=self.name(1), head_ip=self.ip(1), d=d, nodes=nodes))
+        (d / "cgroup.conf").write_text("CgroupPlugin=autodetect\nConstrainCores=no\nConstrainRAMSpace=no\n"
+                                       "ConstrainDevices=no\n")
+        for i in range(1, self.nodes + 1):
+            self.run(i, ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--seed-file=/run/munge/munged.seed",
+                         "--log-file=/run/munge/munged.log"])
+        self.run(1, ["slurmctld"], cwd=str(self.state))
+        for i in range(1, self.nodes + 1):
+            self.run(i, ["slurmd"], cwd=str(self.state))
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.run(1, ["sinfo", "-h", "-N", "-o", "%t"], check=False).stdout.split()
+            if states == ["idle"] * self.nodes:
+                return
+            if time.monotonic() > deadline:
+                logs = "\n".join(p.read_text()[-1500:] for p in sorted((d / "log").glob("*.log")))
+                raise SimError(f"Slurm nodes not idle: {states}\n{logs}")
+            time.sleep(0.2)
+
+    def _stop_slurm(self) -> None:
+        d = self.state / "slurm"
+        if not d.exists():
+            return
+        if Path(f"/run/netns/{self.name(1)}").exists() and (self.state / "nodes" / f"{self.name(1)}.ready").exists():
+            env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
+            self.run(1, ["scancel", "--user=root"], env=env, check=False, timeout=60)  # slurmctld is on the sim net
+        pids = [int(p.read_text()) for p in (d / "run").glob("*.pid") if p.read_text().strip().isdigit()]
+        _stop(pids, grace=10)
+        for i in range(1, self.nodes + 1):  # slurmd's per-node cgroup roots (proctrack/cgroup)
+            for root in Path("/sys/fs/cgroup").glob(f"*/slurm_{self.name(i)}"):
+                for sub in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+                    if sub.is_dir():
+                        sub.rmdir()
+                root.rmdir()
+
     def down(self) -> None:
         """Everything `up` made, removed and checked; safe to call twice and after a failed `up`."""
+        self._stop_slurm()
         pids_file = self.state / "ray_pids"
         if pids_file.exists():
             _stop(json.loads(pids_file.read_text()), grace=15)
@@ -295,6 +400,7 @@ class SimCluster:
                   .stdout.splitlines() if r.strip()]
         with open("/proc/self/mountinfo") as f:
             found += [f"mount {line.split()[4]}" for line in f if PREFIX in line]
+        found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob(f"*/slurm_{PREFIX}-n*")]
         if self.state.exists():
             found.append(f"directory {self.state}")
         return found
@@ -307,20 +413,22 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--ray", action="store_true")
     up.add_argument("--gpus", type=int, default=0, help="logical GPUs per node declared to Ray")
+    up.add_argument("--slurm", action="store_true", help="a multi-node Slurm too (Debian packages)")
     sub.add_parser("down")
     ex = sub.add_parser("exec")
     ex.add_argument("node", type=int)
     ex.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.cmd == "up":
-        SimCluster(args.nodes, args.ray, args.gpus).up()
-        print(f"up: {args.nodes} node(s), {SUBNET}.11-{SUBNET}.{10 + args.nodes}" + (" with Ray" if args.ray else ""))
+        SimCluster(args.nodes, args.ray, args.gpus, slurm=args.slurm).up()
+        print(f"up: {args.nodes} node(s), {SUBNET}.11-{SUBNET}.{10 + args.nodes}" + (" with Ray" if args.ray else "")
+              + (" with Slurm" if args.slurm else ""))
         return 0
     if args.cmd == "down":
-        SimCluster().down()
+        SimCluster(slurm=True).down()
         print("down: nothing left")
         return 0
-    sim = SimCluster(ray=(STATE / "ray_token").exists())
+    sim = SimCluster(ray=(STATE / "ray_token").exists(), slurm=(STATE / "slurm").exists())
     return subprocess.call(sim.argv(args.node, args.command), env=sim.env())
 
 

@@ -1,4 +1,4 @@
-"""One simulated 3-node cluster (tools/simcluster.py) with Ray and 4 logical GPUs per node, shared
+"""One simulated 3-node cluster (tools/simcluster.py) with Ray (4 logical GPUs per node) and Slurm, shared
 by the multinode tests and torn down (and checked clean) after them, failed or not."""
 
 import os
@@ -26,7 +26,7 @@ def sim():
     why = _unavailable()
     if why:
         pytest.skip(why)
-    cluster = SimCluster(nodes=3, ray=True, gpus=4)
+    cluster = SimCluster(nodes=3, ray=True, gpus=4, slurm=True)
     cluster.down()  # a cluster left by a killed earlier session
     cluster.up()
     try:

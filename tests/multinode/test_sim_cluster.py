@@ -91,6 +91,63 @@ def test_grpo_across_three_nodes_checkpoints_and_resumes(sim, shared_inputs):
     assert (out / "hf" / "model.safetensors").is_file()
 
 
+def _job(sim, job_id: str) -> dict:
+    out = sim.run(1, ["scontrol", "show", "job", "-o", job_id], check=False).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def test_sbatch_on_three_nodes_requeues_on_usr1_and_resumes(sim, shared_inputs):
+    """`sbatch --nodes=3 slurm/tiny_cpu.sh` on the simulated Slurm: the launcher brings Ray up on
+    all three nodes (srun --overlap), GRPO runs placed across them; USR1 to the batch step ->
+    checkpoint -> `scontrol requeue` -> the requeued job resumes and finishes every step once;
+    nothing of the job is left running."""
+    import time
+
+    out, log = sim.state / "sbatch3", sim.state / "sbatch3.out"
+    sets = {"model.path": shared_inputs / "model", "data.train": shared_inputs / "rl.jsonl", "data.eval": "null",
+            "trainer.output_dir": out, "cluster.nodes": 3, "cluster.gpus_per_node": 2,
+            "cluster.placement.mode": "separate", "cluster.placement.rollout_gpus": 2, "parallel.tp": 2,
+            "parallel.pp": 2, "trainer.steps": 30, "trainer.prompts_per_step": 4, "rollout.n": 4,
+            "trainer.samples_per_minibatch": 16, "trainer.micro_batch_per_rank": 2, "trainer.save_freq": 0,
+            "trainer.eval_freq": 0, "rollout.max_response_length": 32, "optim.warmup_steps": 0,
+            "logging.sinks": "[jsonl]"}
+    args = " ".join(f"--set {k}={v}" for k, v in sets.items())
+    sub = sim.run(1, ["sbatch", "--parsable", "--nodes=3", f"--output={log}", f"--export=ALL,MEGARL_ARGS={args}",
+                      "slurm/tiny_cpu.sh"])
+    job_id = sub.stdout.strip().split(";")[0]
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert time.monotonic() < deadline and _job(sim, job_id).get("JobState") in ("PENDING", "RUNNING"), \
+            log.read_text()[-3000:] if log.exists() else _job(sim, job_id)
+        time.sleep(0.5)
+    sim.run(1, ["scancel", "--signal=USR1", "--batch", job_id])  # what --signal=B:USR1@120 does
+    while (job := _job(sim, job_id)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text[-4000:]
+    assert f"Slurm job {job_id}: 3 node(s)" in text and "checkpointed and requeued job" in text
+    assert "resumed from" in text and "[rl] placement:   actor         ranks 0-3 on nodes 0-1, dev 0-1 each" in text
+    assert [json.loads(line)["step"] for line in open(metrics)] == list(range(1, 31))
+    assert (out / "hf" / "model.safetensors").is_file()
+    assert _processes_with(f"megarl_ray_{job_id}") == []  # the job's Ray (temp dir per job) is gone
+
+
+def _processes_with(marker: str) -> list[int]:
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+# last: it kills node 2's processes (its Slurm daemons too; Ray is restarted there)
 def test_a_lost_node_fails_the_run_in_bounded_time_naming_it(sim, shared_inputs):
     """Every process on node 2 (actor and reference ranks) killed mid-run: the driver stops with an
     error naming the lost ranks and their node within a bounded time, never hangs. Node 2 rejoins
