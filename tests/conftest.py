@@ -87,3 +87,16 @@ def make_scalar_head_model(src: str, out, class_name: str, seed: int):
     run_local_group("megarl.checkpoint.hf:convert_hf_to_megatron", 1, args=(str(out / "hf"), str(out / "mcore")),
                     timeout=300)
     return model, str(out / "hf"), str(out / "mcore")
+
+
+def processes_with(marker: str) -> list[int]:
+    """PIDs of every process on the machine whose command line contains `marker` (vanished ones skipped)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.conftest import processes_with
+
 pytestmark = pytest.mark.multinode
 
 
@@ -130,21 +132,7 @@ def test_sbatch_on_three_nodes_requeues_on_usr1_and_resumes(sim, shared_inputs):
     assert "resumed from" in text and "[rl] placement:   actor         ranks 0-3 on nodes 0-1, dev 0-1 each" in text
     assert [json.loads(line)["step"] for line in open(metrics)] == list(range(1, 31))
     assert (out / "hf" / "model.safetensors").is_file()
-    assert _processes_with(f"megarl_ray_{job_id}") == []  # the job's Ray (temp dir per job) is gone
-
-
-def _processes_with(marker: str) -> list[int]:
-    import os
-
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+    assert processes_with(f"megarl_ray_{job_id}") == []  # the job's Ray (temp dir per job) is gone
 
 
 # last: it kills node 2's processes (its Slurm daemons too; Ray is restarted there)

@@ -19,6 +19,7 @@ from megarl.rollout.tool_spec import ToolSpec, ToolSpecError, load_tool_specs
 from megarl.rollout.tools import ToolExecutor
 from megarl.rollout.tools import sandbox as sandbox_mod
 from megarl.rollout.tools.sandbox import LAYERS, PythonSandbox, SandboxUnavailable, missing_layers
+from tests.conftest import processes_with
 
 pytestmark = pytest.mark.skipif(bool(missing_layers()), reason=f"sandbox layers missing here: {missing_layers()}")
 PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,18 +28,6 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file
 @pytest.fixture(scope="module")
 def box():
     return PythonSandbox(timeout_s=5, memory_mb=256, max_processes=16)
-
-
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
 
 
 def test_runs_code_with_every_layer(box):
@@ -124,7 +113,7 @@ def test_nothing_outlives_the_call(box):
         print('started')""")
     assert box(code) == "started"
     time.sleep(0.2)
-    assert _processes_with(marker) == []
+    assert processes_with(marker) == []
 
 
 def test_total_memory_is_capped_across_processes(box):
