@@ -54,9 +54,9 @@ def _reset_peak() -> float:
 
 
 def _client_store(port: int):
-    import torch.distributed as dist
+    from megarl.sync.transport import Rendezvous
 
-    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=STORE_TIMEOUT, use_libuv=True)
+    return Rendezvous("127.0.0.1", port, STORE_TIMEOUT.total_seconds()).connect()
 
 
 def _raw_group(store, rank: int):

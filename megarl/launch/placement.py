@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ACTOR, REFERENCE, CRITIC, REWARD_MODEL, ROLLOUT = "actor", "reference", "critic", "reward_model", "rollout"
-TRAINING_ROLES = (ACTOR, REFERENCE, CRITIC, REWARD_MODEL)
 
 
 class PlacementError(ValueError):

@@ -114,7 +114,7 @@ class WeightSender:
         if shared and self.sender is None:
             peer_of = [s for s in self.plan.senders if self._participates(s)]
             if peer_of:
-                store = _client_store(rendezvous)
+                store = rendezvous.connect()
                 for s in peer_of:
                     name = sender_prefix(self.plan, generation, s.index)
                     self.peer_slots[s.index] = open_slots(store.get(name + "/slots").decode(),
@@ -327,12 +327,6 @@ class WeightSender:
         for (_, t), spec in zip(wire, entry.hf):
             payload[spec.offset:spec.offset + spec.nbytes].view(getattr(torch, spec.dtype)).view(spec.shape).copy_(t)
 
-
-def _client_store(rendezvous) -> dist.TCPStore:
-    from datetime import timedelta
-
-    return dist.TCPStore(rendezvous.host, rendezvous.port, is_master=False,
-                         timeout=timedelta(seconds=rendezvous.timeout_s), use_libuv=True)
 
 
 def full_tensor(entry: SyncEntry, parts: list[torch.Tensor]) -> torch.Tensor:

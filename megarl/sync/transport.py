@@ -95,11 +95,16 @@ def check_header(buf: torch.Tensor, version: int, bucket: int, where: str) -> No
 
 @dataclass(frozen=True)
 class Rendezvous:
-    """Where the sync group meets: a TCPStore hosted by sender 0 (trainer global rank 0)."""
+    """Where a group meets: a TCPStore one member hosts (`open_store`) and the others `connect` to
+    (the sync group's is hosted by sender 0, trainer global rank 0; a worker gang's by its rank 0)."""
 
     host: str
     port: int
     timeout_s: float = 600.0
+
+    def connect(self) -> dist.TCPStore:
+        return dist.TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=self.timeout_s),
+                             use_libuv=True)
 
 
 def open_store(host: str, port: int = 0, timeout_s: float = 600.0) -> tuple[dist.TCPStore, int]:
@@ -266,10 +271,7 @@ class SyncGroup:
         self.plan, self.sync_rank = plan, sync_rank
         self.device = device or torch.device("cpu")
         timeout = timedelta(seconds=rendezvous.timeout_s)
-        if store is None:
-            store = dist.TCPStore(rendezvous.host, rendezvous.port, is_master=False, timeout=timeout,
-                                  use_libuv=True)
-        self.store = store
+        self.store = store = store if store is not None else rendezvous.connect()
         num_senders = len(plan.senders)
         self.is_sender = sync_rank < num_senders
         self.groups: dict[int, object] = {}

@@ -34,13 +34,6 @@ def _ray_gpu_ids() -> list[str]:
     return [str(g) for g in ray.get_gpu_ids()]
 
 
-def _store(host: str, port: int, world: int, master: bool):
-    import torch.distributed as dist
-
-    return dist.TCPStore(host, port, world, is_master=master, wait_for_workers=False,
-                         timeout=timedelta(seconds=GANG_TIMEOUT_S), use_libuv=True)
-
-
 class WorkerError(RuntimeError):
     """A worker method failed; carries the remote traceback as text (the driver process never
     imports megatron, so megatron exception types must not travel back)."""
@@ -84,7 +77,6 @@ class MegatronRank:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
         torch.set_num_threads(threads)
         self.recipe, self.role, self.rank, self.world, self.init_ckpt = recipe, role, rank, world, init_ckpt
-        self.local_rank = local_rank
         self._gang_store = None
 
     def rendezvous(self) -> tuple[str, int]:
@@ -92,9 +84,11 @@ class MegatronRank:
         The port is bound here (port 0) and only then published, so no other process can take it."""
         import ray
 
+        from megarl.sync.transport import open_store
+
         host = ray.util.get_node_ip_address()
-        self._gang_store = _store(host, 0, self.world, master=True)
-        return host, self._gang_store.port
+        self._gang_store, port = open_store(host, 0, GANG_TIMEOUT_S)
+        return host, port
 
     def build(self, host: str, port: int) -> dict:
         """Join the gang's process group through rank 0's store, then build the model; returns coords."""
@@ -106,12 +100,13 @@ class MegatronRank:
         from megarl.checkpoint.hf import load_converted
         from megarl.models.hf_config import BuildOptions
         from megarl.runtime.device import DEVICE_INDEX_ENV, select_device
+        from megarl.sync.transport import Rendezvous
 
         os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port))  # for anything that reads them
         if _ray_gpu_ids():  # Ray shows this process only the GPU(s) it assigned: the first is ours
             os.environ[DEVICE_INDEX_ENV] = "0"
         device = select_device(self.recipe.cluster.device)
-        store = self._gang_store or _store(host, port, self.world, master=False)
+        store = self._gang_store or Rendezvous(host, port, GANG_TIMEOUT_S).connect()
         dist.init_process_group(device.backend, store=store, rank=self.rank, world_size=self.world,
                                 timeout=timedelta(seconds=GANG_TIMEOUT_S))
         options = BuildOptions.from_recipe(self.recipe.model, device)

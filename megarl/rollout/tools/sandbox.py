@@ -247,13 +247,3 @@ def _cap(text: str) -> str:
     if len(text) <= OUTPUT_CHARS:
         return text
     return text[:OUTPUT_CHARS] + f"\n[output cut: {len(text)} characters, limit {OUTPUT_CHARS}]"
-
-
-@functools.lru_cache(maxsize=8)
-def _default_sandbox(timeout_s: float, memory_mb: int) -> PythonSandbox:
-    return PythonSandbox(timeout_s=timeout_s, memory_mb=memory_mb)
-
-
-def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> str:
-    """`code` in the full sandbox with default limits (see `PythonSandbox`)."""
-    return _default_sandbox(float(timeout_s), int(memory_mb))(code)
