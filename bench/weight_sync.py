@@ -54,7 +54,7 @@ def _reset_peak() -> float:
 
 
 def _client_store(port: int):
-    from megarl.sync.transport import Rendezvous
+    from megarl.runtime.rendezvous import Rendezvous
 
     return Rendezvous("127.0.0.1", port, STORE_TIMEOUT.total_seconds()).connect()
 
@@ -74,7 +74,7 @@ class BenchEngine:
         self.engine = RolloutEngine(EngineConfig(model_dir, max_model_len=256, kv_cache_bytes=32 << 20))
 
     def run(self, plans: dict, port: int, repeats: int, naive_dir: str) -> dict:
-        from megarl.sync.transport import Rendezvous
+        from megarl.runtime.rendezvous import Rendezvous
 
         store = _client_store(port)
         raw = _raw_group(store, 1)
@@ -114,8 +114,8 @@ def trainer(ckpt: str, plans: dict, port: int, repeats: int, naive_dir: str) -> 
     from megarl.checkpoint.hf import load_converted
     from megarl.checkpoint.hf_map import hf_tensors
     from megarl.config.parallel import ParallelConfig
+    from megarl.runtime.rendezvous import Rendezvous
     from megarl.sync.sender import WeightSender, full_tensor
-    from megarl.sync.transport import Rendezvous
 
     torch.set_num_threads(1)
     plan = plans["broadcast"]
@@ -203,7 +203,7 @@ def main() -> None:
         print(plan.summary(), flush=True)
         engine = IsolatedActor("bench.weight_sync:BenchEngine", args=(model,),
                                env={"OMP_NUM_THREADS": str(args.engine_threads)})
-        from megarl.sync.transport import open_store
+        from megarl.runtime.rendezvous import open_store
 
         host_store, port = open_store("127.0.0.1", 0, timeout_s=900)  # bound to port 0, then published
         box = {}

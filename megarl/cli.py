@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--dry-run", action="store_true", help="print the node/GPU map and the commands only")
     launch.add_argument("--start-timeout", type=float, default=300.0,
                         help="seconds to wait for every node to join Ray with its CPUs/GPUs")
-    launch.add_argument("--ray-port", type=int, help="head port (default 6379 under Slurm, a free one locally)")
+    launch.add_argument("--ray-port", type=int, default=0,
+                        help="the Ray head's port (default 0: the head binds one the kernel gives and publishes it)")
     launch.set_defaults(func=_cmd_launch)
     conv = sub.add_parser("convert", help="convert checkpoints between HF and megatron")
     conv.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])

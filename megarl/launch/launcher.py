@@ -21,16 +21,19 @@ import sys
 import time
 
 from megarl.launch.nodes import LaunchError, NodeMap, detect_nodes
-from megarl.launch.ray_cluster import RayCluster, extra_srun_args, free_port
+from megarl.launch.rank import RENDEZVOUS_FILE_ENV
+from megarl.launch.ray_cluster import RayCluster, extra_srun_args
 from megarl.trainers.runner import EXIT_CHECKPOINTED
 
 
-def driver_plan(recipe, recipe_path: str, overrides: list[str], nodes: NodeMap, cluster: RayCluster | None):
+def driver_plan(recipe, recipe_path: str, overrides: list[str], nodes: NodeMap, cluster: RayCluster | None,
+                log_dir: str):
     """(argv, extra env) of the driver. Ray stages: `megarl train` on the head with RAY_ADDRESS
-    (the token variables join at start, once the cluster's token exists).
+    (the head's published address and the token variables join at start).
     Other stages: `megarl train` itself (local gloo ranks) locally; under Slurm one process per
-    training rank across the nodes (`srun` + megarl.launch.rank, torch.distributed rendezvous on
-    the head)."""
+    training rank across the nodes (`srun` + megarl.launch.rank): rank 0 hosts the
+    torch.distributed store on the head and publishes its port in a file of this launch's own
+    (in the log directory, which every node sees)."""
     sets = [a for o in overrides for a in ("--set", o)]
     if cluster is not None:
         return [sys.executable, "-m", "megarl.cli", "train", recipe_path, *sets], {"RAY_ADDRESS": cluster.address}
@@ -42,7 +45,8 @@ def driver_plan(recipe, recipe_path: str, overrides: list[str], nodes: NodeMap, 
     per_node = world // len(nodes.nodes)
     srun = ["srun", "--overlap", f"--nodes={len(nodes.nodes)}", f"--ntasks-per-node={per_node}",
             f"--cpus-per-task={max(1, nodes.cpus_per_node // per_node)}", "--kill-on-bad-exit=1", *extra_srun_args()]
-    env = {"MASTER_ADDR": nodes.head, "MASTER_PORT": str(free_port())}
+    rendezvous = os.path.join(os.path.abspath(log_dir), f"rendezvous_{os.getpid()}_{time.time_ns()}.json")
+    env = {"MASTER_ADDR": nodes.head, RENDEZVOUS_FILE_ENV: rendezvous}
     return [*srun, sys.executable, "-m", "megarl.launch.rank", recipe_path, *sets], env
 
 
@@ -64,7 +68,7 @@ def plan_text(nodes: NodeMap, cluster: RayCluster | None, driver: list[str], env
 
 
 def launch(recipe_path: str, overrides: list[str], dry_run: bool = False, start_timeout: float = 300.0,
-           port: int | None = None) -> int:
+           port: int = 0) -> int:
     from megarl.config import ConfigError
     from megarl.config.loader import load_recipe, recipe_to_dict
     from megarl.launch.placement import build_placement
@@ -96,7 +100,7 @@ def launch(recipe_path: str, overrides: list[str], dry_run: bool = False, start_
         raise LaunchError("; ".join(problems))
     log_dir = os.path.join(recipe.trainer.output_dir, "launch", nodes.job_id or "local")
     cluster = RayCluster(nodes, log_dir, port=port) if recipe.stage in RAY_STAGES else None
-    driver, driver_env = driver_plan(recipe, recipe_path, overrides, nodes, cluster)
+    driver, driver_env = driver_plan(recipe, recipe_path, overrides, nodes, cluster, log_dir)
     print(plan_text(nodes, cluster, driver, driver_env, log_dir), flush=True)
     if recipe.rollout is not None:  # the same map `megarl plan` prints and the RL driver places by
         print("\n".join(["placement:"] + ["  " + line for line in build_placement(recipe).lines()]), flush=True)
@@ -123,6 +127,7 @@ def launch(recipe_path: str, overrides: list[str], dry_run: bool = False, start_
                   flush=True)
         elif nodes.slurm:
             prepare_start(recipe)  # convert once, before the ranks start
+            os.makedirs(os.path.dirname(driver_env[RENDEZVOUS_FILE_ENV]), exist_ok=True)
         if received:  # a signal while starting: nothing ran, nothing to save
             return 128 + received[0]
         if cluster is not None:
@@ -133,6 +138,8 @@ def launch(recipe_path: str, overrides: list[str], dry_run: bool = False, start_
         if cluster is not None:
             killed = cluster.stop()
             print(f"[launch] ray stopped{' (SIGKILL: ' + ', '.join(killed) + ')' if killed else ''}", flush=True)
+        if RENDEZVOUS_FILE_ENV in driver_env and os.path.exists(driver_env[RENDEZVOUS_FILE_ENV]):
+            os.remove(driver_env[RENDEZVOUS_FILE_ENV])
         for s, handler in previous.items():
             signal.signal(s, handler)
     if code == EXIT_CHECKPOINTED and signal.SIGUSR1 in received and nodes.slurm:

@@ -7,6 +7,10 @@ process. Teardown sends SIGTERM to exactly those processes (an `srun` step forwa
 task), workers first and the head last, SIGKILL after a grace period. Never `ray stop`: it finds
 Ray processes host-wide by name (other jobs' too) and does not end `ray start --block`.
 
+Ports are bound, then published: the head starts with `--port=0` (`megarl.launch.ray_node`), its GCS
+binds the kernel's choice and the head writes its address to `<log_dir>/ray_head_address.json`;
+the workers are started with that address. The Ray Client server is not started at all.
+
 Each node logs to `<log_dir>/ray_<role>_<node>.log`; Ray's own files go to a short per-job temp
 dir (`/tmp/megarl_ray_<job>`; unix socket paths are limited to 107 bytes).
 """
@@ -16,7 +20,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,32 +32,31 @@ def extra_srun_args() -> list[str]:
     return shlex.split(os.environ.get("MEGARL_SRUN_ARGS", ""))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+HEAD_ADDRESS_FILE = "ray_head_address.json"   # in the log dir: the head's address, published by the head
+UNPUBLISHED = "<the address the head publishes>"
 
 
 class RayCluster:
-    def __init__(self, nodes: NodeMap, log_dir: str, port: int | None = None, cpus_per_node: int | None = None):
+    def __init__(self, nodes: NodeMap, log_dir: str, port: int = 0, cpus_per_node: int | None = None):
         self.nodes, self.log_dir = nodes, log_dir
-        # a fixed port under Slurm (one job per node set); a free one locally, beside other clusters
-        # a free port of the head (the launcher runs there): never a fixed 6379 another job may hold
-        self.port = port or free_port()
+        # port 0: the head's GCS binds the kernel's choice and publishes it (`megarl.launch.ray_node`);
+        # a fixed port (`launch --ray-port`) only where a site's firewall wants one
+        self.port = port or 0
         self.cpus = cpus_per_node or nodes.cpus_per_node
         self.tag = nodes.job_id or f"local{os.getpid()}"
         self.temp_dir = f"/tmp/megarl_ray_{self.tag}"
-        self.head_host = nodes.head if nodes.slurm else "127.0.0.1"
-        self.address = f"{self.head_host}:{self.port}"
+        self.address_file = os.path.join(log_dir, HEAD_ADDRESS_FILE)
+        self.address = UNPUBLISHED     # known once the head is up (start)
         self.procs: list[tuple[str, subprocess.Popen, str]] = []   # (what, process, log path)
 
     # ---- commands --------------------------------------------------------------------------------
     def _ray_start(self, head: bool) -> list[str]:
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
-               f"--num-cpus={self.cpus}", f"--num-gpus={self.nodes.gpus_per_node}"]
+        cmd = [sys.executable, "-m", "megarl.launch.ray_node"]
         if head:
-            cmd += ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
-                    f"--ray-client-server-port={free_port()}"]
+            cmd += ["--publish", os.path.abspath(self.address_file)]
+        cmd += ["--block", f"--num-cpus={self.cpus}", f"--num-gpus={self.nodes.gpus_per_node}"]
+        if head:
+            cmd += ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false"]
         else:
             cmd += [f"--address={self.address}"]
         return cmd
@@ -65,11 +67,16 @@ class RayCluster:
         return ["srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", node, "--kill-on-bad-exit=0",
                 *extra_srun_args(), *cmd]
 
+    def head_command(self) -> tuple[str, list[str]]:
+        return f"head {self.nodes.head}", self._on_node(self.nodes.head, self._ray_start(True))
+
+    def worker_commands(self) -> list[tuple[str, list[str]]]:
+        """(what, argv) of every worker; they join at `self.address` (published by the head)."""
+        return [(f"worker {n}", self._on_node(n, self._ray_start(False))) for n in self.nodes.workers]
+
     def commands(self) -> list[tuple[str, list[str]]]:
         """(what, argv) for the head and every worker, in start order."""
-        out = [(f"head {self.nodes.head}", self._on_node(self.nodes.head, self._ray_start(True)))]
-        out += [(f"worker {n}", self._on_node(n, self._ray_start(False))) for n in self.nodes.workers]
-        return out
+        return [self.head_command(), *self.worker_commands()]
 
     def render(self) -> str:
         return "\n".join(f"  {what}: {shlex.join(cmd)}" for what, cmd in self.commands())
@@ -95,17 +102,21 @@ class RayCluster:
     def start(self, timeout: float = 300.0) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.auth_env()}
-        commands = self.commands()
         deadline = time.monotonic() + timeout
-        for i, (what, cmd) in enumerate(commands):
-            log = os.path.join(self.log_dir, f"ray_{what.replace(' ', '_')}.log")
-            with open(log, "ab") as f:
-                # a new session: the terminal's Ctrl-C goes to the launcher, which stops these in order
-                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            self.procs.append((what, proc, log))
-            if i == 0:
-                self._wait_for_port(deadline)
+        if os.path.exists(self.address_file):  # an earlier attempt's (requeue): the new head publishes anew
+            os.remove(self.address_file)
+        self._spawn(*self.head_command(), env)
+        self.address = self._wait_for_head(deadline)
+        for what, cmd in self.worker_commands():
+            self._spawn(what, cmd, env)
         self.wait_for_resources(deadline)
+
+    def _spawn(self, what: str, cmd: list[str], env: dict) -> None:
+        log = os.path.join(self.log_dir, f"ray_{what.replace(' ', '_')}.log")
+        with open(log, "ab") as f:
+            # a new session: the terminal's Ctrl-C goes to the launcher, which stops these in order
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs.append((what, proc, log))
 
     def _check_alive(self) -> None:
         for what, proc, log in self.procs:
@@ -113,17 +124,18 @@ class RayCluster:
                 raise LaunchError(f"ray {what} exited with code {proc.returncode} while starting; its log "
                                   f"({log}) ends with:\n{_tail(log)}")
 
-    def _wait_for_port(self, deadline: float) -> None:
-        while True:
+    def _wait_for_head(self, deadline: float) -> str:
+        """The head's address once it has published it (its GCS is listening by then)."""
+        from megarl.runtime.rendezvous import wait_for_address
+
+        while not os.path.exists(self.address_file):
             self._check_alive()
-            try:
-                with socket.create_connection((self.head_host, self.port), timeout=1.0):
-                    return
-            except OSError:
-                pass
             if time.monotonic() > deadline:
-                raise LaunchError(f"the Ray head did not listen on {self.address} in time; log: {self.procs[0][2]}")
+                raise LaunchError(f"the Ray head did not publish its address ({self.address_file}) in time; "
+                                  f"log: {self.procs[0][2]}")
             time.sleep(0.25)
+        host, port = wait_for_address(self.address_file, 0.0, "the Ray head's address")
+        return f"{host}:{port}"
 
     def wait_for_resources(self, deadline: float) -> dict:
         """Block until every node has joined with its CPUs and GPUs; a clear error at the deadline

@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from megarl.runtime.rendezvous import Rendezvous
 from megarl.sync.plan import HEADER_BYTES, WeightSyncPlan
-from megarl.sync.transport import Rendezvous, SyncGroup, WeightSyncError, check_header, copy_if_inside
+from megarl.sync.transport import SyncGroup, WeightSyncError, check_header, copy_if_inside
 
 
 def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:

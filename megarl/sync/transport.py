@@ -33,12 +33,12 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from megarl.runtime.rendezvous import Rendezvous
 from megarl.sync.plan import HEADER_BYTES, WeightSyncPlan
 
 MAGIC = 0x6D65_6761_726C_7379  # "megarlsy"
@@ -91,27 +91,6 @@ def check_header(buf: torch.Tensor, version: int, bucket: int, where: str) -> No
     if actual != checksum:
         raise WeightSyncError(f"{where}: checksum mismatch (sender {checksum:#x}, received {actual:#x}): "
                               "the weights were corrupted in transit")
-
-
-@dataclass(frozen=True)
-class Rendezvous:
-    """Where a group meets: a TCPStore one member hosts (`open_store`) and the others `connect` to
-    (the sync group's is hosted by sender 0, trainer global rank 0; a worker gang's by its rank 0)."""
-
-    host: str
-    port: int
-    timeout_s: float = 600.0
-
-    def connect(self) -> dist.TCPStore:
-        return dist.TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=self.timeout_s),
-                             use_libuv=True)
-
-
-def open_store(host: str, port: int = 0, timeout_s: float = 600.0) -> tuple[dist.TCPStore, int]:
-    """Host the rendezvous store (port 0: any free port). Returns (store, port)."""
-    store = dist.TCPStore(host, port, is_master=True, timeout=timedelta(seconds=timeout_s),
-                          wait_for_workers=False, use_libuv=True)
-    return store, store.port
 
 
 SLOTS = 3   # shared-memory buckets per sender: one being loaded, one being verified, one being written

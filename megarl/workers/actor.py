@@ -73,7 +73,7 @@ class ActorWorker(TrainableRank):
         address; returns (address, port), the port bound before it is published."""
         import ray
 
-        from megarl.sync.transport import open_store
+        from megarl.runtime.rendezvous import open_store
 
         if self.rank != 0:
             return None

@@ -84,7 +84,7 @@ class MegatronRank:
         The port is bound here (port 0) and only then published, so no other process can take it."""
         import ray
 
-        from megarl.sync.transport import open_store
+        from megarl.runtime.rendezvous import open_store
 
         host = ray.util.get_node_ip_address()
         self._gang_store, port = open_store(host, 0, GANG_TIMEOUT_S)
@@ -100,7 +100,7 @@ class MegatronRank:
         from megarl.checkpoint.hf import load_converted
         from megarl.models.hf_config import BuildOptions
         from megarl.runtime.device import DEVICE_INDEX_ENV, select_device
-        from megarl.sync.transport import Rendezvous
+        from megarl.runtime.rendezvous import Rendezvous
 
         os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port))  # for anything that reads them
         if _ray_gpu_ids():  # Ray shows this process only the GPU(s) it assigned: the first is ours

@@ -44,10 +44,12 @@ def test_dry_run_shows_the_ray_map_of_a_multi_node_grpo_job(eight_node_job):
     workers = [line for line in text.splitlines() if line.strip().startswith("worker gpu")]
     assert len(head) == 1 and "srun --overlap --nodes=1 --ntasks=1 -w gpu01" in head[0] and "--head" in head[0]
     assert "--num-gpus=8" in head[0] and "--num-cpus=96" in head[0]
-    port = head[0].split("--port=")[1].split()[0]
+    # the head binds a port of the kernel's choice and publishes it; the workers join at what it published
+    assert "--port=0" in head[0] and "megarl.launch.ray_node --publish" in head[0]
+    assert head[0].split("--publish ")[1].split()[0].endswith("/launch/4242/ray_head_address.json")
     assert [w.split(":")[0].split()[-1] for w in workers] == [f"gpu0{i}" for i in range(2, 9)]
-    assert all(f"--address=gpu01:{port}" in w and "-w gpu0" in w for w in workers)
-    assert f"RAY_ADDRESS=gpu01:{port}" in text and "megarl.cli train configs/grpo_70b.yaml" in text
+    assert all("'--address=<the address the head publishes>'" in w and "-w gpu0" in w for w in workers)
+    assert "megarl.cli train configs/grpo_70b.yaml" in text
 
 
 def test_dry_run_runs_preference_ranks_under_srun_and_refuses_a_node_mismatch(eight_node_job):
@@ -59,6 +61,8 @@ def test_dry_run_runs_preference_ranks_under_srun_and_refuses_a_node_mismatch(ei
     assert out.returncode == 1, out.stdout
     assert "no Ray" in out.stdout and "srun --overlap --nodes=8 --ntasks-per-node=4" in out.stdout
     assert "megarl.launch.rank configs/dpo_70b.yaml" in out.stdout and "MASTER_ADDR=gpu01" in out.stdout
+    # rank 0 binds the store's port and publishes it in a file of this launch: no port is picked here
+    assert "MASTER_PORT" not in out.stdout and "MEGARL_RENDEZVOUS_FILE=" in out.stdout
     assert "would fail: the recipe's cluster.nodes is 4 but the job has 8 node(s)" in out.stdout
 
 
@@ -112,9 +116,12 @@ def test_local_ray_cluster_starts_waits_and_stops_by_pid(tmp_path):
         assert _processes_with(cluster.temp_dir), "the head's processes carry its temp dir"
         assert oct(os.stat(cluster.auth_env()["RAY_AUTH_TOKEN_PATH"]).st_mode & 0o777) == "0o600"
         # a node that never brings what the job needs: a clear error naming what Ray shows
-        greedy = RayCluster(NodeMap(["localhost"], gpus_per_node=4, cpus_per_node=2), str(tmp_path / "logs"),
-                            port=cluster.port)
-        greedy.tag, greedy.log_dir = cluster.tag, cluster.log_dir  # join the running cluster's token and logs
+        host, port = cluster.address.rsplit(":", 1)
+        assert port != "0" and json.load(open(cluster.address_file)) == {"host": host, "port": int(port)}
+        logs = os.listdir(os.path.join(cluster.temp_dir, "session_latest", "logs"))
+        assert "raylet.out" in logs and not [f for f in logs if f.startswith("ray_client_server")]  # never started
+        greedy = RayCluster(NodeMap(["localhost"], gpus_per_node=4, cpus_per_node=2), str(tmp_path / "logs"))
+        greedy.address = cluster.address  # join the running cluster (its token is in the same log dir)
         with pytest.raises(LaunchError, match=r"shows .*'GPU': 0.0.*want .*'GPU': 4"):
             greedy.wait_for_resources(time.monotonic() + 15)
     finally:

@@ -73,9 +73,9 @@ def trainer_rounds(ckpt_dir: str, parallel: dict, rounds: list[dict], seqs: list
     from megarl.checkpoint.hf import load_converted
     from megarl.config.parallel import ParallelConfig
     from megarl.models.forward import full_logits
+    from megarl.runtime.rendezvous import Rendezvous
     from megarl.sync.plan import UnsupportedLayout
     from megarl.sync.sender import WeightSender
-    from megarl.sync.transport import Rendezvous
 
     torch.set_num_threads(1)
     chunks, _, _ = load_converted(ckpt_dir, ParallelConfig(**parallel), dtype="fp32")

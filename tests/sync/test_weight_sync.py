@@ -14,8 +14,9 @@ import torch
 
 from megarl.config.parallel import ParallelConfig
 from megarl.models.hf_config import read_hf_config
+from megarl.runtime.rendezvous import Rendezvous
 from megarl.sync.plan import EngineLayout, UnsupportedLayout, WeightSyncPlan, locate
-from megarl.sync.transport import Rendezvous, WeightSyncError, check_header, write_header
+from megarl.sync.transport import WeightSyncError, check_header, write_header
 
 SEQS = [[5, 17, 99, 3, 250, 41, 7, 8, 100, 9, 11, 12], [1, 2, 3, 4, 5, 6, 7, 8]]  # lengths % 4 == 0 (SP)
 TOL = 1e-4
@@ -183,7 +184,7 @@ _STORES = []  # kept alive for the module: every round's members connect to thei
 def _store_port() -> int:
     """A rendezvous store hosted by this process, bound to a port it got from the OS (port 0) and
     only then published to the round: no port is picked free here and bound later elsewhere."""
-    from megarl.sync.transport import open_store
+    from megarl.runtime.rendezvous import open_store
 
     store, port = open_store("127.0.0.1", 0, timeout_s=300)
     _STORES.append(store)

@@ -265,9 +265,9 @@ class WeightSync:
     """The actor gang's senders and the fleet's engines joined in one sync group (megarl.sync)."""
 
     def __init__(self, recipe: Recipe, actor: Gang, fleet, hf_cfg: dict):
+        from megarl.runtime.rendezvous import Rendezvous
         from megarl.sync.choice import resolve_transport
         from megarl.sync.plan import EngineLayout, WeightSyncPlan
-        from megarl.sync.transport import Rendezvous
 
         ro = recipe.rollout
         self.plan = WeightSyncPlan.build(recipe.parallel, EngineLayout(ro.engines, ro.engine_tp),
