@@ -135,6 +135,47 @@ def test_sbatch_on_three_nodes_requeues_on_usr1_and_resumes(sim, shared_inputs):
     assert processes_with(f"megarl_ray_{job_id}") == []  # the job's Ray (temp dir per job) is gone
 
 
+def _alive_ray_nodes(sim) -> list[str]:
+    check = ("import json, ray; ray.init(); "
+             "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
+    return json.loads(sim.run(1, [sim.python, "-c", check], timeout=120).stdout.strip().splitlines()[-1])
+
+
+def test_resume_after_losing_a_node_continues_on_the_nodes_that_remain(sim, shared_inputs):
+    """A 2-node recipe on the 3-node Ray cluster lands on nodes 1-2 (the driver's node, then by
+    address); node 2 (its engine) is killed after a checkpoint; `resume: auto` places the same
+    recipe on nodes 1 and 3 and finishes every step once. Node 2 rejoins Ray afterwards."""
+    import subprocess
+    import time
+
+    out = sim.state / "grpo_spare"
+    two_nodes = ["--set", "cluster.nodes=2", "--set", "parallel.pp=1", "--set", "trainer.steps=8",
+                 "--set", "trainer.save_freq=2"]
+    proc = sim.popen(1, _grpo(sim, shared_inputs, out, *two_nodes, "--set", "trainer.resume=never", dry=True),
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (out / "checkpoints" / "step_000002").is_dir():
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.5)
+        sim.crash(2)
+        first, _ = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and f"[rl] nodes: 0={sim.ip(1)}, 1={sim.ip(2)}" in first, first[-3000:]
+        deadline = time.monotonic() + 120
+        while sim.ip(2) in _alive_ray_nodes(sim):  # Ray's own health check marks the node dead
+            assert time.monotonic() < deadline, "Ray still shows the crashed node alive"
+            time.sleep(2)
+        second = _grpo(sim, shared_inputs, out, *two_nodes, "--set", "trainer.resume=auto")
+        assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+        assert f"[rl] nodes: 0={sim.ip(1)}, 1={sim.ip(3)}" in second.stdout and "resumed from" in second.stdout
+        steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+        assert steps == list(range(1, 9))  # the steps after the checkpoint ran once (metrics keep each once)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sim.restart_ray_node(2)
+
+
 # last: it kills node 2's processes (its Slurm daemons too; Ray is restarted there)
 def test_a_lost_node_fails_the_run_in_bounded_time_naming_it(sim, shared_inputs):
     """Every process on node 2 (actor and reference ranks) killed mid-run: the driver stops with an

@@ -119,6 +119,7 @@ class RLDriver:
         start_ray(min_cpus=len(pmap.used_slots()))
         self.placement = RayPlacement(pmap)
         print("\n".join(f"[{TAG}] placement: {line}" for line in pmap.lines()), flush=True)
+        print(f"[{TAG}] nodes: " + ", ".join(f"{i}={ip}" for i, ip in enumerate(self.placement.node_ips)), flush=True)
         threads = r.cluster.cpu_threads_per_rank or max(1, usable_cpus() // r.derived.train_world_size)
         self.actor = Gang(r, init, ACTOR, threads, self.placement)
         if REFERENCE in pmap.roles:

@@ -295,9 +295,12 @@ class WeightSync:
         send_stats = self._send(receives, version)
         recv_stats = self.fleet.finish_receive(receives, version)
         out = {"sync/seconds": time.perf_counter() - t0, "sync/bytes": float(self.plan.total_bytes),
-               "sync/buckets": float(len(self.plan.buckets)),
-               "sync/engine_load_s": max(s["load_seconds"] for s in recv_stats),
-               "sync/sender_gather_s": max(s["gather_seconds"] for s in send_stats)}
+               "sync/buckets": float(len(self.plan.buckets))}
+        # where the time went, slowest party of each kind (megarl.sync: WeightSender.send, BucketReceiver)
+        for part in ("gather", "pack", "checksum", "send_wait"):
+            out[f"sync/sender_{part}_s"] = max(s[f"{part}_seconds"] for s in send_stats)
+        for part in ("wait", "verify", "load"):
+            out[f"sync/engine_{part}_s"] = max(s[f"{part}_seconds"] for s in recv_stats)
         if self.config.verify_logprobs and verify_tokens:
             out["sync/verify_max_diff"] = self.verify(verify_tokens)
         return out
