@@ -11,7 +11,7 @@ tests use: the actor TP=2 within a node × PP=2 across nodes 1-2, one engine on 
   nodes, and the same recipe with every slot on node 1 (where the sync uses shared memory), median
   step time over the steps after the first.
 
-    python bench/multinode.py [--hidden 1024] [--layers 8] [--steps 5]
+    python bench/multinode.py [--hidden 1024] [--layers 8] [--steps 5] [--bucket-mb 64]
 
 Last stdout line: {"nodes": 3, "cross_node_sync_vs_raw": R, "step_seconds_3node": T3,
 "step_seconds_1node": T1, ...} (also the sync and raw seconds, the bytes and the step ratio).
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--bucket-mb", type=int, default=64)
     parser.add_argument("--raw-rank", type=int)
     args, rest = parser.parse_known_args()
     if args.raw_rank is not None:
@@ -134,7 +135,7 @@ def main() -> None:
         one = grpo(sim, work, str(work / "tiny"), str(work / "run1"), LAYOUT_1NODE, args.steps, *small)
         big = grpo(sim, work, str(work / "big"), str(work / "sync3"), LAYOUT_3NODE, 3, "trainer.prompts_per_step=2",
                    "rollout.n=2", "trainer.samples_per_minibatch=4", "trainer.micro_batch_per_rank=1",
-                   "rollout.max_response_length=16", "rollout.weight_sync.bucket_mb=64")
+                   "rollout.max_response_length=16", f"rollout.weight_sync.bucket_mb={args.bucket_mb}")
         nbytes = int(big[0]["sync/bytes"])
         sync_s = statistics.median(r["sync/seconds"] for r in big)
         raw_s = raw_broadcast(sim, nbytes, repeats=5)

@@ -245,7 +245,8 @@ def main() -> None:
         }
         for transport in plans:
             best = min(range(args.repeats), key=lambda i: rank0["sync"][transport][i])
-            print(f"{transport} sender:", {k: round(v, 3) for k, v in rank0["stats"][transport][best].items()})
+            print(f"{transport} sender:", {k: round(v, 3) if isinstance(v, float) else v
+                                  for k, v in rank0["stats"][transport][best].items()})
             print(f"{transport} receiver:",
                   {k: round(v, 3) if isinstance(v, float) else v
                    for k, v in engine_out["receiver_stats"][transport][best].items()})

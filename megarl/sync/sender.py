@@ -5,8 +5,12 @@ sender's tensor-parallel (or expert-TP) group are written into the bucket as HF 
 plan's offsets (q/k/v and gate/up rows or a split dimension, cast to the engine dtype, or
 FP8-quantized whole); the sender stamps the header (checksum) and hands the bucket over:
 
-- transport "broadcast": the group's ranks gather the shards to the sender, which packs the bucket
-  and broadcasts it to the engines. Packing bucket k+1 overlaps the broadcast of bucket k.
+- transport "broadcast": the bucket is assembled on the sender and broadcast to the engines.
+  On CPUs (no FP8), every rank of the sender's TP group writes its own shards into the sender's
+  bucket slot in host shared memory (TP groups never span nodes), a barrier says it is complete,
+  and the slot is broadcast: no gather, the ranks pack in parallel, and up to SLOTS buckets are in
+  flight. Elsewhere (GPUs, FP8, or no room in /dev/shm) the group's ranks gather the shards to the
+  sender, which packs the bucket; packing bucket k+1 overlaps the broadcast of bucket k.
 - transport "shared_memory": every rank of the group writes its own shard into the sender's
   shared slot (no gather), a barrier of the group says the bucket is complete, the sender rings
   the engines; engines load bucket k and verify k+1 while the ranks write k+2 into the third slot.
@@ -18,6 +22,7 @@ Ranks of other data-parallel replicas do nothing.
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -26,6 +31,11 @@ import torch.distributed as dist
 from megarl.checkpoint.hf_map import hf_tensors
 from megarl.sync.plan import HEADER_BYTES, SyncEntry, UnsupportedLayout, WeightSyncPlan
 from megarl.sync.transport import SyncGroup, open_slots, sender_prefix, write_header
+
+
+def _works(pending: list) -> list:
+    """The async works among what a hand-over returned (the rest are tensors kept alive with them)."""
+    return [w for w in pending if not isinstance(w, torch.Tensor)]
 
 
 def _unwrap(module):
@@ -106,27 +116,56 @@ class WeightSender:
 
     # ---- group ----------------------------------------------------------------------------
     def join(self, rendezvous, store=None, generation: int = 0) -> None:
-        """Senders join their group (blocks until the engines join too). Called on every actor rank:
-        with shared_memory the TP peers map their sender's slots, and the sender removes the
-        slot files once every peer and engine has them mapped."""
-        self.peer_slots: dict = {}
-        shared = self.plan.transport == "shared_memory"
-        if shared and self.sender is None:
+        """Senders join their group (blocks until the engines join too). Called on every actor rank.
+        Where the TP ranks write their shards into the sender's slots (shared_memory, and broadcast
+        on CPUs), the peers map the slots the sender publishes, and the sender removes the slot
+        files once every peer (and engine) has them mapped."""
+        self.peer_slots: dict = {}   # sender index -> its slots, on the ranks that write into them
+        self.own_slots = None        # broadcast: this sender's staging slots (None: gather instead)
+        if self.sender is None:
             peer_of = [s for s in self.plan.senders if self._participates(s)]
-            if peer_of:
+            if peer_of and (self.plan.transport == "shared_memory" or self._may_stage()):
                 store = rendezvous.connect()
                 for s in peer_of:
                     name = sender_prefix(self.plan, generation, s.index)
-                    self.peer_slots[s.index] = open_slots(store.get(name + "/slots").decode(),
-                                                          f"trainer rank {dist.get_rank()}")
+                    published = store.get(name + "/slots").decode()
+                    if json.loads(published)["kind"] == "none":
+                        continue  # this sender gathers
+                    self.peer_slots[s.index] = open_slots(published, f"trainer rank {dist.get_rank()}")
                     store.set(f"{name}/mapped/{dist.get_rank()}", "1")
-        if self.sender is not None:
-            self.group = SyncGroup(self.plan, self.sender.index, rendezvous, store=store, generation=generation,
-                                   device=self.device)
-            if shared:
-                name = sender_prefix(self.plan, generation, self.sender.index)
-                self.group.store.wait([f"{name}/mapped/{r}" for r in self._peer_ranks(self.sender)])
-                self.group.slots[self.sender.index].unlink()
+            return
+        self.group = SyncGroup(self.plan, self.sender.index, rendezvous, store=store, generation=generation,
+                               device=self.device)
+        name = sender_prefix(self.plan, generation, self.sender.index)
+        if self.plan.transport == "shared_memory":
+            slots = self.group.slots[self.sender.index]
+        elif self._may_stage():
+            slots = self.own_slots = self._staging_slots(generation)
+            self.group.store.set(name + "/slots", slots.publish() if slots else json.dumps({"kind": "none"}))
+        else:
+            return
+        if slots is not None:
+            self.group.store.wait([f"{name}/mapped/{r}" for r in self._peer_ranks(self.sender)])
+            slots.unlink()
+
+    def _may_stage(self) -> bool:
+        """Broadcast with TP ranks writing into the sender's host shared memory: CPU, no FP8 (whole
+        tensors are quantized on the sender), and split tensors to write (TP or expert TP > 1).
+        The same answer on every rank of the actor."""
+        return (self.plan.transport == "broadcast" and self.device.type == "cpu" and not self.plan.quantization
+                and max(self._group_size.values()) > 1)
+
+    def _staging_slots(self, generation: int):
+        """This sender's slots in /dev/shm, or None (and a note) when there is no room: then it gathers."""
+        from megarl.sync.transport import SLOTS, SharedSlots, WeightSyncError, slot_bytes
+
+        try:
+            return SharedSlots.create(f"{self.plan.fingerprint[:8]}-g{generation}-stage{self.sender.index}",
+                                      slot_bytes(self.plan, self.sender.index), count=SLOTS)
+        except WeightSyncError as e:
+            print(f"[weight sync] sender {self.sender.index} gathers its TP shards instead of staging them in "
+                  f"shared memory: {e}", flush=True)
+            return None
 
     def _peer_ranks(self, s) -> list[int]:
         """Global ranks (other than this sender) that hold shards of sender `s`'s split tensors."""
@@ -139,20 +178,29 @@ class WeightSender:
     @torch.no_grad()
     def send(self, version: int) -> dict:
         """Collective over the actor ranks (and the engines, for the senders). Returns stats:
-        bytes, buckets, seconds, and where the time went (gather, pack, checksum, send_wait)."""
+        bytes, buckets, seconds, the path of this rank's sender, and where the time went
+        (gather, pack, checksum, send_wait)."""
         t0 = time.perf_counter()
         self._clock = {"gather": 0.0, "pack": 0.0, "checksum": 0.0, "send_wait": 0.0}
         sent = buckets = 0
+        path = None   # how this rank's own sender sent: shared_memory, staged_broadcast, gathered_broadcast
         for s in self.plan.senders:
             mine = self.sender is not None and self.sender.index == s.index
             if not mine and not self._participates(s):
                 continue
             if self.plan.transport == "shared_memory":
-                n, b = self._send_shared(s, mine, version)
+                slots = self.group.slots[s.index] if mine else self.peer_slots[s.index]
+                n, b = self._send_written(s, mine, version, slots, doorbell=True)
+                path = "shared_memory" if mine else path
+            elif (self.own_slots if mine else self.peer_slots.get(s.index)) is not None:
+                slots = self.own_slots if mine else self.peer_slots[s.index]
+                n, b = self._send_written(s, mine, version, slots, doorbell=False)
+                path = "staged_broadcast" if mine else path
             else:
                 n, b = self._send_broadcast(s, mine, version)
+                path = "gathered_broadcast" if mine else path
             sent, buckets = sent + n, buckets + b
-        return {"bytes": sent, "buckets": buckets, "seconds": time.perf_counter() - t0,
+        return {"bytes": sent, "buckets": buckets, "seconds": time.perf_counter() - t0, "path": path,
                 **{f"{k}_seconds": v for k, v in self._clock.items()}}
 
     def _timed(self, what: str, fn, *args, **kwargs):
@@ -193,16 +241,18 @@ class WeightSender:
         self._workspace = None
         return sent, len(mine_buckets) if mine else 0
 
-    def _send_shared(self, s, mine: bool, version: int) -> tuple[int, int]:
-        """Every rank writes its own shards into the slot; `gather` time is the barriers'."""
-        slots = self.group.slots[s.index] if mine else self.peer_slots[s.index]
+    def _send_written(self, s, mine: bool, version: int, slots, doorbell: bool) -> tuple[int, int]:
+        """Every rank writes its own shards into the sender's slot (bucket k in slot k % SLOTS);
+        `gather` time is the barriers'. The sender stamps the bucket and hands it over: a
+        `doorbell` to engines that map the slot (shared_memory), else a broadcast from the slot.
+        The slot is rewritten only once the hand-over's works complete."""
         acks: list = []    # per bucket: the works that complete when every engine is done with it
         sent = 0
         mine_buckets = self.plan.buckets_of(s.index)
         for k, bucket in enumerate(mine_buckets):
             groups = [g for g in self._bucket_groups(bucket) if self._member(s, g)]
             if mine and k >= len(slots.buffers):        # the slot still holds bucket k - SLOTS
-                for work in acks[k - len(slots.buffers)][:2]:
+                for work in _works(acks[k - len(slots.buffers)]):
                     self._timed("send_wait", work.wait)
             for g in groups:                             # the slot is free for everyone
                 self._timed("gather", dist.barrier, group=self._groups[g])
@@ -215,10 +265,11 @@ class WeightSender:
                 self._timed("gather", dist.barrier, group=self._groups[g])
             if mine:
                 self._stamp(buf, version, bucket)
-                acks.append(self.group.ring(s.index, bucket.index))
+                acks.append(self.group.ring(s.index, bucket.index) if doorbell
+                            else [self.group.broadcast(s.index, buf)])
                 sent += bucket.nbytes
         for works in acks:
-            for work in works[:2]:
+            for work in _works(works):
                 self._timed("send_wait", work.wait)
         return sent, len(acks)
 

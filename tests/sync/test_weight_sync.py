@@ -340,6 +340,11 @@ def test_tp2_sync_detects_corruption_refuses_unknown_layouts_and_carries_fp8(hos
         for p in plain:
             p.close()
     ref = _trainer_logprobs(trainer)
+    # broadcast on CPU: both TP ranks write into the sender's shared-memory slot, which is broadcast;
+    # FP8 gathers whole tensors on the sender to quantize them
+    paths = [r["path"] for r in trainer[0]["rounds"]]
+    assert paths == ["staged_broadcast"] * 5 + ["gathered_broadcast"] + ["shared_memory"] * 2, paths
+    assert all(r["path"] is None for r in trainer[1]["rounds"])       # rank 1 is no sender, only writes
     assert res[0][0]["ok"] and _max_diff(res[0][1], ref) <= TOL and res[0][0]["load_path"] == "direct"
     assert res[1][0]["ok"] and res[1][1]["ok"] and _max_diff(res[1][3], ref) <= TOL
     # corrupted bucket: detected, named, and the engine refuses to sample until the next good sync
