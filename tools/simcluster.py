@@ -217,6 +217,15 @@ class SimCluster:
                 except ProcessLookupError:
                     pass
 
+    def cut(self, i: int) -> None:
+        """Node i's link to the switch goes down: its processes live on, but nothing reaches them and
+        nothing they send arrives (no reset either: peers see silence, as in a network partition)."""
+        _ip("-n", self.switch, "link", "set", f"{PREFIX}-v{i}", "down")
+
+    def heal(self, i: int) -> None:
+        """Node i's link comes back up (after `cut`)."""
+        _ip("-n", self.switch, "link", "set", f"{PREFIX}-v{i}", "up")
+
     # ---- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> SimCluster:
         self.up()

@@ -176,6 +176,36 @@ def test_resume_after_losing_a_node_continues_on_the_nodes_that_remain(sim, shar
         sim.restart_ray_node(2)
 
 
+def test_a_node_cut_off_fails_the_run_in_bounded_time_naming_it(sim, shared_inputs):
+    """Node 2's link goes down mid-run (a partition: its processes live on, nothing arrives, no
+    reset): Ray declares the node dead, the driver stops at the first lost rank's error instead of
+    waiting for the survivors' collectives to time out, and names the node. Node 2 is then
+    reconnected and its processes replaced (its Ray node rejoins)."""
+    import subprocess
+    import time
+
+    out = sim.state / "grpo_cut"
+    args = _grpo(sim, shared_inputs, out, "--set", "trainer.steps=50", "--set", "trainer.resume=never", dry=True)
+    proc = sim.popen(1, args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (out / "metrics.jsonl").is_file():
+            time.sleep(1)
+        assert (out / "metrics.jsonl").is_file(), "the run never completed a step"
+        t0 = time.monotonic()
+        sim.cut(2)
+        output, _ = proc.communicate(timeout=400)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sim.heal(2)
+        sim.crash(2)  # what was cut off (Ray has written it off) goes; a fresh Ray node takes its place
+        sim.restart_ray_node(2)
+    assert proc.returncode != 0 and elapsed < 240, (elapsed, output[-3000:])
+    assert "worker(s) lost during" in output and f"on node {sim.ip(2)}" in output, output[-3000:]
+
+
 # last: it kills node 2's processes (its Slurm daemons too; Ray is restarted there)
 def test_a_lost_node_fails_the_run_in_bounded_time_naming_it(sim, shared_inputs):
     """Every process on node 2 (actor and reference ranks) killed mid-run: the driver stops with an

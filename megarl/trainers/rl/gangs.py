@@ -154,6 +154,19 @@ def place_ranks(recipe: Recipe, init_ckpt: str, role: str, threads: int, placeme
     return workers
 
 
+def get_all_or_first_error(refs: list) -> list:
+    """`ray.get(refs)`, but raising as soon as any of them fails: `ray.get` of a list waits for every
+    result, and when a node is cut off, the ranks that survive sit in collectives with it until
+    their timeout (minutes) while the lost ranks' results already are errors."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # raises this result's error now
+    return ray.get(refs)
+
+
 class Gang:
     """The Ray actors of one megatron model group, each on its slot of the placement map; `call`
     runs a method on every rank."""
@@ -195,11 +208,10 @@ class Gang:
     def _get(self, refs: list, method: str) -> list:
         """The results of one call on every rank. When a rank's process (or its whole node) is gone,
         the surviving ranks fail too (their collectives lose a peer): name the lost ranks and nodes."""
-        import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         try:
-            return ray.get(refs)
+            return get_all_or_first_error(refs)
         except (RayActorError, RayTaskError) as e:
             lost = self.worker_lost(method, e)
             if lost is None:
@@ -306,13 +318,12 @@ class WeightSync:
         return out
 
     def _send(self, receives: list, version: int) -> list[dict]:
-        import ray
 
         from megarl.rollout.fleet import EngineLost
         from megarl.sync.transport import WeightSyncError
 
         try:
-            return ray.get(self.actor.call_async("sync_send", version))
+            return get_all_or_first_error(self.actor.call_async("sync_send", version))
         except Exception as e:  # noqa: BLE001 - a lost trainer rank is named; else usually an engine went away
             lost = self.actor.worker_lost("the weight sync", e)
             if lost is not None:
