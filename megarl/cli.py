@@ -20,19 +20,20 @@ import os
 import sys
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, with_placement: bool = False):
+    """The recipe (None after printing why not); an RL run must be placeable on its cluster, which
+    is checked here. `with_placement`: (recipe, its placement map or None) instead."""
     from megarl.config import ConfigError
     from megarl.config.loader import load_recipe
     from megarl.launch.placement import PlacementError, build_placement
 
     try:
         recipe = load_recipe(args.recipe, overrides=args.set or [])
-        if recipe.rollout is not None:  # an RL run must be placeable on its cluster, checked at load
-            build_placement(recipe)
-        return recipe
+        placement = build_placement(recipe) if recipe.rollout is not None else None
     except (ConfigError, PlacementError) as e:
         print(f"{args.recipe}: {e}", file=sys.stderr)
-        return None
+        recipe = placement = None
+    return (recipe, placement) if with_placement else recipe
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -47,15 +48,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from megarl.config.plan import render_plan
-    from megarl.launch.placement import build_placement
 
-    recipe = _load(args)
+    recipe, placement = _load(args, with_placement=True)
     if recipe is None:
         return 1
     if args.gpu_type:
         recipe.cluster.gpu_type = args.gpu_type
     try:
-        text, fits = render_plan(recipe, build_placement(recipe).lines() if recipe.rollout is not None else ())
+        text, fits = render_plan(recipe, placement.lines() if placement is not None else ())
     except ValueError as e:
         print(f"{args.recipe}: {e}", file=sys.stderr)
         return 1

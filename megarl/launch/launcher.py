@@ -21,8 +21,8 @@ import sys
 import time
 
 from megarl.launch.nodes import LaunchError, NodeMap, detect_nodes
-from megarl.launch.rank import RENDEZVOUS_FILE_ENV
 from megarl.launch.ray_cluster import RayCluster, extra_srun_args
+from megarl.runtime.rendezvous import RENDEZVOUS_FILE_ENV
 from megarl.trainers.runner import EXIT_CHECKPOINTED
 
 

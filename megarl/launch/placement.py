@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ACTOR, REFERENCE, CRITIC, REWARD_MODEL, ROLLOUT = "actor", "reference", "critic", "reward_model", "rollout"
+from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD_MODEL
+
+ROLLOUT = "rollout"   # the engines; the megatron gangs keep their worker role names
 
 
 class PlacementError(ValueError):

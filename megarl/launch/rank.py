@@ -15,7 +15,8 @@ import os
 import sys
 from datetime import timedelta
 
-RENDEZVOUS_FILE_ENV = "MEGARL_RENDEZVOUS_FILE"
+from megarl.runtime.rendezvous import RENDEZVOUS_FILE_ENV
+
 RENDEZVOUS_TIMEOUT_S = 600.0
 
 

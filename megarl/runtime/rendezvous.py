@@ -16,6 +16,9 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+RENDEZVOUS_FILE_ENV = "MEGARL_RENDEZVOUS_FILE"
+"""Names the file where an srun job's rank 0 publishes its store (set by the launcher, one per launch)."""
+
 
 @dataclass(frozen=True)
 class Rendezvous:

@@ -3,7 +3,7 @@
 - actor      `ActorWorker`        trainable policy: log-probs, policy updates, weight-sync sender
 - reference  `ReferenceWorker`    frozen policy: log-probs
 - critic     `CriticWorker`       trainable value head: values, value updates
-- reward     `RewardModelWorker`  frozen scalar head: sequence scores
+- reward_model `RewardModelWorker` frozen scalar head: sequence scores
 
 All build on `megarl.workers.base.MegatronRank`; results travel to the driver as `megarl.workers.wire`
 shares. Importing this package is cheap (the role classes load on `worker_class`).
@@ -11,8 +11,9 @@ shares. Importing this package is cheap (the role classes load on `worker_class`
 
 from __future__ import annotations
 
-ACTOR, REFERENCE, CRITIC, REWARD = "actor", "reference", "critic", "reward"
-ROLES = (ACTOR, REFERENCE, CRITIC, REWARD)
+ACTOR, REFERENCE, CRITIC, REWARD_MODEL = "actor", "reference", "critic", "reward_model"
+ROLES = (ACTOR, REFERENCE, CRITIC, REWARD_MODEL)
+"""The gang roles; `megarl.launch.placement` gives each its slots under the same names."""
 
 
 def worker_class(role: str) -> type:
@@ -29,7 +30,7 @@ def worker_class(role: str) -> type:
         from megarl.workers.scorer import ReferenceWorker
 
         return ReferenceWorker
-    if role == REWARD:
+    if role == REWARD_MODEL:
         from megarl.workers.scorer import RewardModelWorker
 
         return RewardModelWorker

@@ -10,7 +10,7 @@ def placement_checks(recipe_file: str, overrides: list[str], num_gpus: int, addr
     import ray
 
     from megarl.config.loader import load_recipe
-    from megarl.launch.placement import REWARD_MODEL, build_placement
+    from megarl.launch.placement import build_placement
     from megarl.trainers.rl.gangs import RayPlacement, _Probe, place_ranks
 
     if address:
@@ -25,7 +25,7 @@ def placement_checks(recipe_file: str, overrides: list[str], num_gpus: int, addr
                "slot_gpu": {f"{s.node}:{s.device}": placement.gpu_ids.get(s) for s in pmap.used_slots()}}
         alive = []
         for role in pmap.roles:
-            workers = place_ranks(recipe, "unused", "reward" if role == REWARD_MODEL else role, 1, placement, role)
+            workers = place_ranks(recipe, "unused", role, 1, placement)
             out["roles"][role] = ray.get([w.placement.remote() for w in workers])
             if role == "actor":
                 out["rendezvous"] = ray.get(workers[0].rendezvous.remote())

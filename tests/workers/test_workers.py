@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD, ROLES, worker_class
+from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD_MODEL, ROLES, worker_class
 from megarl.workers.base import MegatronRank, TrainableRank, WorkerError
 from megarl.workers.wire import encode_share, gather_shares
 
@@ -18,7 +18,7 @@ def test_worker_class_per_role():
     from megarl.workers.scorer import ReferenceWorker, RewardModelWorker
 
     assert {r: worker_class(r) for r in ROLES} == {ACTOR: ActorWorker, REFERENCE: ReferenceWorker,
-                                                    CRITIC: CriticWorker, REWARD: RewardModelWorker}
+                                                    CRITIC: CriticWorker, REWARD_MODEL: RewardModelWorker}
     assert issubclass(ActorWorker, TrainableRank) and issubclass(CriticWorker, TrainableRank)
     assert not issubclass(ReferenceWorker, TrainableRank) and not issubclass(RewardModelWorker, TrainableRank)
     with pytest.raises(KeyError, match="policy"):
@@ -35,7 +35,7 @@ def test_each_role_keeps_the_methods_the_driver_calls():
                                                      "sync_send"}
     assert _public(worker_class(CRITIC)) == common | {"compute_values", "update_critic"}
     assert _public(worker_class(REFERENCE)) == common | {"compute_logprobs"}
-    assert _public(worker_class(REWARD)) == common | {"score"}
+    assert _public(worker_class(REWARD_MODEL)) == common | {"score"}
     for role in ROLES:  # inherited and own public methods all convert errors
         cls = worker_class(role)
         assert all(getattr(getattr(cls, n), "__plain_errors__", False) for n in _public(cls)), role
@@ -97,7 +97,7 @@ def test_wire_round_trip_orders_by_dp_rank():
 def test_workers_import_neither_trainers_nor_megatron():
     code = ("import sys; import megarl.workers.actor, megarl.workers.critic, megarl.workers.scorer, "
             "megarl.workers.wire; from megarl.workers import worker_class; [worker_class(r) for r in "
-            "('actor', 'critic', 'reference', 'reward')]; "
+            "('actor', 'critic', 'reference', 'reward_model')]; "
             "print(sorted(m for m in sys.modules if m.startswith(('megarl.trainers', 'megatron'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr

@@ -66,13 +66,17 @@ def _namespace_works(flags: list[str]) -> bool:
     return subprocess.run([unshare, *flags, "true"], capture_output=True).returncode == 0
 
 
+def _userns_flags() -> list[str]:
+    """`unshare` flags for the user namespace a non-root process needs before any other (none as root)."""
+    return [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+
+
 @functools.lru_cache(maxsize=1)
 def missing_layers() -> dict[str, str]:
     """layer -> why it cannot be had on this machine (cached: the machine does not change)."""
-    root = os.geteuid() == 0
-    userns = [] if root else ["--user", "--map-root-user"]
+    userns = _userns_flags()
     missing = {}
-    if not root and not _namespace_works(userns):
+    if userns and not _namespace_works(userns):
         missing["user"] = "not root, and user namespaces are not allowed"
     for layer, flags in (("mount", ["--mount"]), ("pid", ["--pid", "--fork"]), ("network", ["--net"])):
         if not _namespace_works(userns + flags):
@@ -127,8 +131,9 @@ class PythonSandbox:
                 cgroup.remove()
 
     def _config(self, host_dir: str, script: str, cgroup: ToolCgroup, report_fd: int) -> dict:
-        root = os.geteuid() == 0
-        uid = UID_BASE + (os.getpid() % 100_000) * 1000 + next(_uids) % 1000 if root else None
+        # as root the program runs as an unnamed uid of its own; otherwise as this user (mapped to root
+        # inside its user namespace)
+        uid = UID_BASE + (os.getpid() % 100_000) * 1000 + next(_uids) % 1000 if not _userns_flags() else None
         workdir = "/tmp" if "mount" in self.layers else os.path.join(host_dir, "work")
         if workdir != "/tmp":  # no private root: the program works in a host directory it owns
             os.makedirs(workdir)
@@ -147,7 +152,7 @@ class PythonSandbox:
                 "cgroup_procs": cgroup.procs_files}
 
     def _command(self, cfg: dict) -> list[str]:
-        flags = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+        flags = _userns_flags()
         flags += ["--mount"] if "mount" in self.layers else []
         flags += ["--pid", "--fork", "--kill-child"] if "pid" in self.layers else []
         flags += ["--net"] if "network" in self.layers else []

@@ -109,10 +109,10 @@ class RLDriver:
     # ---- bring-up ------------------------------------------------------------------------------
     def start(self) -> None:
         """Gangs, rewards, engines, the sync group; then resume and the per-run helpers."""
-        from megarl.launch.placement import REWARD_MODEL, build_placement
+        from megarl.launch.placement import build_placement
         from megarl.reward.engine import RewardEngine
         from megarl.runtime.device import usable_cpus
-        from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD
+        from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD_MODEL
 
         r, init = self.recipe, self.inputs.init
         pmap = build_placement(r)
@@ -129,7 +129,7 @@ class RLDriver:
             self.critic = Gang(r, critic_init, CRITIC, threads, self.placement)
         if REWARD_MODEL in pmap.roles:
             rm_init = initial_checkpoint(r, TAG, r.reward.reward_model.path, "reward_model_init")
-            self.reward_model = Gang(r, rm_init, REWARD, threads, self.placement, slots_role=REWARD_MODEL)
+            self.reward_model = Gang(r, rm_init, REWARD_MODEL, threads, self.placement)
         scorer = self.reward_model.reward_scorer(r.derived.dp) if self.reward_model else None
         self.rewards = RewardEngine(r.reward, scorer)
         self.fleet = build_fleet(r, engine_model_dir(r, init), self.placement)

@@ -137,8 +137,7 @@ def _ordered_node_ips(count: int) -> list[str]:
     return ordered[:count]
 
 
-def place_ranks(recipe: Recipe, init_ckpt: str, role: str, threads: int, placement: RayPlacement,
-                slots_role: str) -> list:
+def place_ranks(recipe: Recipe, init_ckpt: str, role: str, threads: int, placement: RayPlacement) -> list:
     """One Ray actor per rank of `role` on its slot (cheap: nothing is built yet), checked against
     the map: node, LOCAL_RANK and, on GPUs, the GPU Ray gave it."""
     import ray
@@ -148,9 +147,9 @@ def place_ranks(recipe: Recipe, init_ckpt: str, role: str, threads: int, placeme
     cls = ray.remote(worker_class(role))
     world = recipe.derived.train_world_size
     workers = [cls.options(**placement.options(slot)).remote(recipe, init_ckpt, role, r, world, threads,
-                                                           placement.map.local_rank(slots_role, r))
-               for r, slot in enumerate(placement.map.roles[slots_role])]
-    placement.check(slots_role, ray.get([w.placement.remote() for w in workers]))
+                                                           placement.map.local_rank(role, r))
+               for r, slot in enumerate(placement.map.roles[role])]
+    placement.check(role, ray.get([w.placement.remote() for w in workers]))
     return workers
 
 
@@ -171,11 +170,10 @@ class Gang:
     """The Ray actors of one megatron model group, each on its slot of the placement map; `call`
     runs a method on every rank."""
 
-    def __init__(self, recipe: Recipe, init_ckpt: str, role: str, threads: int, placement: RayPlacement,
-                 slots_role: str | None = None):
+    def __init__(self, recipe: Recipe, init_ckpt: str, role: str, threads: int, placement: RayPlacement):
         self.role = role
-        self.workers = place_ranks(recipe, init_ckpt, role, threads, placement, slots_role or role)
-        self.nodes = [placement.node_ips[s.node] for s in placement.map.roles[slots_role or role]]
+        self.workers = place_ranks(recipe, init_ckpt, role, threads, placement)
+        self.nodes = [placement.node_ips[s.node] for s in placement.map.roles[role]]
         host, port = self.call_one(0, "rendezvous")
         self.coords = self.call("build", host, port)  # up and built (or this raises)
         self.dp_size = self.coords[0]["dp_size"]
