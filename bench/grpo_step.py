@@ -6,9 +6,14 @@ its process): agent loop, tools, rewards, batching, Ray transfers, weight sync, 
     python bench/grpo_step.py [--steps 6] [--prompts 8] [--n 4]
 
 Last stdout line: {"step_seconds": T, "step_seconds_vs_before": R, "overhead_fraction": F,
-"phases": {...}} (medians over the steps after the first, which pays one-time kernel JIT); R is T
-over the same run with `algorithm.old_logprobs: recompute` (the separate old-log-prob pass every
-step used to make), measured first in the same invocation.
+"phases": {...}, "mfu": {phase: fraction}, "padding_fraction": P, "peak_gflops_per_core": {...}}
+(medians over the steps after the first, which pays one-time kernel JIT); R is T over the same run
+with `algorithm.old_logprobs: recompute` (the separate old-log-prob pass every step used to make),
+measured first in the same invocation. MFU of a phase = its model FLOPs (`flops/*` metrics: counted
+from the architecture and the real token counts, padding excluded; megarl.models.flops) / its
+seconds / the fp32 matrix-multiply peak of one core measured here, times the cores the phase runs
+on (the training ranks' threads; the engine's one OMP thread). The bf16 peak is measured too, for
+when the recipe computes in bf16.
 """
 
 from __future__ import annotations
@@ -43,6 +48,32 @@ def run_steps(work: str, model: str, args, name: str, *extra: str) -> list[dict]
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]
 
 
+def matmul_peak_gflops(dtype: str, size: int = 1024, seconds: float = 1.5) -> float:
+    """GFLOP/s of one thread multiplying two size x size matrices of `dtype` (best of a few tries)."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = (torch.randn(size, size).to(getattr(torch, dtype)) for _ in range(2))
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def phase_mfu(rows: list[dict], peak_per_core: float, cores: dict[str, int]) -> dict[str, float]:
+    """Median over steps of flops/<phase> / timing/<phase>_s / (peak × cores of the phase)."""
+    out = {}
+    for phase, n in cores.items():
+        if f"flops/{phase}" in rows[0] and f"timing/{phase}_s" in rows[0]:
+            out[phase] = round(statistics.median(r[f"flops/{phase}"] / r[f"timing/{phase}_s"] for r in rows)
+                               / (peak_per_core * 1e9 * n), 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
@@ -50,6 +81,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     args = parser.parse_args()
     from examples.tool_math import rl_row, write
+    from megarl.runtime.device import usable_cpus
+
+    peak = {dtype: round(matmul_peak_gflops(dtype), 1) for dtype in ("float32", "bfloat16")}
+    print(f"matmul peak of one core: {peak} GFLOP/s", flush=True)
     from megarl.models.tiny_hf import make_tiny_model
 
     work = tempfile.mkdtemp(prefix="megarl-bench-grpo-")
@@ -68,10 +103,17 @@ def main() -> None:
         for k, v in phases.items():
             print(f"{k:>24}: {v:.3f}")
         print(f"{'step, old log-probs recomputed':>24}: {before_s:.3f}")
+        world = 2  # configs/tiny: 2 ranks of usable_cpus() // 2 threads each (megarl.trainers.rl.driver)
+        cores = {"update": min(usable_cpus(), world * max(1, usable_cpus() // world)), "rollout": 1}
+        cores["old_logprobs"] = cores["ref_logprobs"] = cores["update"]
+        mfu = {**phase_mfu(before, peak["float32"], cores), **phase_mfu(rows, peak["float32"], cores)}
+        padding = statistics.median(r["batch/padding_fraction"] for r in rows)
+        print(f"{'mfu (fp32 peak)':>24}: {mfu}; padding {padding:.3f}")
         print(json.dumps({"step_seconds": round(med["timing/step_s"], 3),
                           "step_seconds_vs_before": round(med["timing/step_s"] / before_s, 3),
                           "overhead_fraction": round(med["timing/overhead_fraction"], 3), "phases": phases,
-                          "samples_per_step": args.prompts * args.n, "steps_measured": len(rows)}))
+                          "samples_per_step": args.prompts * args.n, "steps_measured": len(rows),
+                          "mfu": mfu, "padding_fraction": round(padding, 3), "peak_gflops_per_core": peak}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

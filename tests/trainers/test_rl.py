@@ -174,7 +174,7 @@ def test_ppo_with_critic_learns_values_and_checkpoints_both(rl_setup):
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "building the critic" in proc.stdout
-    for role in ("actor", "critic", "reward"):   # cluster.cpu_threads_per_rank reaches every gang
+    for role in ("actor", "critic", "reward_model"):   # cluster.cpu_threads_per_rank reaches every gang
         assert re.search(rf"\[rl\] {role}: \d+ rank\(s\), 1 torch thread\(s\) each", proc.stdout), role
     m = _metrics(out)
     assert "timing/old_logprobs_s" in m[1] and m[1]["actor/updates"] == 2.0  # ppo_epochs 2: a separate pass

@@ -177,6 +177,25 @@ def test_step_metrics_collects_every_family(tmp_path):
     assert m["reward/mean"] == 0.5 and "rollout/turns_mean" in m and "mismatch/abs_logp_diff" in m
 
 
+def test_flops_metrics_count_real_tokens_and_the_passes_that_ran(tmp_path):
+    from megarl.models.flops import forward_flops, generation_flops
+
+    r = recipe(tmp_path)
+    out = phases.collect_rollouts(r, 0, Prompts().take, fake_generate([]), score_by(lambda i, j: float(j)))
+    batch, _ = phases.build_batch(r, out, pad_id=0)
+    batch.tokens = torch.cat([batch.tokens, torch.zeros(batch.size, 3, dtype=batch.tokens.dtype)], 1)  # more padding
+    cfg = {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 16,
+           "num_hidden_layers": 2, "vocab_size": 32}
+    lengths = [p + q for p, q in zip(batch.prompt_lengths, batch.response_lengths)]
+    m = phases.flops_metrics(cfg, batch, 2, ("old_logprobs",))
+    assert m["batch/tokens"] == sum(lengths) and m["batch/padded_tokens"] == batch.tokens.numel()
+    assert 0 < m["batch/padding_fraction"] == 1 - sum(lengths) / batch.tokens.numel()
+    forward = forward_flops(cfg, lengths)
+    assert m["flops/update"] == 3 * 2 * forward and m["flops/old_logprobs"] == forward
+    assert "flops/ref_logprobs" not in m and "flops/values" not in m
+    assert m["flops/rollout"] == generation_flops(cfg, batch.prompt_lengths, lengths, batch.group_ids.tolist())
+
+
 def test_eval_samples_one_answer_per_prompt_at_the_eval_temperature(tmp_path):
     r = recipe(tmp_path)
     s = phases.eval_sampling(r, 20)

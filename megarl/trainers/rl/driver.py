@@ -221,8 +221,12 @@ class RLDriver:
         timings = self._timings(timer, rollouts, t_step, self.fleet.engine_seconds - engine_before,
                                 compute + update_m["timing/update_compute_s"])
         entropy = logprob_m.pop("entropy")
+        passes = tuple(name for name, ran in (("old_logprobs", not self.old_logprobs_in_update),
+                                              ("ref_logprobs", self.reference is not None),
+                                              ("values", self.critic is not None)) if ran)
+        flops_m = phases.flops_metrics(self.inputs.hf_cfg, batch, r.algorithm.ppo_epochs, passes)
         return phases.step_metrics(batch, rollouts, timings, entropy, reward_m, update_m, logprob_m,
-                                   plan.metrics, sync_m), rollouts
+                                   plan.metrics, sync_m, flops_m), rollouts
 
     # ---- phases that call the gangs ----------------------------------------------------------
     def sampler_take(self, k: int) -> list:

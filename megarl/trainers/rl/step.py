@@ -311,3 +311,21 @@ def step_metrics(batch, rollouts: Rollouts, timings: dict[str, float], entropy: 
     for name, value in ((n, v) for r in results for n, v in r.values.items()):
         m[f"reward_fn/{name}"] = m.get(f"reward_fn/{name}", 0.0) + value / len(results)
     return m
+
+
+def flops_metrics(hf_cfg: dict, batch, ppo_epochs: int, passes: tuple[str, ...]) -> dict[str, float]:
+    """Model FLOPs of the step's phases from the real token counts (`megarl.models.flops`), and the
+    batch's padding: `flops/update` (forward + backward per epoch), `flops/<pass>` for each
+    forward-only pass that ran (old_logprobs, ref_logprobs, values), `flops/rollout` (generation
+    with each group's prompt computed once)."""
+    from megarl.models.flops import forward_flops, generation_flops
+
+    lengths = [p + r for p, r in zip(batch.prompt_lengths, batch.response_lengths)]
+    forward = forward_flops(hf_cfg, lengths)
+    out = {"flops/update": 3 * forward * ppo_epochs,
+           "flops/rollout": generation_flops(hf_cfg, batch.prompt_lengths, lengths, batch.group_ids.tolist()),
+           "batch/tokens": float(sum(lengths)), "batch/padded_tokens": float(batch.tokens.numel())}
+    out["batch/padding_fraction"] = 1.0 - out["batch/tokens"] / out["batch/padded_tokens"]
+    for name in passes:
+        out[f"flops/{name}"] = forward
+    return out
