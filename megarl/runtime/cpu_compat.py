@@ -303,6 +303,20 @@ def _sequence_parallel_torch_norm() -> None:
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(new)
 
 
+# ---- 12. the torch norm in the model's dtype -------------------------------------------------------
+def _torch_norm_params_dtype() -> None:
+    import megatron.core.transformer.torch_norm as torch_norm
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    def new(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        # megatron builds torch.nn.RMSNorm/LayerNorm without a dtype: fp32 weights in a bf16 model,
+        # which megatron's fp16/bf16 optimizer then pairs with the wrong model tensors on save
+        return original_new(cls, config, hidden_size, eps, *args, **kwargs).to(dtype=config.params_dtype)
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(new)
+
+
 # ---- 12. in-process results queue for synchronous checkpoint saves ----------------------------
 def _in_process_ckpt_queue() -> None:
     import megatron.core.dist_checkpointing.strategies.filesystem_async as fsa
@@ -381,6 +395,11 @@ PATCHES: tuple[CompatPatch, ...] = (
         "sequence_parallel_torch_norm", "transformer/torch_norm.py:50",
         "sequence_parallel=True: AssertionError: sequence parallel not supported by torch LayerNorm",
         lambda: True, _sequence_parallel_torch_norm),
+    CompatPatch(
+        "torch_norm_params_dtype", "transformer/torch_norm.py:71",
+        "bf16 model with the local spec: norm weights stay fp32, every checkpoint save fails "
+        "(AssertionError: Optimizer shape ((128,) does not match model shape ((256,)))",
+        lambda: True, _torch_norm_params_dtype),
     CompatPatch(
         "in_process_ckpt_queue", "dist_checkpointing/strategies/filesystem_async.py:53-66",
         "each dist-checkpoint save spawns a Manager (~4 s) and hangs forever from a script "

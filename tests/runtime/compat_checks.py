@@ -121,6 +121,15 @@ def _sequence_parallel_torch_norm():
     assert norm(torch.ones(3, 8)).shape == (3, 8)
 
 
+def _torch_norm_params_dtype():
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
+                            params_dtype=torch.bfloat16, bf16=True)
+    assert [p.dtype for p in WrappedTorchNorm(cfg, 8).parameters()] == [torch.bfloat16]
+
+
 def _in_process_ckpt_queue():
     import megatron.core.dist_checkpointing.strategies.filesystem_async as fsa
 
@@ -146,6 +155,7 @@ CHECKS = {
     "tolerate_missing_adam_step": _optimizer_checkpoint_patches,
     "unshare_adam_step": _optimizer_checkpoint_patches,
     "sequence_parallel_torch_norm": _sequence_parallel_torch_norm,
+    "torch_norm_params_dtype": _torch_norm_params_dtype,
     "in_process_ckpt_queue": _in_process_ckpt_queue,
     "unbatched_p2p_on_gloo": _unbatched_p2p_on_gloo,
 }

@@ -75,6 +75,21 @@ def test_sft_trains_exports_and_resumes_exactly(tmp_path, converted, sft_data, c
     damaged_newest_checkpoint_is_named_and_the_one_before_resumed(tmp_path / "resumed", resumed, ref, w_ref, capfd)
 
 
+@pytest.mark.dist
+def test_bf16_sft_checkpoints_and_resumes(tmp_path, converted, sft_data):
+    """bf16 weights (fp32 master copies in the optimizer): a checkpoint is written and resumed (the
+    local spec's norms used to stay fp32, which broke every save of a bf16 model)."""
+    run = recipe(tmp_path, converted, sft_data, "bf16", steps=4, save_freq=2, max_steps_this_run=2)
+    data = yaml.safe_load(open(run))
+    data["model"]["dtype"] = "bf16"
+    open(run, "w").write(yaml.safe_dump(data))
+    assert cli(["train", run]) == 0
+    assert os.path.isdir(tmp_path / "bf16" / "checkpoints" / "step_000002")
+    assert cli(["train", run]) == 0  # resume: auto
+    assert [m["step"] for m in metrics(tmp_path / "bf16")] == [1, 2, 3, 4]
+    assert os.path.isfile(tmp_path / "bf16" / "hf" / "model.safetensors")
+
+
 def damaged_newest_checkpoint_is_named_and_the_one_before_resumed(run, resumed, ref, w_ref, capfd):
     """Truncate a file of the final checkpoint: an explicit resume from it is refused naming the file;
     `resume: auto` says why it skips it and redoes steps 5-8 from step 4, exactly."""
