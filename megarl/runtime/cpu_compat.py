@@ -317,14 +317,14 @@ def _torch_norm_params_dtype() -> None:
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(new)
 
 
-# ---- 12. in-process results queue for synchronous checkpoint saves ----------------------------
+# ---- 13. in-process results queue for synchronous checkpoint saves ----------------------------
 def _in_process_ckpt_queue() -> None:
     import megatron.core.dist_checkpointing.strategies.filesystem_async as fsa
 
     fsa._results_queue = queue.Queue()
 
 
-# ---- 13. unbatched pipeline p2p on gloo ------------------------------------------------------
+# ---- 14. unbatched pipeline p2p on gloo ------------------------------------------------------
 def _unbatched_p2p() -> None:
     from megatron.core.model_parallel_config import ModelParallelConfig
 
