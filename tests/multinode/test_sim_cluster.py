@@ -176,16 +176,14 @@ def test_resume_after_losing_a_node_continues_on_the_nodes_that_remain(sim, shar
         sim.restart_ray_node(2)
 
 
-def test_a_node_cut_off_fails_the_run_in_bounded_time_naming_it(sim, shared_inputs):
-    """Node 2's link goes down mid-run (a partition: its processes live on, nothing arrives, no
-    reset): Ray declares the node dead, the driver stops at the first lost rank's error instead of
-    waiting for the survivors' collectives to time out, and names the node. Node 2 is then
-    reconnected and its processes replaced (its Ray node rejoins)."""
+def _fault_mid_run(sim, inputs, name: str, fault, recover, timeout: float) -> tuple[int, str, float]:
+    """Start a 50-step GRPO run over the 3 nodes, apply `fault()` once a step is logged, and return
+    (exit code, output, seconds from the fault to the exit); `recover()` runs afterwards, always."""
     import subprocess
     import time
 
-    out = sim.state / "grpo_cut"
-    args = _grpo(sim, shared_inputs, out, "--set", "trainer.steps=50", "--set", "trainer.resume=never", dry=True)
+    out = sim.state / name
+    args = _grpo(sim, inputs, out, "--set", "trainer.steps=50", "--set", "trainer.resume=never", dry=True)
     proc = sim.popen(1, args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -193,16 +191,27 @@ def test_a_node_cut_off_fails_the_run_in_bounded_time_naming_it(sim, shared_inpu
             time.sleep(1)
         assert (out / "metrics.jsonl").is_file(), "the run never completed a step"
         t0 = time.monotonic()
-        sim.cut(2)
-        output, _ = proc.communicate(timeout=400)
-        elapsed = time.monotonic() - t0
+        fault()
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output, time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
+        recover()
+
+
+def test_a_node_cut_off_fails_the_run_in_bounded_time_naming_it(sim, shared_inputs):
+    """Node 2's link goes down mid-run (a partition: its processes live on, nothing arrives, no
+    reset): Ray declares the node dead, the driver stops at the first lost rank's error instead of
+    waiting for the survivors' collectives to time out, and names the node. Node 2 is then
+    reconnected and its processes replaced (its Ray node rejoins)."""
+    def recover():
         sim.heal(2)
         sim.crash(2)  # what was cut off (Ray has written it off) goes; a fresh Ray node takes its place
         sim.restart_ray_node(2)
-    assert proc.returncode != 0 and elapsed < 240, (elapsed, output[-3000:])
+
+    code, output, elapsed = _fault_mid_run(sim, shared_inputs, "grpo_cut", lambda: sim.cut(2), recover, timeout=400)
+    assert code != 0 and elapsed < 240, (elapsed, output[-3000:])
     assert "worker(s) lost during" in output and f"on node {sim.ip(2)}" in output, output[-3000:]
 
 
@@ -211,24 +220,7 @@ def test_a_lost_node_fails_the_run_in_bounded_time_naming_it(sim, shared_inputs)
     """Every process on node 2 (actor and reference ranks) killed mid-run: the driver stops with an
     error naming the lost ranks and their node within a bounded time, never hangs. Node 2 rejoins
     Ray afterwards."""
-    import subprocess
-    import time
-
-    out = sim.state / "grpo_loss"
-    args = _grpo(sim, shared_inputs, out, "--set", "trainer.steps=50", "--set", "trainer.resume=never", dry=True)
-    proc = sim.popen(1, args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (out / "metrics.jsonl").is_file():
-            time.sleep(1)
-        assert (out / "metrics.jsonl").is_file(), "the run never completed a step"
-        t0 = time.monotonic()
-        sim.crash(2)
-        output, _ = proc.communicate(timeout=300)
-        elapsed = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        sim.restart_ray_node(2)
-    assert proc.returncode != 0 and elapsed < 180, (elapsed, output[-3000:])
+    code, output, elapsed = _fault_mid_run(sim, shared_inputs, "grpo_loss", lambda: sim.crash(2),
+                                           lambda: sim.restart_ray_node(2), timeout=300)
+    assert code != 0 and elapsed < 180, (elapsed, output[-3000:])
     assert "worker(s) lost during" in output and f"on node {sim.ip(2)}" in output, output[-3000:]
