@@ -11,8 +11,13 @@
     python examples/demo.py [--seed N] [--threads N]
 
 --seed sets the GRPO phase's trainer.seed (sampling and initialisation streams); --threads sets
-cluster.cpu_threads_per_rank (another floating-point reduction order): the demo's learning must
-not hang on either.
+cluster.cpu_threads_per_rank of both phases (another floating-point reduction order, as on another
+machine): the demo's learning must not hang on either.
+
+The SFT demonstrations are a mix: about half call the calculator, the rest answer from mental
+arithmetic, which the tiny model cannot imitate (examples/tool_math.py: mixed_sft_rows). After
+SFT the model skips the tool about half the time and then mostly guesses wrong; GRPO learns from
+the task reward alone that calling the tool pays.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import subprocess
 import sys
 import time
 
+SFT_TOOL_SHARE = 0.5  # share of SFT demonstrations that call the calculator
+EVAL_PROMPTS = 512    # held-out prompts (x rollout.eval_n = 2 samples each)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -40,12 +47,12 @@ def train(what: str, recipe: str, *overrides: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=None, help="trainer.seed of the GRPO phase")
-    parser.add_argument("--threads", type=int, default=None, help="cluster.cpu_threads_per_rank of the GRPO phase")
+    parser.add_argument("--threads", type=int, default=None, help="cluster.cpu_threads_per_rank of both phases")
     args = parser.parse_args()
-    grpo_sets = ([f"trainer.seed={args.seed}"] if args.seed is not None else []) + \
-        ([f"cluster.cpu_threads_per_rank={args.threads}"] if args.threads else [])
+    thread_sets = [f"cluster.cpu_threads_per_rank={args.threads}"] if args.threads else []
+    grpo_sets = ([f"trainer.seed={args.seed}"] if args.seed is not None else []) + thread_sets
     os.chdir(ROOT)
-    from examples.tool_math import rl_row, sft_row, write
+    from examples.tool_math import mixed_sft_rows, rl_row, write
     from megarl.cli import main as megarl
 
     summary = {}
@@ -54,15 +61,15 @@ def main() -> int:
         megarl(["make-tiny", "runs/tiny/model", "--arch", "qwen2"])
     os.makedirs("runs/tiny/data", exist_ok=True)
     rng = random.Random(0)
-    write("runs/tiny/data/sft.jsonl", (sft_row(rng) for _ in range(2000)))
+    write("runs/tiny/data/sft.jsonl", mixed_sft_rows(rng, 2000, SFT_TOOL_SHARE))
     write("runs/tiny/data/rl.jsonl", (rl_row(rng) for _ in range(2000)))
     eval_rng = random.Random(1)  # held out: another stream than the training prompts
-    write("runs/tiny/data/rl_eval.jsonl", (rl_row(eval_rng) for _ in range(128)))
+    write("runs/tiny/data/rl_eval.jsonl", (rl_row(eval_rng) for _ in range(EVAL_PROMPTS)))
     metrics = "runs/tiny/sft/metrics.jsonl"
     if os.path.exists(metrics):
         os.remove(metrics)
     t0 = time.time()
-    code = train("SFT", "configs/tiny/sft_cpu.yaml")
+    code = train("SFT", "configs/tiny/sft_cpu.yaml", *thread_sets)
     if code:
         return code
     curve = [json.loads(line) for line in open(metrics)]
@@ -87,6 +94,9 @@ def main() -> int:
     summary["success_best"] = max(v for _, v in curve)
     summary["success_curve"] = curve
     summary["reward_curve"] = [(r["step"], round(r["reward/mean"], 4)) for r in rows if "reward/mean" in r]
+    # calculator calls per training sample: about half before GRPO (the SFT mix), then what GRPO learned
+    summary["tool_calls_curve"] = [(r["step"], round(r["rollout/tool_calls_mean"], 3)) for r in rows
+                                   if "rollout/tool_calls_mean" in r]
     summary["grpo_metrics"] = grpo_metrics
     summary["tensorboard"] = "runs/tiny/grpo/tensorboard"
     summary["samples"] = "runs/tiny/grpo/samples.jsonl"
@@ -94,9 +104,12 @@ def main() -> int:
     os.makedirs("runs/demo", exist_ok=True)
     with open("runs/demo/summary.json", "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"[demo] task success on 128 held-out prompts x 4 samples: {summary['success_before']:.1%} after SFT -> "
+    print(f"[demo] task success on {EVAL_PROMPTS} held-out prompts x 2 samples: {summary['success_before']:.1%} "
+          f"after SFT -> "
           f"{summary['success_after']:.1%} after {len(summary['reward_curve'])} GRPO steps "
-          f"({summary['grpo_seconds']}s)\n[demo] curve {curve}\n[demo] metrics {grpo_metrics}, tensorboard "
+          f"({summary['grpo_seconds']}s)\n[demo] curve {curve}\n[demo] calculator calls per sample "
+          f"{summary['tool_calls_curve'][0][1]} -> {summary['tool_calls_curve'][-1][1]}\n"
+          f"[demo] metrics {grpo_metrics}, tensorboard "
           f"--logdir {summary['tensorboard']}, trajectories {summary['samples']}, summary runs/demo/summary.json",
           flush=True)
     return 0

@@ -31,16 +31,20 @@ def problem(rng: random.Random) -> tuple[str, str, int]:
     return rng.choice(TEMPLATES).format(e=expression), expression, eval(expression)
 
 
-def sft_row(rng: random.Random) -> dict:
+def sft_row(rng: random.Random, use_tool: bool = True) -> dict:
+    """One demonstration: the calculator call, its result and the answer; with `use_tool=False`
+    the demonstrator answers (correctly) from mental arithmetic, which a tiny model cannot imitate."""
     question, expression, answer = problem(rng)
-    return {"messages": [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}]},
-        {"role": "tool", "content": str(answer)},
-        {"role": "assistant", "content": f"The answer is {answer}."},
-    ], "tools": [CALCULATOR]}
+    prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    return {"messages": prompt + _answer_turns(expression, answer, answer, use_tool), "tools": [CALCULATOR]}
+
+
+def mixed_sft_rows(rng: random.Random, count: int, tool_share: float) -> list[dict]:
+    """`count` demonstrations of which about `tool_share` call the calculator and the rest answer
+    from mental arithmetic: the demo's SFT data. The student imitates both, so it skips the tool
+    about as often as its teacher did and then mostly guesses wrong; GRPO must learn that calling
+    the tool pays (the decision RL on tool use is about), besides copying numbers more reliably."""
+    return [sft_row(rng, use_tool=rng.random() < tool_share) for _ in range(count)]
 
 
 def rl_row(rng: random.Random) -> dict:
@@ -100,6 +104,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--sft", type=int, default=2000)
+    p.add_argument("--sft-tool-share", type=float, default=1.0,
+                   help="share of SFT demonstrations that call the calculator (the rest answer directly)")
     p.add_argument("--rl", type=int, default=500)
     p.add_argument("--prefs", type=int, default=0, help="preference pairs (prefs_*.jsonl) and KTO rows")
     p.add_argument("--seed", type=int, default=0)
@@ -107,7 +113,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     rng = random.Random(args.seed)
     if args.sft:
-        write(os.path.join(args.out, "sft.jsonl"), (sft_row(rng) for _ in range(args.sft)))
+        write(os.path.join(args.out, "sft.jsonl"), mixed_sft_rows(rng, args.sft, args.sft_tool_share))
     if args.rl:
         write(os.path.join(args.out, "rl.jsonl"), (rl_row(rng) for _ in range(args.rl)))
     if args.prefs:

@@ -222,10 +222,12 @@ def run_local_group(
     kwargs: dict | None = None,
     timeout: float = 300.0,
     env: dict[str, str] | None = None,
+    threads: int | None = None,
 ) -> list[Any]:
     """Call `fn(*args, **kwargs)` on ranks 0..world_size-1; return their results in rank order.
 
-    `fn` is a module-level function or a "module:function" string. Raises LocalGroupError with the
+    `fn` is a module-level function or a "module:function" string; `threads` is each rank's torch
+    thread count (unset: the machine's usable CPUs shared out). Raises LocalGroupError with the
     failing rank's traceback, or on timeout.
     """
     ref = _function_ref(fn)
@@ -233,7 +235,7 @@ def run_local_group(
     results = ctx.Queue()
     from megarl.runtime.device import usable_cpus
 
-    threads = max(1, usable_cpus() // world_size)  # the same rule as the RL driver's worker threads
+    threads = threads or max(1, usable_cpus() // world_size)  # the same rule as the RL driver's worker threads
     child_env = {"OMP_NUM_THREADS": str(threads), **(env or {})}
     with tempfile.TemporaryDirectory(prefix="megarl-group-") as tmp:
         store = os.path.join(tmp, "store")

@@ -113,12 +113,16 @@ def run_ranks(recipe, tag: str, train_rank, init: str) -> int:
             from megarl.runtime import cpu_compat
 
             cpu_compat.install()  # before megatron is imported, as run_local_group does for its ranks
+            if recipe.cluster.cpu_threads_per_rank:
+                import torch
+
+                torch.set_num_threads(recipe.cluster.cpu_threads_per_rank)
             result = train_rank(recipe, init)
             return result if os.environ.get("RANK", "0") == "0" else None
         from megarl.runtime.local_group import run_local_group
 
         return run_local_group(train_rank, recipe.derived.train_world_size, args=(recipe, init),
-                               timeout=24 * 3600)[0]
+                               timeout=24 * 3600, threads=recipe.cluster.cpu_threads_per_rank)[0]
 
     return run_stage(recipe, tag, body)
 

@@ -56,3 +56,21 @@ def test_multi_turn_incremental_equals_whole(tokenizer):
         assert r.input_ids[:len(incremental)] == incremental  # each turn only appends
         incremental = r.input_ids
     assert incremental == whole
+
+
+def test_demo_sft_mix_has_direct_answers_that_train_only_the_answer(tokenizer):
+    """The demo's SFT mix: about the asked share calls the calculator; a direct answer trains only
+    its one assistant turn (examples/tool_math.py: mixed_sft_rows)."""
+    import random
+
+    from examples.tool_math import mixed_sft_rows
+
+    rows = mixed_sft_rows(random.Random(0), 400, 0.5)
+    with_tool = [r for r in rows if any("tool_calls" in m for m in r["messages"])]
+    assert 160 <= len(with_tool) <= 240
+    direct = next(r for r in rows if r not in with_tool)
+    assert [m["role"] for m in direct["messages"]] == ["system", "user", "assistant"]
+    r = render_messages(tokenizer, direct["messages"], direct["tools"])
+    trained = tokenizer.decode([t for t, m in zip(r.input_ids, r.loss_mask) if m])
+    assert trained == direct["messages"][-1]["content"] + "<|im_end|>"
+    assert all(r["messages"][2].get("tool_calls") for r in mixed_sft_rows(random.Random(0), 50, 1.0))

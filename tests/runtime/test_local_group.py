@@ -38,6 +38,12 @@ def test_results_in_rank_order():
     assert all(o["threads"] == max(1, (os.cpu_count() or 1) // 2) for o in out)
 
 
+def test_thread_count_can_be_set():
+    # cluster.cpu_threads_per_rank reaches the SFT/DPO/KTO/RM ranks through this argument
+    out = run_local_group(rank_and_allreduce, 2, args=(1,), timeout=120, threads=3)
+    assert [o["threads"] for o in out] == [3, 3]
+
+
 def test_failure_names_the_rank_and_does_not_hang():
     start = time.monotonic()
     with pytest.raises(LocalGroupError, match=r"rank 1:[\s\S]*rank one is unhappy"):
