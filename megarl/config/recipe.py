@@ -386,8 +386,9 @@ class ClusterConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     cpu_threads_per_rank: int | None = None
     """torch threads of each training rank (SFT/DPO/KTO/RM ranks; RL actor, reference, critic,
-    reward model); unset = the CPUs this process may use divided by the training world size. Changes the floating-point
-    reduction order, so it is also how to check that a result does not hang on it."""
+    reward model); unset = the CPUs this process may use divided by the training world size
+    (runtime.device.threads_per_rank). Changes the floating-point reduction order, so it is also
+    how to check that a result does not hang on it."""
 
     @property
     def total_gpus(self) -> int:

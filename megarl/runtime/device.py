@@ -22,6 +22,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def threads_per_rank(world_size: int, requested: int | None = None) -> int:
+    """torch threads of each of `world_size` training ranks on this machine: `requested`
+    (cluster.cpu_threads_per_rank) when set, else the usable CPUs shared out, at least one."""
+    return requested or max(1, usable_cpus() // world_size)
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     device_type: str

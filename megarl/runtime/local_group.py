@@ -233,9 +233,9 @@ def run_local_group(
     ref = _function_ref(fn)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    from megarl.runtime.device import usable_cpus
+    from megarl.runtime.device import threads_per_rank
 
-    threads = threads or max(1, usable_cpus() // world_size)  # the same rule as the RL driver's worker threads
+    threads = threads_per_rank(world_size, threads)
     child_env = {"OMP_NUM_THREADS": str(threads), **(env or {})}
     with tempfile.TemporaryDirectory(prefix="megarl-group-") as tmp:
         store = os.path.join(tmp, "store")

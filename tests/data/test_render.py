@@ -73,4 +73,4 @@ def test_demo_sft_mix_has_direct_answers_that_train_only_the_answer(tokenizer):
     r = render_messages(tokenizer, direct["messages"], direct["tools"])
     trained = tokenizer.decode([t for t, m in zip(r.input_ids, r.loss_mask) if m])
     assert trained == direct["messages"][-1]["content"] + "<|im_end|>"
-    assert all(r["messages"][2].get("tool_calls") for r in mixed_sft_rows(random.Random(0), 50, 1.0))
+    assert all(row["messages"][2].get("tool_calls") for row in mixed_sft_rows(random.Random(0), 50, 1.0))

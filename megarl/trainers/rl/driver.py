@@ -111,7 +111,7 @@ class RLDriver:
         """Gangs, rewards, engines, the sync group; then resume and the per-run helpers."""
         from megarl.launch.placement import build_placement
         from megarl.reward.engine import RewardEngine
-        from megarl.runtime.device import usable_cpus
+        from megarl.runtime.device import threads_per_rank
         from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD_MODEL
 
         r, init = self.recipe, self.inputs.init
@@ -120,7 +120,7 @@ class RLDriver:
         self.placement = RayPlacement(pmap)
         print("\n".join(f"[{TAG}] placement: {line}" for line in pmap.lines()), flush=True)
         print(f"[{TAG}] nodes: " + ", ".join(f"{i}={ip}" for i, ip in enumerate(self.placement.node_ips)), flush=True)
-        threads = r.cluster.cpu_threads_per_rank or max(1, usable_cpus() // r.derived.train_world_size)
+        threads = threads_per_rank(r.derived.train_world_size, r.cluster.cpu_threads_per_rank)
         self.actor = Gang(r, init, ACTOR, threads, self.placement)
         if REFERENCE in pmap.roles:
             self.reference = Gang(r, init, REFERENCE, threads, self.placement)
