@@ -156,8 +156,10 @@ class RayCluster:
             if checker.poll() is None:
                 checker.kill()
         out, err = checker.communicate()
-        lines = out.strip().splitlines()
-        result = json.loads(lines[-1]) if lines else {}
+        # The answer is the marked line: a Ray driver's stdout also carries messages the GCS pushes
+        # to every driver (e.g. "raylet has lagging heartbeats" on a busy node), before or after it.
+        marked = [line for line in out.splitlines() if line.startswith(_READY_MARK)]
+        result = json.loads(marked[-1][len(_READY_MARK):]) if marked else {}
         if checker.returncode == 0 and result.get("ready"):
             return result["resources"]
         seen = result.get("seen")
@@ -196,8 +198,9 @@ def _tail(path: str, lines: int = 20) -> str:
         return "(no log)"
 
 
-# run as `python -c _READY_CHECK WANT_JSON SECONDS`: prints {"ready", "resources"|"seen"} as JSON
-_READY_CHECK = """
+_READY_MARK = "MEGARL_RAY_READY "
+# run as `python -c _READY_CHECK WANT_JSON SECONDS`: prints _READY_MARK + {"ready", "resources"|"seen"}
+_READY_CHECK = f"""
 import json, sys, time
 import ray
 want, deadline = json.loads(sys.argv[1]), time.monotonic() + float(sys.argv[2])
@@ -205,12 +208,12 @@ ray.init(log_to_driver=False, logging_level="ERROR", configure_logging=False)
 while True:
     alive = [n for n in ray.nodes() if n.get("Alive")]
     res = ray.cluster_resources()
-    seen = {"nodes": len(alive), "CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0)}
+    seen = {{"nodes": len(alive), "CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0)}}
     if all(seen[k] >= want[k] for k in want):
-        print(json.dumps({"ready": True, "resources": res}))
+        print("{_READY_MARK}" + json.dumps({{"ready": True, "resources": res}}))
         break
     if time.monotonic() > deadline:
-        print(json.dumps({"ready": False, "seen": seen}))
+        print("{_READY_MARK}" + json.dumps({{"ready": False, "seen": seen}}))
         sys.exit(1)
     time.sleep(0.5)
 """

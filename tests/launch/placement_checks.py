@@ -48,4 +48,5 @@ if __name__ == "__main__":  # on a simulated node: python -m tests.launch.placem
     import os
     import sys
 
-    print(json.dumps(placement_checks(sys.argv[1], json.loads(sys.argv[2]), 0, os.environ["RAY_ADDRESS"])))
+    # Marked: a Ray driver's stdout may also carry messages the GCS pushes to every driver.
+    print("PLACEMENT", json.dumps(placement_checks(sys.argv[1], json.loads(sys.argv[2]), 0, os.environ["RAY_ADDRESS"])))

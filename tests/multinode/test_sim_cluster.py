@@ -27,8 +27,9 @@ def test_placement_across_three_nodes(sim):
 
     overrides = ["cluster.device=cuda", "cluster.nodes=3", "cluster.gpus_per_node=4", "cluster.placement.mode=separate",
                  "cluster.placement.rollout_gpus=4", "rollout.engines=4", "algorithm.kl.coef=0.01"]
-    out = json.loads(sim.run(1, [sim.python, "-m", "tests.launch.placement_checks", "configs/tiny/grpo_cpu.yaml",
-                                 json.dumps(overrides)], timeout=300).stdout.splitlines()[-1])
+    printed = sim.run(1, [sim.python, "-m", "tests.launch.placement_checks", "configs/tiny/grpo_cpu.yaml",
+                          json.dumps(overrides)], timeout=300).stdout
+    out = json.loads(next(line for line in printed.splitlines() if line.startswith("PLACEMENT "))[len("PLACEMENT "):])
     m = build_placement(load_recipe("configs/tiny/grpo_cpu.yaml", overrides))
     assert out["lines"] == m.lines() and out["node_ips"] == [sim.ip(1), sim.ip(2), sim.ip(3)]
     for role in ("actor", "reference"):
@@ -136,9 +137,14 @@ def test_sbatch_on_three_nodes_requeues_on_usr1_and_resumes(sim, shared_inputs):
 
 
 def _alive_ray_nodes(sim) -> list[str]:
-    check = ("import json, ray; ray.init(); "
-             "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
-    return json.loads(sim.run(1, [sim.python, "-c", check], timeout=120).stdout.strip().splitlines()[-1])
+    # The answer is the marked line: a Ray driver's stdout also carries messages the GCS pushes to
+    # every driver (e.g. "raylet has lagging heartbeats" while a node is dying), before or after it.
+    check = ("import json, ray; ray.init(log_to_driver=False); "
+             "print('ALIVE', json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
+    out = sim.run(1, [sim.python, "-c", check], timeout=120).stdout
+    answer = [line for line in out.splitlines() if line.startswith("ALIVE ")]
+    assert len(answer) == 1, out
+    return json.loads(answer[0].removeprefix("ALIVE "))
 
 
 def test_resume_after_losing_a_node_continues_on_the_nodes_that_remain(sim, shared_inputs):

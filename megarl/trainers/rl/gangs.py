@@ -33,11 +33,14 @@ def start_ray(min_cpus: int = 0) -> None:
 
     if ray.is_initialized():
         return
+    # Every worker process silences third-party import noise before it imports megatron, as a
+    # local-group rank does (runtime/quiet.py); the job's runtime env is the one place Ray offers.
+    job_env = {"worker_process_setup_hook": "megarl.runtime.quiet.quiet_third_party"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, configure_logging=False)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, configure_logging=False, runtime_env=job_env)
     else:
         ray.init(num_cpus=max(4, os.cpu_count() or 1, min_cpus), include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+                 configure_logging=False, runtime_env=job_env)
 
 
 class RayPlacement:
