@@ -36,9 +36,9 @@ def compute_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.T
     b, t = token_rewards.shape
     dtype = compute_dtype(token_rewards, values)
     r, v, m = token_rewards.to(dtype), values.to(dtype), mask.to(dtype)
-    next_value = torch.zeros(b, dtype=dtype) if bootstrap_values is None else bootstrap_values.to(dtype)
-    last_gae = torch.zeros(b, dtype=dtype)
-    adv = torch.zeros(b, t, dtype=dtype)
+    next_value = r.new_zeros(b) if bootstrap_values is None else bootstrap_values.to(dtype)
+    last_gae = r.new_zeros(b)
+    adv = r.new_zeros(b, t)
     for i in reversed(range(t)):
         on = m[:, i]
         delta = r[:, i] + gamma * next_value - v[:, i]
@@ -82,9 +82,9 @@ def rloo_advantage(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Te
 
 def scores_to_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Place each sequence's scalar reward on its last response token."""
-    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask > 0, positions, torch.full_like(positions, -1)).amax(dim=1)
-    out = torch.zeros(mask.shape, dtype=scores.dtype)
+    out = scores.new_zeros(mask.shape)
     has = last >= 0
     out[has, last[has]] = scores[has]
     return out
@@ -95,8 +95,8 @@ def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: f
     `compute_dtype(token_rewards)`."""
     b, t = token_rewards.shape
     dtype = compute_dtype(token_rewards)
-    ret = torch.zeros(b, t, dtype=dtype)
-    running = torch.zeros(b, dtype=dtype)
+    ret = token_rewards.new_zeros(b, t, dtype=dtype)
+    running = token_rewards.new_zeros(b, dtype=dtype)
     m = mask.to(dtype)
     r = token_rewards.to(dtype)
     for i in reversed(range(t)):

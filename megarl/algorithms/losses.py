@@ -144,7 +144,7 @@ def value_loss_per_token(values: torch.Tensor, old_values: torch.Tensor, returns
     Returns (L [B, T], {"value_clip_frac"})."""
     unclipped = (values - returns) ** 2
     if clip is None:
-        return 0.5 * unclipped, {"value_clip_frac": torch.zeros(())}
+        return 0.5 * unclipped, {"value_clip_frac": unclipped.new_zeros(())}
     v_clip = old_values + (values - old_values).clamp(-clip, clip)
     clipped = (v_clip - returns) ** 2
     frac = masked_mean((clipped > unclipped).float(), mask).detach()

@@ -43,7 +43,7 @@ def group_mean_std(scores: torch.Tensor, group_ids: torch.Tensor, unbiased: bool
     for groups of one."""
     idx, groups = group_index(group_ids)
     work = scores.to(compute_dtype(scores))
-    zeros = torch.zeros(groups, dtype=work.dtype)
+    zeros = work.new_zeros(groups)
     count = zeros.index_add(0, idx, torch.ones_like(work))
     mean = zeros.index_add(0, idx, work) / count
     sq = zeros.index_add(0, idx, (work - mean[idx]) ** 2)

@@ -98,12 +98,20 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         total = total - cfg.entropy_coef * entropy
     loss_sum = (total * loss_weight).sum()
     count = mask.sum()
-    n = float(count)
-    ent_sum = float((entropy.detach() * mask).sum()) if cfg.entropy_coef > 0 else 0.0
-    sums = torch.tensor([float((per_token.detach() * mask).sum()), n, float(m["clip_frac"]) * n,
-                         float(m.get("approx_kl", 0.0)) * n, float((kl.detach() * mask).sum()), ent_sum],
-                        dtype=torch.float64)
+    # float64 on the inputs' device, without a host round trip per number (a GPU sync each)
+    n = count.detach().double()
+    zero = torch.zeros((), dtype=torch.float64, device=logp.device)
+    ent_sum = (entropy.detach() * mask).sum().double() if cfg.entropy_coef > 0 else zero
+    sums = torch.stack([(per_token.detach() * mask).sum().double(), n, _as64(m["clip_frac"], zero) * n,
+                        _as64(m.get("approx_kl", 0.0), zero) * n, (kl.detach() * mask).sum().double(), ent_sum])
     return loss_sum, count, sums
+
+
+def _as64(value, like: torch.Tensor) -> torch.Tensor:
+    """A loss metric (tensor or number) as a float64 scalar on `like`'s device."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().double().reshape(())
+    return like + float(value)
 
 
 def on_policy_inputs(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,

@@ -111,5 +111,5 @@ def load_extra(path: str) -> dict | None:
     fallback = os.path.join(path, EXTRA_DIR, "rank0.pt")
     for candidate in (mine, fallback):
         if os.path.isfile(candidate):
-            return torch.load(candidate, weights_only=False)  # our own file: RNG states are tuples
+            return torch.load(candidate, weights_only=False, map_location="cpu")  # ours: RNG states are tuples
     return None

@@ -11,6 +11,11 @@ concatenations (bit-exact both ways):
   `mlp.experts.local_experts.e.linear_fc1/linear_fc2`
 - q/k RMSNorm (Qwen3) -> `q_layernorm`/`k_layernorm`; tied embeddings have no output layer
 
+The names are the local spec's, which are also the dist checkpoint's keys for either layer
+implementation (the local spec maps its norms to the fused names in `sharded_state_dict_keys_map`).
+A live model's parameters differ under Transformer Engine, which fuses each norm into the linear
+after it: `param_name(name, "transformer_engine")` gives those (the weight sync walks parameters).
+
 Every HF tensor must be consumed and every megatron tensor produced: anything else is an error
 that names the tensor.
 """
@@ -96,6 +101,24 @@ def layer_plan(arch: str, cfg: dict, i: int) -> list[tuple[str, list[str], str]]
         plan += [(f"{mc}.mlp.linear_fc1.weight", [f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"], "fc1"),
                  (f"{mc}.mlp.linear_fc2.weight", [f"{hf}.mlp.down_proj.weight"], "copy")]
     return plan
+
+
+TE = "transformer_engine"
+# Under Transformer Engine the norm before a column-parallel linear is that linear's `layer_norm_*`
+# (megatron-core's TE spec: linear_qkv = TELayerNormColumnParallelLinear, input_layernorm = IdentityOp;
+# for dense MLPs linear_fc1 likewise, pre_mlp_layernorm = IdentityOp; MoE layers keep a TENorm).
+_TE_FUSED_NORMS = ((".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight"),
+                   (".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight"))
+
+
+def param_name(name: str, impl: str = "local", moe: bool = False) -> str:
+    """The live parameter name of local-spec megatron tensor `name` in a model built with `impl`."""
+    if impl != TE:
+        return name
+    for local, fused in _TE_FUSED_NORMS:
+        if name.endswith(local) and not (moe and local.startswith(".pre_mlp")):
+            return name[:-len(local)] + fused
+    return name
 
 
 def full_plan(arch: str, cfg: dict) -> list[tuple[str, list[str], str]]:

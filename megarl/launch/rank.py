@@ -26,8 +26,10 @@ def main(argv: list[str]) -> int:
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     join_job_group(argv, int(env["RANK"]), int(env["WORLD_SIZE"]))
     from megarl.cli import main as cli
+    from megarl.runtime.strict_device import discipline
 
-    return cli(["train", *argv])
+    with discipline():   # strict device mode (tests): a no-op otherwise
+        return cli(["train", *argv])
 
 
 def join_job_group(argv: list[str], rank: int, world: int) -> None:

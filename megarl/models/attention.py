@@ -26,11 +26,11 @@ from megarl.runtime.megatron import DotProductAttention
 from megarl.runtime.megatron import parallel_state as ps
 
 
-def zigzag_positions(local_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+def zigzag_positions(local_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
     """Global positions of the tokens CP rank `cp_rank` holds (chunks r and 2·cp-1-r)."""
     c = local_len // 2
-    first = torch.arange(cp_rank * c, (cp_rank + 1) * c)
-    second = torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c)
+    first = torch.arange(cp_rank * c, (cp_rank + 1) * c, device=device)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c, device=device)
     return torch.cat([first, second])
 
 
@@ -53,10 +53,10 @@ class AllGatherContextParallelAttention(DotProductAttention):
             group = ps.get_context_parallel_group()
             rank = ps.get_context_parallel_rank()
             key, value = (self._gather_global(t, group) for t in (key, value))
-            q_pos = zigzag_positions(s_local, self.cp_size, rank)
+            q_pos = zigzag_positions(s_local, self.cp_size, rank, device=query.device)
         else:
-            q_pos = torch.arange(s_local)
-        k_pos = torch.arange(key.shape[0])
+            q_pos = torch.arange(s_local, device=query.device)
+        k_pos = torch.arange(key.shape[0], device=query.device)
         allowed = k_pos[None, :] <= q_pos[:, None]  # [s_local, s]
         groups = query.shape[2] // key.shape[2]  # GQA: share each kv head across its query heads
         if groups > 1:

@@ -17,7 +17,7 @@ def full_logits(chunks: list, tokens: torch.Tensor, attention_mask: torch.Tensor
     [b, 1, s, s] (True = masked) replaces the causal mask."""
     b, s = tokens.shape
     if position_ids is None:
-        position_ids = torch.arange(s).expand(b, s).contiguous()
+        position_ids = torch.arange(s, device=tokens.device).expand(b, s).contiguous()
     batch = {"tokens": tokens, "position_ids": position_ids, "attention_mask": attention_mask}
 
     def forward_step(data_iterator, model):

@@ -82,4 +82,15 @@ def build_model_for(cfg: dict, parallel: ParallelConfig, dtype: str, seed: int =
     chunks = build_gpt_chunks(config, args.vocab_size, args.max_sequence_length, impl=options.transformer_impl,
                               qk_layernorm=args.qk_layernorm, tie_embeddings=args.tie_embeddings,
                               rotary_base=args.rotary_base, head=args.head)
+    from megarl.runtime.device import current
+    from megarl.runtime.strict_device import check_inputs
+
+    # On GPUs megatron built them on the device already (no CPU initialisation); on CPU this is
+    # where strict device mode learns that the parameters live on the device.
+    # (A converter builds on the meta device to learn names and shapes only: left there.)
+    chunks = [chunk if any(p.is_meta for p in chunk.parameters()) else chunk.to(current()) for chunk in chunks]
+    if options.why and ctx.rank == 0:
+        print(f"[model] transformer layers: {options.why}", flush=True)
+    for i, chunk in enumerate(chunks):
+        check_inputs(chunk, f"model chunk {i}")
     return chunks, config, args

@@ -68,13 +68,21 @@ class BuildOptions:
     fp8: str | None = None           # "e4m3" | "hybrid" (TE only)
     fp8_recipe: str = "delayed"
     recompute: str = "none"          # "none" | "selective" | "full"
+    why: str = ""                    # which layers and why, for the log (explain_transformer_impl)
 
     @classmethod
     def from_recipe(cls, model_cfg, device) -> BuildOptions:
-        from megarl.models.impl import select_transformer_impl
+        from megarl.models.impl import (
+            explain_transformer_impl,
+            select_transformer_impl,
+            transformer_engine_import_error,
+        )
 
-        impl = select_transformer_impl(model_cfg.transformer_impl, device, fp8=model_cfg.fp8)
-        return cls(impl, model_cfg.fp8, model_cfg.fp8_recipe, model_cfg.recompute)
+        te_error = transformer_engine_import_error() if device.is_cuda else "not used without CUDA"
+        impl = select_transformer_impl(model_cfg.transformer_impl, device, fp8=model_cfg.fp8,
+                                       te_available=te_error is None)
+        why = explain_transformer_impl(model_cfg.transformer_impl, impl, device, te_error)
+        return cls(impl, model_cfg.fp8, model_cfg.fp8_recipe, model_cfg.recompute, why)
 
     def config_kwargs(self) -> dict:
         kw: dict = {}
@@ -96,6 +104,7 @@ def megatron_config_from_hf(cfg: dict, parallel: ParallelConfig, dtype: str = "f
     rotary_base = _rope_theta(cfg)
     import torch
 
+    from megarl.runtime.device import current as current_device
     from megarl.runtime.megatron import TransformerConfig
 
     heads = cfg["num_attention_heads"]
@@ -116,7 +125,9 @@ def megatron_config_from_hf(cfg: dict, parallel: ParallelConfig, dtype: str = "f
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp, context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep, expert_tensor_parallel_size=parallel.etp,
-        sequence_parallel=parallel.sp, use_cpu_initialization=True,
+        # built where the rank's device is: CPU initialisation only on CPU (megatron otherwise
+        # initialises every weight in fp32 on the host and copies it over)
+        sequence_parallel=parallel.sp, use_cpu_initialization=current_device().type != "cuda",
         **UNFUSED_KERNELS,
     )
     if arch in MOE:

@@ -20,13 +20,30 @@ TRANSFORMER_IMPLS = ("auto", LOCAL, TE)
 
 def transformer_engine_available() -> bool:
     """True when Transformer Engine's torch extension imports (it needs CUDA libraries)."""
+    return transformer_engine_import_error() is None
+
+
+def transformer_engine_import_error() -> str | None:
+    """Why Transformer Engine does not import here (None when it does)."""
     if importlib.util.find_spec("transformer_engine") is None:
-        return False
+        return "not installed"
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001 - e.g. "cudnn shared object not found" on CPU machines
-        return False
-    return True
+    except Exception as e:  # noqa: BLE001 - e.g. "cudnn shared object not found" on CPU machines
+        return f"import failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+    return None
+
+
+def explain_transformer_impl(requested: str, impl: str, device: DeviceSpec, te_error: str | None = None) -> str:
+    """One line for the run's log: which layers it uses and why (an `auto` choice is never silent)."""
+    if requested != "auto":
+        return f"{impl} (model.transformer_impl: {requested})"
+    if impl == TE:
+        return f"{TE} (auto: CUDA and Transformer Engine present)"
+    if not device.is_cuda:
+        return f"{LOCAL} (auto: no CUDA device; Transformer Engine layers need one)"
+    return (f"{LOCAL} (auto: Transformer Engine {te_error or 'unavailable'}; megatron's local layers are slower "
+            "on GPUs and have no FP8: install megarl[gpu], or set model.transformer_impl: local to silence this)")
 
 
 def select_transformer_impl(requested: str, device: DeviceSpec, fp8: str | None = None,

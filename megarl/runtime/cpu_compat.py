@@ -105,8 +105,12 @@ def _rng_tracker_on_cpu() -> None:
 
 
 # ---- 3. torch.cuda.current_device() -> cpu -------------------------------------------------
+# "cpu" is the rank's bound device (runtime.device.current()): plain cpu, or cpu:0 in strict device
+# mode, where megatron's buffers must count as device tensors like everything it places on "cuda".
 def _current_device_cpu() -> None:
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    from megarl.runtime.device import current
+
+    torch.cuda.current_device = current
 
 
 # ---- 4. device="cuda", .cuda(), pin_memory, Tensor.type() -> CPU ------------------------------
@@ -124,17 +128,23 @@ class CudaAsCpuMode(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = dict(kwargs, device="cpu")
+            kwargs = dict(kwargs, device=_bound_device())
         if kwargs.get("pin_memory"):
             kwargs = dict(kwargs, pin_memory=False)
         if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu") + tuple(args[2:])
+            args = (args[0], _bound_device()) + tuple(args[2:])
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
+
+
+def _bound_device():
+    from megarl.runtime.device import current
+
+    return current()
 
 
 _cuda_as_cpu_mode: CudaAsCpuMode | None = None

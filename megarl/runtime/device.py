@@ -1,7 +1,13 @@
-"""The one place that picks the device and the collective backend.
+"""The one place that picks the device and the collective backend, and where tensors live.
 
 GPU machines get `cuda` + NCCL; CPU-only machines (every developer box and CI) get `cpu` + gloo and
 run the very same code path. `MEGARL_DEVICE=cpu|cuda|auto` overrides the automatic choice.
+
+A rank binds its device once (`bind_device`, from `init_distributed`); from then on `current()` is
+where its model lives, where every micro-batch goes (`to_device`) and where metric reductions run
+(the gang's groups are NCCL on GPUs). Whatever leaves the process goes to the host first
+(`to_host`) and is loaded with `map_location="cpu"`. On CPU, `runtime/strict_device.py` can make the
+device and the host two different places, so the suite catches a tensor left on the wrong one.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ import os
 from dataclasses import dataclass
 
 DEVICE_ENV = "MEGARL_DEVICE"
+STRICT_DEVICE_ENV = "MEGARL_STRICT_DEVICE"
+"""1: on CPU, the device is `cpu:0` and the host plain `cpu`, and mixing them is an error (strict_device.py)."""
 DEVICE_INDEX_ENV = "MEGARL_DEVICE_INDEX"
 """Set by a launcher that knows which visible accelerator a process should use; else LOCAL_RANK."""
 
@@ -55,11 +63,21 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def select_device(prefer: str | None = None, cuda_available: bool | None = None) -> DeviceSpec:
+def nvidia_gpus_present() -> bool:
+    """Does this machine have NVIDIA GPUs, whatever torch thinks (the driver's device files)?"""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or bool(glob.glob("/proc/driver/nvidia/gpus/*"))
+
+
+def select_device(prefer: str | None = None, cuda_available: bool | None = None,
+                  gpus_present: bool | None = None) -> DeviceSpec:
     """Choose (device, backend).
 
-    `prefer` is "auto", "cpu" or "cuda" (default: $MEGARL_DEVICE, else "auto"). `cuda_available`
-    is injectable so the selection logic is testable on a CPU machine.
+    `prefer` is "auto", "cpu" or "cuda" (default: $MEGARL_DEVICE, else "auto"). "auto" on a machine
+    with NVIDIA GPUs that torch cannot use (a CPU build of torch, a driver mismatch) is an error,
+    not a silent CPU run. `cuda_available` and `gpus_present` are injectable so the selection logic
+    is testable on a CPU machine.
     """
     prefer = (prefer or os.environ.get(DEVICE_ENV) or "auto").lower()
     if prefer not in ("auto", "cpu", "cuda"):
@@ -73,4 +91,70 @@ def select_device(prefer: str | None = None, cuda_available: bool | None = None)
             "device 'cuda' was requested but torch sees no CUDA device "
             f"(torch CPU build or no GPU); set {DEVICE_ENV}=cpu or device: auto to run on CPU with gloo"
         )
+    if not cuda_available and (nvidia_gpus_present() if gpus_present is None else gpus_present):
+        import torch
+
+        raise RuntimeError(
+            f"this machine has NVIDIA GPUs but torch {torch.__version__} cannot use them (a CPU build of torch, "
+            "e.g. the CPU .venv, or a driver mismatch), so the run would silently train on CPU: install the GPU "
+            "stack (requirements/gpu.txt, `make setup-gpu`), or set cluster.device: cpu to run on CPU on purpose")
     return CUDA if cuda_available else CPU
+
+
+def rank_env(spec: DeviceSpec) -> dict[str, str]:
+    """Environment a megatron rank process needs before CUDA starts. CUDA_DEVICE_MAX_CONNECTIONS=1
+    keeps one hardware queue, so a TP/SP collective issued before a GEMM is scheduled before it
+    (megatron's requirement for overlapping tensor-parallel communication with compute)."""
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if spec.is_cuda else {}
+
+
+_bound = None  # this process's torch.device once bound
+
+
+def strict_device_mode() -> bool:
+    return os.environ.get(STRICT_DEVICE_ENV) == "1"
+
+
+def bind_device(spec: DeviceSpec, index: int = 0):
+    """Make `spec` (accelerator `index` of those visible) this process's device; returns it.
+    In strict mode on CPU the device is `cpu:0`, told apart from the host (`cpu`) by its index."""
+    import torch
+
+    global _bound
+    if spec.is_cuda:
+        torch.cuda.set_device(index)
+        _bound = torch.device("cuda", index)
+    else:
+        _bound = torch.device("cpu", 0) if strict_device_mode() else torch.device("cpu")
+    return _bound
+
+
+def current():
+    """This process's device (the host's CPU until `bind_device`)."""
+    import torch
+
+    return _bound if _bound is not None else torch.device("cpu")
+
+
+def to_device(obj):
+    """`obj` with every tensor (in nested dicts, lists and tuples) on this process's device."""
+    return _map_tensors(obj, lambda t: t.to(current(), non_blocking=True))
+
+
+def to_host(obj):
+    """`obj` with every tensor detached and on the host: what crosses a process boundary."""
+    import torch
+
+    return _map_tensors(obj, lambda t: t.detach().to(torch.device("cpu")))
+
+
+def _map_tensors(obj, fn):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj

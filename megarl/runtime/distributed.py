@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megarl.config.parallel import ParallelConfig
-from megarl.runtime.device import DEVICE_INDEX_ENV, DeviceSpec, select_device
+from megarl.runtime.device import DEVICE_INDEX_ENV, DeviceSpec, bind_device, select_device, strict_device_mode
 from megarl.runtime.megatron import parallel_state as ps
 from megarl.runtime.seed import seed_everything
 
@@ -64,7 +64,9 @@ class ParallelContext:
 
     @property
     def torch_device(self) -> torch.device:
-        return self.device.torch_device(self.device_index)
+        from megarl.runtime.device import current
+
+        return current()
 
 
 def init_distributed(
@@ -86,8 +88,11 @@ def init_distributed(
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device_index = int(os.environ.get(DEVICE_INDEX_ENV, local_rank))
-    if device.is_cuda:
-        torch.cuda.set_device(device_index)
+    bound = bind_device(device, device_index)
+    if strict_device_mode() and not device.is_cuda:
+        from megarl.runtime.strict_device import enable
+
+        enable(bound)
     parallel = parallel.resolve(world, num_experts=num_experts)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

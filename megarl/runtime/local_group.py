@@ -49,15 +49,17 @@ def to_bytes(value: Any) -> bytes:
     # file descriptors that vanish when the rank exits before the parent reads them.
     import torch
 
+    from megarl.runtime.device import to_host
+
     buf = io.BytesIO()
-    torch.save(value, buf)
+    torch.save(to_host(value), buf)   # a rank's device tensors reach the parent on the host
     return buf.getvalue()
 
 
 def from_bytes(data: bytes) -> Any:
     import torch
 
-    return torch.load(io.BytesIO(data), weights_only=False)
+    return torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
 
 
 def _isolated_entry(fn_ref, args, kwargs, results, env):
@@ -202,7 +204,10 @@ def _rank_entry(rank, world_size, store_path, fn_ref, args, kwargs, results, thr
         cpu_compat.install()
         dist.init_process_group(backend=select_device().backend, init_method=f"file://{store_path}",
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
-        value = _resolve(fn_ref)(*args, **kwargs)
+        from megarl.runtime.strict_device import discipline
+
+        with discipline():   # strict device mode (tests): a no-op otherwise
+            value = _resolve(fn_ref)(*args, **kwargs)
         results.put((rank, "ok", to_bytes(value)))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         results.put((rank, "error", traceback.format_exc()))

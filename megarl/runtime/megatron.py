@@ -38,7 +38,10 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.param_and_grad_buffer import shard_buffer  # tests/dist only
 
 # ---- the GPT model and its layer specs ------------------------------------------------------------
-from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import (
+    GPTModel,
+    gpt_layer_specs,  # tests: the TE spec's structure (TE parameter names)
+)
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -93,6 +96,7 @@ __all__ = [
     "get_cuda_rng_tracker",
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
+    "gpt_layer_specs",
     "get_gpt_layer_with_transformer_engine_spec",
     "get_megatron_optimizer",
     "mcore_to_pyt_state_dict",

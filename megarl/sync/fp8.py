@@ -187,3 +187,54 @@ def scale_name(hf_name: str) -> str:
     if not hf_name.endswith(".weight"):
         raise ValueError(f"{hf_name!r} is not a weight name")
     return hf_name[: -len(".weight")] + SCALE_SUFFIX
+
+
+FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+"""config.json `quantization_config` of an FP8-serialized checkpoint as vLLM's Fp8Config reads it
+(per-tensor weight scales, dynamic activation scales: nothing else is sent)."""
+
+
+def export_fp8_checkpoint(src_dir: str, out_dir: str) -> dict:
+    """An FP8-serialized copy of the HF checkpoint in `src_dir`: every linear weight
+    (`is_fp8_linear`) as float8_e4m3fn + its `weight_scale` (`quantize_fp8`, what the weight sync
+    then sends), everything else as it is, and `quantization_config` in config.json, so an `fp8`
+    engine starts from exactly the tensors (names, shapes, dtypes) each sync replaces. One
+    safetensors file at a time. Returns {"quantized": n, "tensors": m}."""
+    import json
+    import os
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    quantized = total = 0
+    for fname in sorted(os.listdir(src_dir)):
+        src = os.path.join(src_dir, fname)
+        if fname.endswith(".safetensors"):
+            out: dict[str, torch.Tensor] = {}
+            with safe_open(src, framework="pt") as f:
+                for name in f.keys():
+                    pieces = quantize_fp8(name, f.get_tensor(name))
+                    quantized += len(pieces) > 1
+                    out.update(pieces)
+            total += len(out)
+            save_file(out, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        elif fname.endswith(".safetensors.index.json"):
+            with open(src) as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+            for name, shard in list(weight_map.items()):
+                if is_fp8_linear(name):
+                    weight_map[scale_name(name)] = shard
+            with open(os.path.join(out_dir, fname), "w") as f:
+                json.dump(index, f, indent=2)
+        elif fname == "config.json":
+            with open(src) as f:
+                cfg = json.load(f)
+            cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+            with open(os.path.join(out_dir, fname), "w") as f:
+                json.dump(cfg, f, indent=2)
+        elif os.path.isfile(src):
+            shutil.copy(src, os.path.join(out_dir, fname))   # tokenizer, generation config
+    return {"quantized": quantized, "tensors": total}

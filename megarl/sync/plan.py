@@ -26,7 +26,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from megarl.checkpoint.hf_map import full_plan
+from megarl.checkpoint.hf_map import full_plan, param_name
 from megarl.config.parallel import ParallelConfig
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
@@ -135,10 +135,12 @@ class WeightSyncPlan:
     @classmethod
     def build(cls, trainer: ParallelConfig, engines: EngineLayout, arch: str, cfg: dict,
               bucket_bytes: int = 512 << 20, dtype: str = "float32",
-              quantization: str | None = None, transport: str = "broadcast") -> WeightSyncPlan:
+              quantization: str | None = None, transport: str = "broadcast",
+              transformer_impl: str = "local") -> WeightSyncPlan:
         """The plan for a resolved trainer layout (`trainer.world_size` set) and an engine layout.
         `cfg` is the HF config.json of the actor; `dtype` the engine's; `quantization` None or
-        "fp8" (linear weights sent as float8_e4m3fn + per-tensor scales)."""
+        "fp8" (linear weights sent as float8_e4m3fn + per-tensor scales); `transformer_impl` the
+        actor's layers ("local" or "transformer_engine": the parameter names the senders walk)."""
         if arch not in SUPPORTED_ARCHS:
             raise UnsupportedLayout(f"weight sync has no layout map for architecture {arch!r} "
                                     f"(known: {', '.join(SUPPORTED_ARCHS)})")
@@ -175,7 +177,8 @@ class WeightSyncPlan:
         ep_size = trainer.ep
         senders = tuple(Sender(p * ep_size + e, p, e) for p in range(trainer.pp) for e in range(ep_size))
         per_sender: dict[int, list[tuple[str, str, int, ShardRule, str, list[str]]]] = {s.index: [] for s in senders}
-        for name, hf_names, how in full_plan(arch, cfg):
+        for checkpoint_name, hf_names, how in full_plan(arch, cfg):
+            name = param_name(checkpoint_name, transformer_impl, moe=bool(num_experts))
             p, v, e, local = locate(name, layers, trainer.pp, vpp, num_experts, ep_size)
             per_sender[p * ep_size + e].append((name, local, v, shard_rule(name), how, hf_names))
 
@@ -301,7 +304,7 @@ def shard_rule(name: str) -> ShardRule:
         return ShardRule("split", 1, group)      # row parallel
     if name.endswith(".linear_fc1.weight"):
         return ShardRule("gated", 0, group)      # column parallel [gate_r; up_r]
-    if name.endswith(("layernorm.weight", ".mlp.router.weight")):
+    if name.endswith(("layernorm.weight", ".layer_norm_weight", ".mlp.router.weight")):
         return REPLICATED
     raise UnsupportedLayout(f"weight sync has no shard rule for megatron parameter {name!r}")
 

@@ -30,7 +30,7 @@ import torch
 
 from megarl.runtime.rendezvous import Rendezvous
 from megarl.sync.plan import HEADER_BYTES, WeightSyncPlan
-from megarl.sync.transport import SyncGroup, WeightSyncError, check_header, copy_if_inside
+from megarl.sync.transport import SyncGroup, WeightSyncError, check_header, copy_if_inside, settle
 
 
 def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
@@ -49,11 +49,13 @@ def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
 
 
 def check_plan_against_checkpoint(plan: WeightSyncPlan, model_dir: str) -> None:
-    """Refuse a plan whose HF tensors differ from the engine's checkpoint (names or shapes)."""
+    """Refuse a plan whose HF tensors differ from the engine's checkpoint (names or shapes), FP8
+    weight scales included: an fp8 engine starts from an FP8-serialized checkpoint
+    (`sync.fp8.export_fp8_checkpoint`) holding exactly what the sync sends."""
     have = {n: s for n, s in checkpoint_shapes(model_dir).items() if not n.endswith("rotary_emb.inv_freq")}
     if plan.tied_embeddings:
         have.pop("lm_head.weight", None)
-    want = {n: s for n, s in plan.hf_shapes().items() if not n.endswith("_scale")}
+    want = dict(plan.hf_shapes())
     missing = sorted(set(have) - set(want))
     unknown = sorted(set(want) - set(have))
     wrong = sorted(n for n in set(want) & set(have) if tuple(want[n]) != tuple(have[n]))
@@ -167,6 +169,7 @@ class BucketReceiver:
                     yield from self._tensors_of(slot[:HEADER_BYTES + bucket.nbytes], bucket)
                 if self.release is not None:
                     self.release(slot)
+                settle(slot)   # (CUDA IPC) the load's copy kernels have read the slot: only then ack it
                 acks.append(self.group.ack(bucket.sender))
             for work, _ in acks:
                 work.wait()

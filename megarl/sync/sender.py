@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from megarl.checkpoint.hf_map import hf_tensors
 from megarl.sync.plan import HEADER_BYTES, SyncEntry, UnsupportedLayout, WeightSyncPlan
-from megarl.sync.transport import SyncGroup, open_slots, sender_prefix, write_header
+from megarl.sync.transport import SyncGroup, open_slots, sender_prefix, settle, write_header
 
 
 def _works(pending: list) -> list:
@@ -261,10 +261,12 @@ class WeightSender:
                 parts = self._own_parts(entry, s, mine)
                 if parts:
                     self._timed("pack", self._pack, entry, parts, self._group_size[entry.shard.group], buf)
+            settle(buf)                                  # (CUDA IPC) our copies into the slot have landed
             for g in groups:                             # every shard of the bucket is written
                 self._timed("gather", dist.barrier, group=self._groups[g])
             if mine:
                 self._stamp(buf, version, bucket)
+                settle(buf)                              # (CUDA IPC) the header is in the slot too
                 acks.append(self.group.ring(s.index, bucket.index) if doorbell
                             else [self.group.broadcast(s.index, buf)])
                 sent += bucket.nbytes

@@ -219,6 +219,15 @@ def open_slots(published: str, where: str) -> SharedSlots | CudaIpcSlots:
     return SharedSlots.open(published, where)
 
 
+def settle(buffer: torch.Tensor) -> None:
+    """Wait until this process's queued device work on `buffer` is done: a CUDA slot shared by
+    IPC is written (sender, TP peers) or read (engine load) by asynchronous kernels, while the
+    doorbell, barrier and ack that hand the slot over travel on gloo and do not wait for them.
+    Called before every hand-over; a no-op for host memory."""
+    if buffer.is_cuda:
+        torch.cuda.current_stream(buffer.device).synchronize()
+
+
 def copy_if_inside(buffer: torch.Tensor):
     """tensor -> tensor, or a private copy when it lies in `buffer` (which is about to be reused)."""
     lo = buffer.data_ptr()

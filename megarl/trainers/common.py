@@ -17,6 +17,13 @@ class ModelNotFound(FileNotFoundError):
     """A recipe's model path holds neither an HF model nor a megatron checkpoint."""
 
 
+def looks_like_hub_id(path: str) -> bool:
+    """`org/name` with no leading `.`/`/` and no deeper path: what a hub id looks like."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None and not path.startswith(".")
+
+
 def initial_checkpoint(recipe, tag: str, path: str | None = None, name: str = INIT_DIR) -> str:
     """A megatron checkpoint of the starting model (`path`, default model.path): the path itself,
     or converted into `<output_dir>/<name>` once (reused while its source is the same path)."""
@@ -26,6 +33,12 @@ def initial_checkpoint(recipe, tag: str, path: str | None = None, name: str = IN
     path = path or recipe.model.path
     if os.path.isfile(os.path.join(path, MARKER)):
         return path
+    if not os.path.exists(path) and looks_like_hub_id(path):
+        raise ModelNotFound(f"{path!r} (from {recipe.source or 'the recipe'}) is not a directory on this machine; it "
+                            "looks like a Hugging Face hub id, and megarl never downloads models (nodes often cannot "
+                            f"reach the hub). Download it once where the nodes can read it, e.g. `huggingface-cli "
+                            f"download {path} --local-dir /shared/models/{path.split('/')[-1]}`, and set model.path "
+                            "(or critic.path / reward.reward_model.path) to that directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelNotFound(f"{path!r} (from {recipe.source or 'the recipe'}) holds neither an HF model "
                             "(config.json + safetensors) nor a megatron checkpoint made by megarl; check model.path "
@@ -231,6 +244,8 @@ def any_rank(flag: bool) -> bool:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)])
+    from megarl.runtime.device import current
+
+    t = torch.tensor([int(flag)], device=current())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

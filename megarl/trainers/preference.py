@@ -69,6 +69,7 @@ def pack_examples(examples: list, weights: list[float], seq: int, pad_id: int, l
     import torch
 
     from megarl.models.packing import pack
+    from megarl.runtime.device import to_device
 
     pieces, labels, masks, last = [], [], [], []
     offset = 0
@@ -95,7 +96,7 @@ def pack_examples(examples: list, weights: list[float], seq: int, pad_id: int, l
         mb["mask"] = torch.cat(masks + ([torch.zeros(row.padding)] if row.padding else []))[None]
     if examples and examples[0].desirable is not None:
         mb["desirable"] = torch.tensor([bool(e.desirable) for e in examples])
-    return mb
+    return to_device(mb)   # packed on the host, trained on the device
 
 
 def scored_length(seg) -> int:
@@ -115,8 +116,8 @@ def segment_logps(per_token_nll, mb: dict):
 
     n = mb["num_segments"]
     logp = -per_token_nll[0].float() * mb["mask"][0]
-    sums = torch.zeros(n + 1, dtype=logp.dtype).index_add(0, mb["seg_ids"], logp)[:n]
-    counts = torch.zeros(n + 1).index_add(0, mb["seg_ids"], mb["mask"][0])[:n]
+    sums = torch.zeros(n + 1, dtype=logp.dtype, device=logp.device).index_add(0, mb["seg_ids"], logp)[:n]
+    counts = torch.zeros(n + 1, device=logp.device).index_add(0, mb["seg_ids"], mb["mask"][0])[:n]
     return sums, counts
 
 
@@ -189,7 +190,7 @@ def kto_objective(output, mb: dict, recipe: Recipe):
                        desirable_weight=p.kto_desirable_weight, undesirable_weight=p.kto_undesirable_weight)
     reward = m["reward"].double()
     dw, uw = desirable.double() * w.double(), (~desirable).double() * w.double()
-    one = torch.ones((), dtype=torch.float64)
+    one = torch.ones((), dtype=torch.float64, device=reward.device)
     stats = torch.stack([(loss.detach().double() * w.double()).sum(), w.double().sum(), dw.sum(), (reward * dw).sum(),
                          uw.sum(), (reward * uw).sum(), z0.detach().double(), one])
     return (loss * w).sum(), stats
@@ -244,7 +245,8 @@ def _logp_forward_step(data_iterator, model, sink: list):
     def collect(output):
         sums, counts = segment_logps(output, mb)
         sink.append(torch.stack([sums.detach(), counts], dim=-1))
-        return output.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"loss_sum_count": torch.zeros(2)}
+        return (output.sum() * 0.0, torch.ones((), dtype=torch.int, device=output.device),
+                {"loss_sum_count": torch.zeros(2, device=output.device)})
 
     return out, collect
 
@@ -271,10 +273,13 @@ class _Batches:
         import torch
         import torch.distributed as dist
 
+        from megarl.runtime.device import current
+
         per = len(examples) // self.dp
         positions = list(range(self.dp_rank * per, (self.dp_rank + 1) * per))
         groups = [positions[i:i + self.micro] for i in range(0, per, self.micro)]
-        longest = torch.tensor([max(packed_length([examples[j] for j in g], self.lm) for g in groups)])
+        longest = torch.tensor([max(packed_length([examples[j] for j in g], self.lm) for g in groups)],
+                               device=current())
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
         seq = math.ceil(int(longest) / self.multiple) * self.multiple
         micro = [pack_examples([examples[j] for j in g], [weights[j] for j in g], seq, self.pad_id, self.lm)
@@ -321,6 +326,7 @@ class ReferenceLogps:
         import torch.distributed as dist
 
         from megarl.models.train import TrainState, run_schedule
+        from megarl.runtime.device import current
         from megarl.runtime.megatron import parallel_state as ps
 
         micro, seq, positions = self.batches.mine(examples, [1.0] * len(examples))
@@ -329,11 +335,11 @@ class ReferenceLogps:
             run_schedule(TrainState(self.chunks, None, self.config), micro, seq, forward_only=True,
                          forward_step=partial(_logp_forward_step, sink=sink))
         nseg = len(examples[0].segments)
-        table = torch.zeros(len(examples), nseg, 2, dtype=torch.float64)
+        table = torch.zeros(len(examples), nseg, 2, dtype=torch.float64, device=current())
         if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
             table[positions] = torch.cat(sink).double().view(len(positions), nseg, 2)
         dist.all_reduce(table)  # each example filled by exactly one rank
-        return table
+        return table.cpu()   # kept (and saved) on the host; micro-batches take their rows to the device
 
     def precompute(self, split: str, dataset) -> None:
         import torch
@@ -344,7 +350,7 @@ class ReferenceLogps:
                                          len(dataset)]).encode()).hexdigest()[:16]
         path = os.path.join(self.recipe.trainer.output_dir, "reference_logps", f"{split}-{key}.pt")
         if os.path.isfile(path):
-            self.tables[split] = torch.load(path)
+            self.tables[split] = torch.load(path, map_location="cpu")
             return
         unit = self.batches.unit()
         chunk = max(unit, (self.recipe.derived.samples_per_step // unit) * unit)
@@ -424,15 +430,17 @@ class _PreferenceRank:
     def _micro_batches(self, split: str, indices: list[int], examples: list, weights: list[float]):
         import torch
 
+        from megarl.runtime.device import to_device
+
         micro, seq, positions = self.batches.mine(examples, weights)
         per = self.batches.micro
         ref = self.reference.lookup(split, indices, examples) if self.reference is not None else None
         for k, mb in enumerate(micro):
             mine = positions[k * per:(k + 1) * per]
             if ref is not None:
-                mb["ref"] = ref[mine].float()
+                mb["ref"] = to_device(ref[mine].float())
             if self.recipe.preference.margin:
-                mb["margin"] = torch.tensor([examples[j].margin for j in mine])
+                mb["margin"] = to_device(torch.tensor([examples[j].margin for j in mine]))
         return micro, seq
 
     def run(self, split: str, indices: list[int], examples: list, weights: list[float], train: bool):
@@ -440,6 +448,7 @@ class _PreferenceRank:
         import torch
 
         from megarl.models.train import TrainState, run_schedule
+        from megarl.runtime.device import current
         from megarl.runtime.megatron import parallel_state as ps
 
         micro, seq = self._micro_batches(split, indices, examples, weights)
@@ -448,7 +457,8 @@ class _PreferenceRank:
         step_fn = partial(_forward_step, objective=self.objective, sink=sink)
         with torch.set_grad_enabled(train):
             run_schedule(ts, micro, seq, forward_only=not train, forward_step=step_fn)
-        local = torch.stack(sink).sum(0) if sink else torch.zeros(len(metric_names(self.stage)), dtype=torch.float64)
+        local = (torch.stack(sink).sum(0) if sink
+                 else torch.zeros(len(metric_names(self.stage)), dtype=torch.float64, device=current()))
         return _reduce_sums(local.double(), ps.is_pipeline_last_stage(ignore_virtual=True))
 
     def evaluate(self) -> dict:

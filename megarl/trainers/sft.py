@@ -40,8 +40,10 @@ def _padded_length(samples: list, multiple: int) -> int:
 
 
 def _microbatches(samples: list, micro: int, pad_id: int, seq: int) -> list[dict]:
-    """Micro-batches of `micro` samples, right-padded to model input length `seq`."""
+    """Micro-batches of `micro` samples, right-padded to model input length `seq`, on the device."""
     import torch
+
+    from megarl.runtime.device import to_device
 
     out = []
     for i in range(0, len(samples), micro):
@@ -51,9 +53,10 @@ def _microbatches(samples: list, micro: int, pad_id: int, seq: int) -> list[dict
         for j, s in enumerate(group):
             ids[j, :len(s)] = torch.tensor(s.input_ids)
             mask[j, :len(s)] = torch.tensor(s.loss_mask, dtype=torch.float)
-        out.append({"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
-                    "loss_mask": mask[:, 1:].contiguous(),
-                    "position_ids": torch.arange(seq).expand(len(group), seq).contiguous(), "attention_mask": None})
+        out.append(to_device({"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+                              "loss_mask": mask[:, 1:].contiguous(),
+                              "position_ids": torch.arange(seq).expand(len(group), seq).contiguous(),
+                              "attention_mask": None}))
     return out
 
 
@@ -116,17 +119,18 @@ def _train_on(state, recipe: Recipe, mine: list, pad_id: int) -> dict:
     import torch.distributed as dist
 
     from megarl.models.train import train_step
+    from megarl.runtime.device import current
     from megarl.runtime.megatron import parallel_state as ps
 
     p = recipe.parallel
     multiple = p.tp * p.cp * 2 if (p.sp or p.cp > 1) else 1
     # every DP rank must use the same sequence length (pipeline shapes): agree on the max
-    seq_t = torch.tensor([_padded_length(mine, multiple)])
+    seq_t = torch.tensor([_padded_length(mine, multiple)], device=current())
     dist.all_reduce(seq_t, op=dist.ReduceOp.MAX)
     seq = int(seq_t)
     micro = _microbatches(mine, recipe.trainer.micro_batch_per_rank, pad_id, seq)
     metrics = train_step(state, micro, seq)
-    tokens = torch.tensor([sum(float(m["loss_mask"].sum()) for m in micro)])
+    tokens = torch.stack([m["loss_mask"].sum() for m in micro]).sum().reshape(1)
     dist.all_reduce(tokens)
     copies = (ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
               * ps.get_context_parallel_world_size())  # every model-parallel rank counted the same tokens

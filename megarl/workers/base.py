@@ -42,8 +42,11 @@ class WorkerError(RuntimeError):
 def _plain(fn):
     @functools.wraps(fn)
     def inner(*args, **kwargs):
+        from megarl.runtime.strict_device import check_host, discipline
+
         try:
-            return fn(*args, **kwargs)
+            with discipline():   # strict device mode (tests): per call, the mode is per thread
+                return check_host(fn(*args, **kwargs), fn.__qualname__)
         except WorkerError:
             raise  # already converted (an overriding method called the base one)
         except Exception:  # noqa: BLE001 - converted, not swallowed
@@ -113,6 +116,7 @@ class MegatronRank:
         chunks, config, _ = load_converted(self.init_ckpt, self.recipe.parallel, seed=self.recipe.trainer.seed,
                                            options=options, dtype=self.recipe.model.dtype)
         self.config = config
+        self.transformer_impl = options.transformer_impl   # the weight sync plan names its parameters
         self.models = chunks
         self.optimizer = self.scheduler = None
         self._setup()
@@ -139,7 +143,8 @@ class MegatronRank:
 
         return {"rank": self.rank, "dp": ps.get_data_parallel_rank(), "dp_size": ps.get_data_parallel_world_size(),
                 "tp": ps.get_tensor_model_parallel_rank(), "cp": ps.get_context_parallel_rank(),
-                "last_stage": ps.is_pipeline_last_stage(ignore_virtual=True), "threads": torch.get_num_threads()}
+                "last_stage": ps.is_pipeline_last_stage(ignore_virtual=True), "threads": torch.get_num_threads(),
+                "transformer_impl": self.transformer_impl}
 
     def _reporter(self) -> bool:
         c = self.coords()
@@ -157,8 +162,10 @@ class MegatronRank:
         return sums_from_reporter(sums)
 
     def _microbatches(self, batch: dict, micro: int) -> list[dict]:
-        """`batch` (this replica's share) as micro-batches of `micro` samples: tokens/labels shifted
-        by one, position ids, and every other known per-sample field."""
+        """`batch` (this replica's share) as micro-batches of `micro` samples on the device: tokens/labels
+        shifted by one, position ids, and every other known per-sample field."""
+        from megarl.runtime.device import to_device
+
         tokens = batch["tokens"]
         s = tokens.shape[1] - 1
         out = []
@@ -168,7 +175,7 @@ class MegatronRank:
             for name in BATCH_FIELDS[1:]:
                 if name in batch:
                     mb[name] = batch[name][i:i + micro].contiguous()
-            out.append(mb)
+            out.append(to_device(mb))
         return out
 
     # ---- forward-only passes ------------------------------------------------------------------
@@ -272,10 +279,11 @@ class TrainableRank(MegatronRank):
 
         from megarl.algorithms.policy_loss import minibatch_slices
         from megarl.models.train import TrainState, optimizer_update, run_schedule
+        from megarl.runtime.device import current
         from megarl.runtime.megatron import parallel_state as ps
 
         state = TrainState(self.models, self.optimizer, self.config)
-        totals = torch.zeros(width, dtype=torch.float64)
+        totals = torch.zeros(width, dtype=torch.float64, device=current())
         grad_norms: list[float] = []
         for _ in range(self.recipe.algorithm.ppo_epochs):
             for rows in minibatch_slices(batch["tokens"].shape[0], minibatches):
@@ -284,7 +292,7 @@ class TrainableRank(MegatronRank):
                 sums: list[torch.Tensor] = []
                 run_schedule(state, micro, micro[0]["tokens"].shape[1], forward_step=partial(forward_step, sink=sums))
                 grad_norms.append(optimizer_update(state, what))
-                local = torch.stack(sums).sum(0) if sums else torch.zeros(width, dtype=torch.float64)
+                local = torch.stack(sums).sum(0) if sums else torch.zeros(width, dtype=torch.float64, device=current())
                 if ps.is_pipeline_last_stage(ignore_virtual=True):
                     dist.all_reduce(local, group=ps.get_data_parallel_group())
                 totals += local
@@ -298,8 +306,8 @@ def forward_only_loss(output: torch.Tensor, per_token_mode: bool):
     """The loss-function result of a forward-only pass: zero, in the shape megatron's schedule
     expects for the model's loss mode."""
     zero = output.sum() * 0.0
-    report = {"loss_sum_count": torch.zeros(2)}
-    return (zero, torch.tensor(1, dtype=torch.int), report) if per_token_mode else (zero, report)
+    report = {"loss_sum_count": torch.zeros(2, device=output.device)}
+    return (zero, torch.ones((), dtype=torch.int, device=output.device), report) if per_token_mode else (zero, report)
 
 
 def _logprob_forward_step(data_iterator, model, temperature: float, with_entropy: bool, per_token_mode: bool,

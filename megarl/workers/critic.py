@@ -61,7 +61,8 @@ def _critic_forward_step(data_iterator, model, clip: float | None, sink: list):
         loss_sum = (per_token * mask).sum()
         count = mask.sum()
         n = float(count)
-        sink.append(torch.tensor([float(loss_sum.detach()), n, float(m["value_clip_frac"]) * n], dtype=torch.float64))
+        sink.append(torch.tensor([float(loss_sum.detach()), n, float(m["value_clip_frac"]) * n], dtype=torch.float64,
+                                 device=output.device))
         return loss_sum, count.to(torch.int), {"loss_sum_count": torch.stack([loss_sum.detach(), count])}
 
     return values, loss_func

@@ -45,13 +45,15 @@ def replica_share(batch: dict | list, dp_rank: int, dp_size: int, minibatches: i
 
 def encode_share(dp_rank: int, tensors: dict) -> bytes:
     """This replica's share: per-sample tensors (rows in this replica's order) and "seconds"."""
+    from megarl.runtime.device import to_host
+
     buf = io.BytesIO()
-    torch.save((int(dp_rank), tensors), buf)
+    torch.save((int(dp_rank), to_host(tensors)), buf)   # the driver has no device: host tensors only
     return buf.getvalue()
 
 
 def decode_share(data: bytes) -> tuple[int, dict]:
-    return torch.load(io.BytesIO(data), weights_only=False)
+    return torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
 
 
 def gather_shares(shares: list) -> dict[str, torch.Tensor]:

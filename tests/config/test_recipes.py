@@ -473,7 +473,11 @@ def test_train_writes_resolved_recipe_and_names_a_missing_model(tmp_path, capsys
     assert resolved["derived"]["samples_per_step"] == 16 and resolved["stage"] == "dpo"
     assert resolved["preference"]["reference"] == "model"  # auto, resolved once at load
     err = capsys.readouterr().err
-    assert "'nowhere/llama'" in err and "neither an HF model" in err
+    assert "'nowhere/llama'" in err and "looks like a Hugging Face hub id" in err   # org/name, not on disk
+    data = merge(DPO, {"model": {"path": str(tmp_path / "empty")}, "trainer": {"output_dir": str(tmp_path / "run2")}})
+    (tmp_path / "empty").mkdir()
+    assert cli(["train", write(tmp_path, data)]) == 1
+    assert "neither an HF model" in capsys.readouterr().err
 
 
 def test_every_stage_has_a_trainer():

@@ -26,3 +26,19 @@ def test_refusals_say_why():
 
 def test_te_is_not_importable_on_this_cpu_machine():
     assert transformer_engine_available() is False
+
+
+def test_an_auto_choice_is_explained():
+    from types import SimpleNamespace
+
+    from megarl.models.hf_config import BuildOptions
+    from megarl.models.impl import explain_transformer_impl, transformer_engine_import_error
+
+    assert transformer_engine_import_error() == "not installed"
+    assert "auto: no CUDA device" in explain_transformer_impl("auto", "local", CPU)
+    gpu_without_te = explain_transformer_impl("auto", "local", CUDA, "import failed: libcudnn.so.9 not found")
+    assert "Transformer Engine import failed: libcudnn.so.9" in gpu_without_te and "megarl[gpu]" in gpu_without_te
+    assert explain_transformer_impl("auto", "transformer_engine", CUDA).startswith("transformer_engine (auto")
+    model = SimpleNamespace(transformer_impl="auto", fp8=None, fp8_recipe="delayed", recompute="none")
+    why = BuildOptions.from_recipe(model, CPU).why
+    assert why == "local (auto: no CUDA device; Transformer Engine layers need one)"

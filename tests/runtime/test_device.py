@@ -33,3 +33,16 @@ def test_environment_override(monkeypatch):
 def test_this_machine_runs_cpu_gloo():
     assert select_device() == CPU
     assert str(CPU.torch_device()) == "cpu"
+
+
+def test_gpus_torch_cannot_use_are_an_error_not_a_cpu_run():
+    with pytest.raises(RuntimeError, match="NVIDIA GPUs but torch .* cannot use them .* cluster.device: cpu"):
+        select_device("auto", cuda_available=False, gpus_present=True)
+    assert select_device("cpu", cuda_available=False, gpus_present=True) == CPU   # on purpose
+    assert select_device("auto", cuda_available=False, gpus_present=False) == CPU
+
+
+def test_megatron_ranks_on_gpus_keep_one_cuda_queue():
+    from megarl.runtime.device import rank_env
+
+    assert rank_env(CUDA) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} and rank_env(CPU) == {}

@@ -163,6 +163,36 @@ def test_fp8_plan_sends_linear_weights_as_fp8_with_scales(cfgs):
         assert tensors[kept].dtype == "float32"
 
 
+def test_fp8_engine_starts_from_an_fp8_checkpoint_the_plan_check_covers(cfgs, tiny_hf_models, tmp_path):
+    """An fp8 engine's start directory holds exactly what the sync sends: float8 linear weights and
+    their scales (checked by name and shape), the rest as it was; the plain checkpoint is refused,
+    naming the scales it lacks."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    from megarl.sync.fp8 import dequantize_fp8, export_fp8_checkpoint
+    from megarl.sync.receiver import check_plan_against_checkpoint
+
+    src = tiny_hf_models["qwen3_moe"]
+    out = str(tmp_path / "fp8")
+    summary = export_fp8_checkpoint(src, out)
+    plan = _plan(cfgs["qwen3_moe"], "qwen3_moe", dict(ep=2), 1, quantization="fp8")
+    check_plan_against_checkpoint(plan, out)
+    with pytest.raises(WeightSyncError, match=r"the plan sends tensors the engine does not have: \[.*weight_scale"):
+        check_plan_against_checkpoint(plan, src)
+    before, after = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert after[q].dtype == torch.float8_e4m3fn and after[q + "_scale"].shape == ()
+    assert torch.allclose(dequantize_fp8(after[q], after[q + "_scale"]), before[q], rtol=0.07, atol=1e-6)
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert summary["quantized"] == sum(1 for n in after if n.endswith("_scale")) > 0
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["quantization_config"] == {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+
+
 def test_bucket_header_detects_corruption_version_and_order():
     buf = torch.zeros(32 + 1024, dtype=torch.uint8)
     buf[32:] = torch.arange(1024) % 251
@@ -416,3 +446,58 @@ def test_direct_loader_uses_bucket_views_and_drops_a_failed_syncs_leftovers():
     assert "engine tensor parallelism" in DirectLoader.build(model, {}, 2)[1]
     model.add_module("odd", torch.nn.Linear(2, 2))
     assert "odd (Linear" in DirectLoader.build(model, {"norm.weight": (2,), "norm.bias": (2,)}, 1)[1]
+
+
+def test_an_engine_acks_a_slot_only_after_its_reads_have_settled(cfgs, monkeypatch):
+    """Shared slots (CUDA IPC on GPUs) are read by the engine's asynchronous copy kernels, and the
+    ack that frees a slot travels on gloo, which does not wait for them: every bucket's tensors are
+    handed to the loader, then the slot settles (a stream sync on CUDA), and only then is it acked."""
+    from megarl.sync import receiver as receiver_mod
+    from megarl.sync.plan import HEADER_BYTES
+
+    plan = _plan(cfgs["qwen2"], "qwen2", {}, 1, world=1, transport="shared_memory", bucket_bytes=1 << 16)
+    assert len(plan.buckets) > 3
+    events: list = []
+
+    class Done:
+        def wait(self):
+            pass
+
+    class Slots:   # one buffer per bucket: this fake sender never reuses a slot
+        def __init__(self):
+            self.buffers = {}
+
+        def slot(self, position):
+            return self.buffers[position]
+
+    class Group:
+        def __init__(self):
+            self.slots = {s.index: Slots() for s in plan.senders}
+            self.rung = {s.index: 0 for s in plan.senders}
+
+        def wait_bell(self, sender):   # the sender has written its next bucket into the next slot
+            bucket = plan.buckets_of(sender)[self.rung[sender]]
+            buf = torch.randint(0, 255, (HEADER_BYTES + bucket.nbytes,), dtype=torch.uint8)
+            write_header(buf, 3, bucket.index)
+            self.slots[sender].buffers[self.rung[sender]] = buf
+            self.rung[sender] += 1
+            return bucket.index
+
+        def ack(self, sender):
+            events.append(("ack", sender))
+            return Done(), None
+
+    slot_bucket = {}
+    monkeypatch.setattr(receiver_mod, "settle", lambda slot: events.append(("settle", slot_bucket[slot.data_ptr()])))
+    group = Group()
+    receiver = receiver_mod.BucketReceiver(plan, group)
+    owner = {t.name: b.index for b in plan.buckets for e in b.entries for t in e.hf}
+    for name, tensor in receiver.tensors(3):
+        slot_bucket.setdefault(tensor.untyped_storage().data_ptr(), owner[name])
+        events.append(("load", owner[name]))
+    assert receiver.error is None
+    for b in plan.buckets:
+        last_load = max(i for i, e in enumerate(events) if e == ("load", b.index))
+        settled = events.index(("settle", b.index))
+        acks = [i for i, e in enumerate(events) if e[0] == "ack"]
+        assert last_load < settled < acks[b.index], (b.index, events)

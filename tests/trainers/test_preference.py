@@ -205,7 +205,8 @@ def test_dpo_learns_and_resumes_exactly_with_precomputed_reference(tmp_path, con
 
 
 @pytest.mark.dist
-def test_dpo_ipo_with_frozen_reference_model_at_tp2(tmp_path, converted, pref_data):
+def test_dpo_ipo_with_frozen_reference_model_at_tp2(tmp_path, converted, pref_data, monkeypatch):
+    monkeypatch.setenv("MEGARL_STRICT_DEVICE", "1")   # every tensor where a GPU run needs it (runtime/strict_device.py)
     path = _recipe(tmp_path, converted["qwen2"]["ckpt"], pref_data, "ipo",
                    preference={"loss_type": "ipo", "beta": 0.5}, steps=4, save_freq=0, eval_freq=4)
     body = yaml.safe_load(open(path))
@@ -219,12 +220,13 @@ def test_dpo_ipo_with_frozen_reference_model_at_tp2(tmp_path, converted, pref_da
 
 
 @pytest.mark.dist
-def test_reward_model_trains_and_its_export_ranks_pairs(tmp_path, converted, pref_data):
+def test_reward_model_trains_and_its_export_ranks_pairs(tmp_path, converted, pref_data, monkeypatch):
     import transformers
 
     from megarl.trainers.preference import scored_length
 
     path = _recipe(tmp_path, converted["qwen2"]["hf"], pref_data, "rm", stage="rm", save_freq=0)
+    monkeypatch.setenv("MEGARL_STRICT_DEVICE", "1")
     assert cli(["train", path]) == 0
     m = _metrics(tmp_path / "rm")
     assert m[-1]["eval/loss"] < m[0]["eval/loss"]
@@ -239,7 +241,8 @@ def test_reward_model_trains_and_its_export_ranks_pairs(tmp_path, converted, pre
 
 
 @pytest.mark.dist
-def test_kto_trains_with_kl_baseline(tmp_path, converted, pref_data):
+def test_kto_trains_with_kl_baseline(tmp_path, converted, pref_data, monkeypatch):
+    monkeypatch.setenv("MEGARL_STRICT_DEVICE", "1")   # every tensor where a GPU run needs it (runtime/strict_device.py)
     path = _recipe(tmp_path, converted["qwen2"]["ckpt"], pref_data, "kto", stage="kto", save_freq=0, steps=4)
     assert cli(["train", path]) == 0
     m = _metrics(tmp_path / "kto")

@@ -34,7 +34,7 @@ def rl_setup(tmp_path_factory, tiny_hf_models):
     return root, tiny_hf_models["qwen2"]
 
 
-def _train(root, model, out, *extra, timeout=600):
+def _train(root, model, out, *extra, timeout=600, strict=False):
     args = [sys.executable, "-m", "megarl.cli", "train", os.path.join(ROOT, "configs/tiny/grpo_cpu.yaml"),
             "--set", f"model.path={model}", "--set", f"data.train={root / 'rl.jsonl'}",
             "--set", f"data.eval={root / 'eval.jsonl'}", "--set", f"trainer.output_dir={out}",
@@ -50,6 +50,8 @@ def _train(root, model, out, *extra, timeout=600):
             "--set", "algorithm.kl.coef=0.001", *extra]   # a reference gang too (the demo recipe runs without)
     # warnings as a user sees them (conftest sets PYTHONWARNINGS=ignore for the suite's own processes)
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}, "WANDB_MODE": "offline"}
+    if strict:   # every worker tensor where a GPU run needs it (runtime/strict_device.py)
+        env["MEGARL_STRICT_DEVICE"] = "1"
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -61,7 +63,7 @@ def _metrics(out) -> dict[int, dict]:
 def straight(rl_setup):
     root, model = rl_setup
     out = root / "straight"
-    proc = _train(root, model, out, "--set", "trainer.resume=never")
+    proc = _train(root, model, out, "--set", "trainer.resume=never", strict=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (root / "straight_output.txt").write_text(proc.stdout + proc.stderr)
     return out
@@ -177,7 +179,8 @@ def test_ppo_with_critic_learns_values_and_checkpoints_both(rl_setup):
             "--set", "trainer.save_freq=2", "--set", "rollout.max_response_length=48", "--set", "trainer.resume=never",
             "--set", f"reward.reward_model={{path: {rm_hf}, component: safety, weight: 0.5}}",
             "--set", "cluster.cpu_threads_per_rank=1"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MEGARL_STRICT_DEVICE": "1"})   # runtime/strict_device.py
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "building the critic" in proc.stdout
     for role in ("actor", "critic", "reward_model"):   # cluster.cpu_threads_per_rank reaches every gang

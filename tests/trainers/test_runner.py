@@ -81,3 +81,13 @@ def test_run_stage_exit_codes_and_signal_file(tmp_path, monkeypatch):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_DFL)
     assert exported == ["t"]
+
+
+def test_a_hub_id_as_model_path_says_how_to_download_it(tmp_path, capsys):
+    from megarl.cli import main as cli
+
+    code = cli(["train", "configs/tiny/sft_cpu.yaml", "--set", "model.path=Qwen/Qwen2.5-0.5B-Instruct",
+                "--set", f"trainer.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "looks like a Hugging Face hub id" in err, err
+    assert "huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir" in err

@@ -111,8 +111,10 @@ def damaged_newest_checkpoint_is_named_and_the_one_before_resumed(run, resumed, 
 
 
 @pytest.mark.dist
-def test_sft_with_tensor_and_sequence_parallel(tmp_path, converted, sft_data):
-    """The same trainer at TP=2 with sequence parallelism (micro-batches padded to a multiple of tp)."""
+def test_sft_with_tensor_and_sequence_parallel(tmp_path, converted, sft_data, monkeypatch):
+    """The same trainer at TP=2 with sequence parallelism (micro-batches padded to a multiple of tp),
+    in strict device mode."""
+    monkeypatch.setenv("MEGARL_STRICT_DEVICE", "1")   # every tensor where a GPU run needs it (runtime/strict_device.py)
     path = recipe(tmp_path, converted, sft_data, "tp2", steps=3, save_freq=0)
     data = yaml.safe_load(open(path))
     data["parallel"] = {"tp": 2, "sp": True}

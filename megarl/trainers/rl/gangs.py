@@ -93,11 +93,13 @@ class RayPlacement:
 
         return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
 
-    def options(self, slot: Slot) -> dict:
-        """Ray actor options for one process on `slot`: its bundle and its share of the slot."""
+    def options(self, slot: Slot, env: dict[str, str] | None = None) -> dict:
+        """Ray actor options for one process on `slot`: its bundle, its share of the slot, and
+        `env` (set before the process starts CUDA)."""
         share = self.map.share(slot)
         resources = {"num_gpus": share, "num_cpus": 0} if self.gpu else {"num_cpus": share}
-        return {"scheduling_strategy": self._strategy(self.bundle[slot]), **resources}
+        extra = {"runtime_env": {"env_vars": env}} if env else {}
+        return {"scheduling_strategy": self._strategy(self.bundle[slot]), **resources, **extra}
 
     def check(self, role: str, reports: list[dict]) -> None:
         """Every rank of `role` is on the node, with the LOCAL_RANK and GPU, that the map says."""
@@ -145,12 +147,13 @@ def place_ranks(recipe: Recipe, init_ckpt: str, role: str, threads: int, placeme
     the map: node, LOCAL_RANK and, on GPUs, the GPU Ray gave it."""
     import ray
 
+    from megarl.runtime.device import CUDA, rank_env
     from megarl.workers import worker_class
 
     cls = ray.remote(worker_class(role))
     world = recipe.derived.train_world_size
-    workers = [cls.options(**placement.options(slot)).remote(recipe, init_ckpt, role, r, world, threads,
-                                                           placement.map.local_rank(role, r))
+    workers = [cls.options(**placement.options(slot, rank_env(CUDA) if placement.gpu else None))
+               .remote(recipe, init_ckpt, role, r, world, threads, placement.map.local_rank(role, r))
                for r, slot in enumerate(placement.map.roles[role])]
     placement.check(role, ray.get([w.placement.remote() for w in workers]))
     return workers
@@ -286,7 +289,8 @@ class WeightSync:
         self.plan = WeightSyncPlan.build(recipe.parallel, EngineLayout(ro.engines, ro.engine_tp),
                                          hf_cfg["model_type"], hf_cfg, bucket_bytes=ro.weight_sync.bucket_mb << 20,
                                          dtype=ENGINE_DTYPES[recipe.model.dtype], quantization=ro.quantization,
-                                         transport=resolve_transport(recipe))
+                                         transport=resolve_transport(recipe),
+                                         transformer_impl=actor.coords[0]["transformer_impl"])
         self.actor, self.fleet, self.config = actor, fleet, ro.weight_sync
         self.generation = 0
         host, port = actor.call_one(0, "sync_open_store", ro.weight_sync.timeout_s)
@@ -361,19 +365,30 @@ def build_fleet(recipe: Recipe, engine_dir: str, placement: RayPlacement):
                           trust_remote_code=recipe.model.trust_remote_code, dtype=ENGINE_DTYPES[recipe.model.dtype],
                           max_model_len=max_len, tensor_parallel_size=ro.engine_tp, kv_cache_bytes=ro.kv_cache_bytes,
                           gpu_memory_utilization=ro.gpu_memory_utilization, seed=recipe.trainer.seed,
-                          quantization=ro.quantization)
+                          quantization=ro.quantization, device="cuda" if placement.gpu else "cpu")
     return RolloutFleet(config, ro.engines, engine_options=[placement.options(e[0]) for e in placement.map.engines])
 
 
 def engine_model_dir(recipe: Recipe, init_ckpt: str) -> str:
     """An HF directory with weights for the engines to start from (the weights are replaced by
-    the first sync anyway; the engine needs a complete model to build itself)."""
-    if has_hf_weights(recipe.model.path):
-        return recipe.model.path
-    from megarl.checkpoint.hf import convert_megatron_to_hf
-    from megarl.runtime.local_group import run_local_group
+    the first sync anyway; the engine needs a complete model to build itself). With
+    `rollout.quantization: fp8`, an FP8-serialized copy: the engine then holds the very tensors
+    (float8 weights + scales) each sync sends, and the plan check compares them all."""
+    hf_dir = recipe.model.path
+    if not has_hf_weights(hf_dir):
+        from megarl.checkpoint.hf import convert_megatron_to_hf
+        from megarl.runtime.local_group import run_local_group
 
-    out = os.path.join(recipe.trainer.output_dir, "engine_init")
+        hf_dir = os.path.join(recipe.trainer.output_dir, "engine_init")
+        if not has_hf_weights(hf_dir):
+            run_local_group(convert_megatron_to_hf, 1, args=(init_ckpt, hf_dir, 1 << 30, recipe.model.tokenizer),
+                            timeout=3600)
+    if recipe.rollout.quantization != "fp8":
+        return hf_dir
+    from megarl.sync.fp8 import export_fp8_checkpoint
+
+    out = os.path.join(recipe.trainer.output_dir, "engine_init_fp8")
     if not has_hf_weights(out):
-        run_local_group(convert_megatron_to_hf, 1, args=(init_ckpt, out, 1 << 30, recipe.model.tokenizer), timeout=3600)
+        export_fp8_checkpoint(hf_dir, out + ".tmp")
+        os.replace(out + ".tmp", out)
     return out

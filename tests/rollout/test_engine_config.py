@@ -1,0 +1,16 @@
+"""vLLM arguments per device, resolved in one place (rollout/engine.py: vllm_kwargs); no vLLM needed."""
+
+from megarl.rollout.engine import EngineConfig, vllm_kwargs
+
+
+def test_cpu_engines_run_eager_with_an_unchunked_prefill_budget():
+    kw = vllm_kwargs(EngineConfig("m", max_model_len=512))
+    assert kw["enforce_eager"] is True and kw["max_num_seqs"] == 64
+    assert kw["max_num_batched_tokens"] == 64 * 512 and kw["kv_cache_memory_bytes"] == 256 << 20
+
+
+def test_gpu_engines_use_cuda_graphs_and_vllms_own_token_budget():
+    kw = vllm_kwargs(EngineConfig("m", max_model_len=4096, kv_cache_bytes=None, device="cuda"))
+    assert kw["enforce_eager"] is False and kw["max_num_seqs"] == 256
+    assert "max_num_batched_tokens" not in kw and kw["gpu_memory_utilization"] == 0.6
+    assert vllm_kwargs(EngineConfig("m", device="cuda", enforce_eager=True))["enforce_eager"] is True
