@@ -31,7 +31,7 @@ import sys
 import time
 
 SFT_TOOL_SHARE = 0.5  # share of SFT demonstrations that call the calculator
-EVAL_PROMPTS = 512    # held-out prompts (x rollout.eval_n = 2 samples each)
+EVAL_PROMPTS = 512    # held-out prompts (x rollout.eval_n samples each, configs/tiny/grpo_cpu.yaml)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -104,7 +104,12 @@ def main() -> int:
     os.makedirs("runs/demo", exist_ok=True)
     with open("runs/demo/summary.json", "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"[demo] task success on {EVAL_PROMPTS} held-out prompts x 2 samples: {summary['success_before']:.1%} "
+    import yaml
+
+    with open("runs/tiny/grpo/recipe.resolved.yaml") as f:   # what the run used, not a copy of it here
+        eval_n = yaml.safe_load(f)["rollout"]["eval_n"]
+    summary["eval_samples_per_prompt"] = eval_n
+    print(f"[demo] task success on {EVAL_PROMPTS} held-out prompts x {eval_n} samples: {summary['success_before']:.1%} "
           f"after SFT -> "
           f"{summary['success_after']:.1%} after {len(summary['reward_curve'])} GRPO steps "
           f"({summary['grpo_seconds']}s)\n[demo] curve {curve}\n[demo] calculator calls per sample "

@@ -15,12 +15,15 @@ Memory model (bytes per GPU; P = parameters held by the GPU):
   gpu_memory_utilization × GPU − weights; one token of KV is 2 · L · kv_heads · head_dim · 2 bytes
   / engine_tp. The reward model is a forward-only scalar-head model (its config.json's shape when
   local, else the actor's).
-- nothing is offloaded and no engine sleeps (not built yet): every role holds its memory for the
-  whole run, so the roles sharing a GPU add up. colocated: actor (weights + grads + optimizer),
-  reference, critic, reward model and engine on every GPU; separate: the training roles on the
-  training GPUs, the engines on the rollout GPUs (the reward model on its own GPUs when
-  reward_model_gpus > 0). RL roles are separate processes, each with its own runtime overhead;
-  sft/rm/dpo/kto keep the reference in the actor's process.
+- separate: every role holds its memory for the whole run; the training roles on the training GPUs,
+  the engines on the rollout GPUs (the reward model on its own GPUs when reward_model_gpus > 0).
+- colocated RL on GPUs: the trainers and the engines take turns (trainers/rl/gangs.MemoryHandOff),
+  so each GPU's peak is the largest of three phases: training (actor, reference, critic and reward
+  model resident; the engine asleep, its process only), weight sync (the same plus the engine's
+  weights, and its KV cache when rollout.weight_sync.verify_logprobs), rollout (the engine and the
+  reward model; actor, reference and critic offloaded to host memory, their processes only).
+  Colocated on CPU nothing is handed over and the roles add up. RL roles are separate processes,
+  each with its own runtime overhead; sft/rm/dpo/kto keep the reference in the actor's process.
 """
 
 from __future__ import annotations
@@ -179,9 +182,34 @@ def _reward_model_role(r: Recipe) -> RoleMemory:
     return m
 
 
+def handoff(r: Recipe) -> bool:
+    """Colocated RL on GPUs: the trainers and the engines take turns on each GPU."""
+    return r.stage in RL_STAGES and r.cluster.placement.mode == "colocated" and r.cluster.device != "cpu"
+
+
+def _idle(role: RoleMemory, state: str, params: float = 0.0, kv: float = 0.0) -> RoleMemory:
+    """A role's process while it is off the GPU (its runtime overhead) or partly on it."""
+    return RoleMemory(f"{role.role} ({state})", params, 0.0, 0.0, 0.0, kv, "")
+
+
+def handoff_phases(r: Recipe, roles: list[RoleMemory]) -> list[tuple[str, list[RoleMemory], float]]:
+    """The three phases of a colocated GPU: what is on each GPU in each (see the module docstring)."""
+    engine = next(m for m in roles if m.role == "rollout")
+    scorers = [m for m in roles if m.role == "reward_model"]
+    gangs = [m for m in roles if m.role not in ("rollout", "reward_model")]
+    sync_kv = engine.kv_cache if r.rollout.weight_sync.verify_logprobs else 0.0
+    phases = [("training", [*gangs, *scorers, _idle(engine, "asleep")]),
+              ("weight sync", [*gangs, *scorers, _idle(engine, "weights" + (" + KV" if sync_kv else ""),
+                                                       engine.params, sync_kv)]),
+              ("rollout", [engine, *scorers, *(_idle(g, "offloaded") for g in gangs)])]
+    return [(f"every GPU, {name}", members, sum(m.total for m in members)) for name, members in phases]
+
+
 def gpu_pools(r: Recipe, roles: list[RoleMemory]) -> list[tuple[str, list[RoleMemory], float]]:
-    """(GPUs, the roles resident on each of them, GiB per GPU) for the recipe's placement. Every role
-    holds its memory for the whole run (no offload, no engine sleep), so a GPU's roles add up."""
+    """(GPUs, the roles on each of them, GiB per GPU) for the recipe's placement: the resident roles
+    added up, or the phases of a colocated GPU hand-off."""
+    if handoff(r):
+        return handoff_phases(r, roles)
     if r.cluster.placement.mode == "colocated":
         pools = [("every GPU", roles)]
     else:
@@ -234,9 +262,10 @@ def batch_table(r: Recipe) -> list[tuple[str, str]]:
 
 
 def _pool_lines(r: Recipe, roles: list[RoleMemory], gpu_gib: float) -> tuple[list[str], bool]:
-    """Each GPU pool's resident roles added up, the engine budget that would fit, and what the
-    runtime does not do yet."""
-    out, fits = ["", "per GPU, every resident role at once (nothing is offloaded, no engine sleeps):"], True
+    """Each GPU pool's roles added up (each hand-off phase's), and the engine budget that would fit."""
+    title = ("per GPU, each phase of the colocated hand-off (trainers offloaded while the engines generate, "
+             "engines asleep while the trainers train):" if handoff(r) else "per GPU, every resident role at once:")
+    out, fits = ["", title], True
     for name, members, gib in gpu_pools(r, roles):
         ok = gib <= gpu_gib
         fits &= ok
@@ -244,9 +273,8 @@ def _pool_lines(r: Recipe, roles: list[RoleMemory], gpu_gib: float) -> tuple[lis
                    f"{gib:.1f} GiB  {'fits' if ok else 'DOES NOT FIT'}")
         if not ok and any(m.role == "rollout" for m in members) and r.rollout.kv_cache_bytes is None:
             out.append("    " + _engine_budget_hint(r, members, gpu_gib))
-    if r.rollout is not None and r.cluster.placement.mode == "colocated":
-        out.append("  note: colocated roles stay resident together (no offload, no engine sleep yet), so the sum "
-                   "above is what each GPU holds")
+    if r.rollout is not None and r.cluster.placement.mode == "colocated" and not handoff(r):
+        out.append("  note: colocated on CPU nothing is handed over: the roles stay resident together")
     return out, fits
 
 

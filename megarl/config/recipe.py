@@ -369,8 +369,10 @@ class PlacementConfig:
     mode: Literal["colocated", "separate"] = "colocated"
     """colocated: training and rollout share every GPU; separate: disjoint GPU pools (training,
     rollout, and the reward model's own when reward_model_gpus > 0). The RL driver places its Ray
-    workers and engines by it (megarl.launch.placement; `megarl plan` prints the map). Nothing is
-    offloaded and engines do not sleep yet: colocated roles stay resident together."""
+    workers and engines by it (megarl.launch.placement; `megarl plan` prints the map). Colocated on
+    GPUs the trainers and the engines take turns (trainers/rl/gangs.MemoryHandOff: trainers offloaded
+    while the engines generate, engines asleep while the trainers train; not yet run on a GPU);
+    colocated on CPU they stay resident together."""
     rollout_gpus: int = 0
     """GPUs reserved for rollout engines when mode=separate."""
     reward_model_gpus: int = 0

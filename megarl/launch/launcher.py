@@ -46,7 +46,9 @@ def driver_plan(recipe, recipe_path: str, overrides: list[str], nodes: NodeMap, 
     srun = ["srun", "--overlap", f"--nodes={len(nodes.nodes)}", f"--ntasks-per-node={per_node}",
             f"--cpus-per-task={max(1, nodes.cpus_per_node // per_node)}", "--kill-on-bad-exit=1", *extra_srun_args()]
     rendezvous = os.path.join(os.path.abspath(log_dir), f"rendezvous_{os.getpid()}_{time.time_ns()}.json")
-    env = {"MASTER_ADDR": nodes.head, RENDEZVOUS_FILE_ENV: rendezvous}
+    from megarl.runtime.device import CUDA, rank_env
+
+    env = {"MASTER_ADDR": nodes.head, RENDEZVOUS_FILE_ENV: rendezvous, **(rank_env(CUDA) if nodes.total_gpus else {})}
     return [*srun, sys.executable, "-m", "megarl.launch.rank", recipe_path, *sets], env
 
 

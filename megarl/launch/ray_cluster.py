@@ -126,7 +126,7 @@ class RayCluster:
 
     def _wait_for_head(self, deadline: float) -> str:
         """The head's address once it has published it (its GCS is listening by then)."""
-        from megarl.runtime.rendezvous import wait_for_address
+        from megarl.runtime.rendezvous import read_address
 
         while not os.path.exists(self.address_file):
             self._check_alive()
@@ -134,7 +134,7 @@ class RayCluster:
                 raise LaunchError(f"the Ray head did not publish its address ({self.address_file}) in time; "
                                   f"log: {self.procs[0][2]}")
             time.sleep(0.25)
-        host, port = wait_for_address(self.address_file, 0.0, "the Ray head's address")
+        host, port = read_address(self.address_file)   # published: the loop above saw the file
         return f"{host}:{port}"
 
     def wait_for_resources(self, deadline: float) -> dict:

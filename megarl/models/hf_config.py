@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from megarl.config.parallel import ParallelConfig
-from megarl.models.impl import UNFUSED_KERNELS
+from megarl.models.impl import kernel_fusions
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 MOE = ("qwen3_moe", "mixtral")
@@ -128,7 +128,7 @@ def megatron_config_from_hf(cfg: dict, parallel: ParallelConfig, dtype: str = "f
         # built where the rank's device is: CPU initialisation only on CPU (megatron otherwise
         # initialises every weight in fp32 on the host and copies it over)
         sequence_parallel=parallel.sp, use_cpu_initialization=current_device().type != "cuda",
-        **UNFUSED_KERNELS,
+        **kernel_fusions((options or BuildOptions()).transformer_impl, current_device().type == "cuda"),
     )
     if arch in MOE:
         experts = cfg.get("num_experts") or cfg.get("num_local_experts")

@@ -11,10 +11,23 @@ from megarl.runtime.device import DeviceSpec
 
 LOCAL, TE = "local", "transformer_engine"
 
-# Fused kernels that need TE, apex or CUDA extensions; off for every model we build, since the
-# TE spec fuses what matters itself (megatron raises for rope/grad-accumulation fusion without them).
+# Fused kernels that need CUDA, TE or apex; megatron raises for rope / grad-accumulation fusion
+# without their kernels, so each is on only where its kernel is installed (kernel_fusions).
 UNFUSED_KERNELS = dict(bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
                        apply_rope_fusion=False, persist_layer_norm=False)
+
+
+def kernel_fusions(impl: str, cuda: bool, installed=None) -> dict:
+    """megatron's fusion switches for a model built with `impl` on this device: all off on CPU;
+    on CUDA bias+dropout+add (torch's JIT fuser), RoPE and masked softmax with Transformer Engine
+    (its fused rope; its attention replaces the softmax), gradient-accumulation fusion and the
+    persistent layer norm where apex's kernels are installed. `installed(module)` is injectable."""
+    if not cuda:
+        return dict(UNFUSED_KERNELS)
+    installed = installed or (lambda name: importlib.util.find_spec(name) is not None)
+    return dict(bias_dropout_fusion=True, masked_softmax_fusion=impl == TE, apply_rope_fusion=impl == TE,
+                gradient_accumulation_fusion=installed("fused_weight_gradient_mlp_cuda"),
+                persist_layer_norm=installed("fast_layer_norm"))
 TRANSFORMER_IMPLS = ("auto", LOCAL, TE)
 
 

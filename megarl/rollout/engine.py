@@ -34,6 +34,7 @@ class EngineConfig:
     max_num_seqs: int | None = None        # None: 64 on CPU, 256 on GPUs
     worker_extension_cls: str = "megarl.sync.receiver.WeightReceiverExtension"  # receives weight syncs
     device: str = "cpu"                    # "cpu" | "cuda": what the defaults above resolve for
+    sleep_mode: bool = False               # colocated on GPUs: the engine sleeps while the trainer trains
 
 
 def vllm_kwargs(config: EngineConfig) -> dict:
@@ -56,6 +57,8 @@ def vllm_kwargs(config: EngineConfig) -> dict:
         kwargs["max_num_batched_tokens"] = seqs * config.max_model_len
     if config.quantization:
         kwargs["quantization"] = config.quantization
+    if config.sleep_mode:
+        kwargs["enable_sleep_mode"] = True
     if config.kv_cache_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = config.kv_cache_bytes
     else:
@@ -117,6 +120,14 @@ class RolloutEngine:
         return [[Completion(list(c.token_ids), [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
                             _finish_reason(c.finish_reason), version) for c in out.outputs]
                 for out in outputs]
+
+    def sleep(self) -> None:
+        """Give the GPU back (colocated): weights to host memory, KV cache dropped (vLLM level 1)."""
+        self.llm.sleep(level=1)
+
+    def wake(self, what: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Take it again: the weights (to receive a sync) and/or the KV cache (to generate)."""
+        self.llm.wake_up(tags=list(what))
 
     def prompt_logprobs(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
         """log p(token_i | tokens_<i) for i >= 1 under the current weights (verification)."""

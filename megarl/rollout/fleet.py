@@ -41,6 +41,12 @@ class EngineActorImpl:
     def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
         return [self.engine.prompt_logprobs(s) for s in seqs]
 
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self, what: tuple[str, ...]) -> None:
+        self.engine.wake(what)
+
     def pid(self) -> int:
         import os
 
@@ -181,6 +187,17 @@ class RolloutFleet:
         import ray
 
         return ray.get([a.prompt_logprobs.remote(seqs) for a in self.actors])
+
+    def sleep(self) -> None:
+        """Every engine gives its GPU memory back (colocated hand-off)."""
+        import ray
+
+        ray.get([a.sleep.remote() for a in self.actors])
+
+    def wake(self, what: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        import ray
+
+        ray.get([a.wake.remote(what) for a in self.actors])
 
     def shutdown(self) -> None:
         import ray

@@ -57,6 +57,11 @@ def wait_for_address(path: str, timeout_s: float, what: str = "the rendezvous") 
             raise TimeoutError(f"{what} was not published in {path} within {timeout_s:.0f} s (is the run "
                                "directory on a file system every node shares? did the host process start?)")
         time.sleep(0.1)
+    return read_address(path)
+
+
+def read_address(path: str) -> tuple[str, int]:
+    """(host, port) from a file `publish_address` wrote."""
     with open(path) as f:
         got = json.load(f)
     return got["host"], int(got["port"])

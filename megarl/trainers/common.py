@@ -132,10 +132,12 @@ def run_ranks(recipe, tag: str, train_rank, init: str) -> int:
                 torch.set_num_threads(recipe.cluster.cpu_threads_per_rank)
             result = train_rank(recipe, init)
             return result if os.environ.get("RANK", "0") == "0" else None
+        from megarl.runtime.device import rank_env, select_device
         from megarl.runtime.local_group import run_local_group
 
         return run_local_group(train_rank, recipe.derived.train_world_size, args=(recipe, init),
-                               timeout=24 * 3600, threads=recipe.cluster.cpu_threads_per_rank)[0]
+                               timeout=24 * 3600, threads=recipe.cluster.cpu_threads_per_rank,
+                               env=rank_env(select_device(recipe.cluster.device)))[0]
 
     return run_stage(recipe, tag, body)
 

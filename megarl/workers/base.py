@@ -242,6 +242,19 @@ class MegatronRank:
             set_rng_state(extra["rng"])
         return extra.get("driver", {})
 
+    # ---- colocated hand-off (workers/offload.py) ----------------------------------------------------
+    def offload(self) -> int:
+        """Model (and optimizer) storages to host memory, the device's freed; returns the bytes."""
+        from megarl.workers.offload import offload
+
+        self._offloaded = offload(self.models, self.optimizer)
+        return self._offloaded.nbytes
+
+    def reload(self) -> int:
+        """Back on the device, bitwise; returns the bytes."""
+        held, self._offloaded = getattr(self, "_offloaded", None), None
+        return held.restore() if held is not None else 0
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -408,23 +408,39 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     assert "rollout.n" in err and "parallel.tp" in err
 
 
-def test_plan_adds_up_every_role_resident_on_a_colocated_gpu(capsys, monkeypatch):
+def test_plan_gives_each_phase_of_a_colocated_gpu_handoff(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    # no offload and no engine sleep today: actor + reference + engine share each GPU for the whole run
-    assert cli(["plan", "configs/grpo_70b.yaml", "--set", "rollout.gpu_memory_utilization=0.6"]) == 2
+    # colocated on GPUs the trainers and the engines take turns (trainers/rl/gangs.MemoryHandOff):
+    # each phase must fit, not the sum of every role
+    assert cli(["plan", "configs/grpo_70b.yaml", "--set", "rollout.gpu_memory_utilization=0.9"]) == 2
     out = capsys.readouterr().out
     assert "8 nodes × 8 GPUs" in out and "70.55B parameters" in out
+    assert "every GPU, training (colocated): actor + reference + rollout (asleep) = 52.0 GiB  fits" in out
+    assert "every GPU, weight sync (colocated): actor + reference + rollout (weights) = 68.4 GiB  fits" in out
+    assert ("every GPU, rollout (colocated): rollout + actor (offloaded) + reference (offloaded) = 84.0 GiB  "
+            "DOES NOT FIT") in out
+    assert "rollout.gpu_memory_utilization <= 0.85" in out
+    assert "nodes 0-7: 0:A+R+E 1:A+R+E 2:A+R+E" in out  # the placement map the run uses
+    assert "how each number is computed" in out and "Korthikanti" in out
+    # verifying each sync wakes the engine's KV cache beside the resident trainers
+    assert cli(["plan", "configs/grpo_70b.yaml", "--set", "rollout.gpu_memory_utilization=0.6",
+                "--set", "rollout.weight_sync.verify_logprobs=true"]) == 2
+    assert "actor + reference + rollout (weights + KV) = 100.0 GiB  DOES NOT FIT" in capsys.readouterr().out
+    assert cli(["plan", "configs/grpo_70b.yaml"]) == 0     # the shipped recipe fits every phase
+    assert "rollout + actor (offloaded) + reference (offloaded) = 36.0 GiB  fits" in capsys.readouterr().out
+
+
+def test_plan_adds_up_every_role_resident_when_nothing_is_handed_over(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert cli(["plan", "configs/grpo_70b.yaml", "--set", "rollout.gpu_memory_utilization=0.6",
+                "--set", "cluster.device=cpu"]) == 2
+    out = capsys.readouterr().out
     for role in ("actor", "reference", "rollout"):  # each alone fits; together they do not
         assert any(line.strip().startswith(role) and line.rstrip().split()[7] == "yes"
                    for line in out.splitlines()), role
     assert "every GPU (colocated): actor + reference + rollout = 100.0 GiB  DOES NOT FIT" in out
     assert "rollout.gpu_memory_utilization <= 0.35" in out
-    assert "colocated roles stay resident together" in out
-    assert "nodes 0-7: 0:A+R+E 1:A+R+E 2:A+R+E" in out  # the placement map the run uses
-    assert "offloaded during" not in out and "time-share" not in out
-    assert "how each number is computed" in out and "Korthikanti" in out
-    assert cli(["plan", "configs/grpo_70b.yaml"]) == 0     # the shipped recipe sizes its engines to fit
-    assert "actor + reference + rollout = 76.0 GiB  fits" in capsys.readouterr().out
+    assert "colocated on CPU nothing is handed over" in out
 
 
 def test_plan_separate_pools_and_the_reward_model(capsys, monkeypatch):
@@ -453,9 +469,12 @@ def test_plan_counts_one_runtime_overhead_per_process(monkeypatch):
     [(_, members, gib)] = gpu_pools(dpo, memory_table(dpo)[0])
     assert [m.role for m in members] == ["actor", "reference"]  # the reference lives in the actor's process
     assert gib == pytest.approx(sum(m.total for m in members) - OVERHEAD_GIB)
-    grpo = load_recipe("configs/grpo_70b.yaml")
+    grpo = load_recipe("configs/grpo_70b.yaml", ["cluster.device=cpu"])
     [(_, members, gib)] = gpu_pools(grpo, memory_table(grpo)[0])
     assert gib == pytest.approx(sum(m.total for m in members))  # RL roles are separate processes
+    phases = gpu_pools(load_recipe("configs/grpo_70b.yaml"), memory_table(grpo)[0])   # on GPUs: the hand-off
+    rollout = dict((name, members) for name, members, _ in phases)["every GPU, rollout"]
+    assert [m.total for m in rollout if m.role.endswith("(offloaded)")] == [OVERHEAD_GIB] * 2
 
 
 def test_plan_flags_a_role_that_does_not_fit(capsys, monkeypatch):

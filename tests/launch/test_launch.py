@@ -61,6 +61,7 @@ def test_dry_run_runs_preference_ranks_under_srun_and_refuses_a_node_mismatch(ei
     assert out.returncode == 1, out.stdout
     assert "no Ray" in out.stdout and "srun --overlap --nodes=8 --ntasks-per-node=4" in out.stdout
     assert "megarl.launch.rank configs/dpo_70b.yaml" in out.stdout and "MASTER_ADDR=gpu01" in out.stdout
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in out.stdout   # GPU ranks keep one CUDA queue (TP overlap)
     # rank 0 binds the store's port and publishes it in a file of this launch: no port is picked here
     assert "MASTER_PORT" not in out.stdout and "MEGARL_RENDEZVOUS_FILE=" in out.stdout
     assert "would fail: the recipe's cluster.nodes is 4 but the job has 8 node(s)" in out.stdout

@@ -42,3 +42,15 @@ def test_an_auto_choice_is_explained():
     model = SimpleNamespace(transformer_impl="auto", fp8=None, fp8_recipe="delayed", recompute="none")
     why = BuildOptions.from_recipe(model, CPU).why
     assert why == "local (auto: no CUDA device; Transformer Engine layers need one)"
+
+
+def test_kernel_fusions_only_where_their_kernels_exist():
+    from megarl.models.impl import UNFUSED_KERNELS, kernel_fusions
+
+    assert kernel_fusions("local", cuda=False) == UNFUSED_KERNELS
+    te = kernel_fusions("transformer_engine", cuda=True, installed=lambda name: False)
+    assert te == dict(bias_dropout_fusion=True, masked_softmax_fusion=True, apply_rope_fusion=True,
+                      gradient_accumulation_fusion=False, persist_layer_norm=False)
+    local = kernel_fusions("local", cuda=True, installed=lambda name: name == "fused_weight_gradient_mlp_cuda")
+    assert not local["apply_rope_fusion"] and not local["masked_softmax_fusion"]
+    assert local["gradient_accumulation_fusion"]

@@ -14,3 +14,8 @@ def test_gpu_engines_use_cuda_graphs_and_vllms_own_token_budget():
     assert kw["enforce_eager"] is False and kw["max_num_seqs"] == 256
     assert "max_num_batched_tokens" not in kw and kw["gpu_memory_utilization"] == 0.6
     assert vllm_kwargs(EngineConfig("m", device="cuda", enforce_eager=True))["enforce_eager"] is True
+
+
+def test_sleep_mode_only_for_a_colocated_gpu_handoff():
+    assert vllm_kwargs(EngineConfig("m", device="cuda", sleep_mode=True))["enable_sleep_mode"] is True
+    assert "enable_sleep_mode" not in vllm_kwargs(EngineConfig("m", device="cuda"))

@@ -152,3 +152,15 @@ def test_param_name_maps_only_the_fused_norms():
         "decoder.layers.3.pre_mlp_layernorm.weight"   # MoE layers keep a separate norm before the router
     assert param_name("decoder.final_layernorm.weight", TE) == "decoder.final_layernorm.weight"
     assert param_name("decoder.layers.3.input_layernorm.weight", "local") == "decoder.layers.3.input_layernorm.weight"
+
+
+def test_checkpoints_carry_the_te_names_whatever_the_layers(converted):
+    """The converter writes the dist checkpoint through the local spec, whose keys map its norms to
+    the fused TE names: a checkpoint loads into either implementation, so only live parameter names
+    (the weight sync) differ."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = set(dcp.FileSystemReader(converted["qwen2"]["ckpt"]).read_metadata().state_dict_metadata)
+    assert {"decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+            "decoder.layers.mlp.linear_fc1.layer_norm_weight"} <= keys
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in keys)

@@ -24,7 +24,17 @@ from megarl.config.recipe import Recipe
 from megarl.metrics import PhaseTimer
 from megarl.trainers.common import critic_hf_dir, initial_checkpoint
 from megarl.trainers.rl import step as phases
-from megarl.trainers.rl.gangs import TAG, Gang, RayPlacement, WeightSync, build_fleet, engine_model_dir, start_ray
+from megarl.trainers.rl.gangs import (
+    TAG,
+    Gang,
+    MemoryHandOff,
+    RayPlacement,
+    WeightSync,
+    build_fleet,
+    engine_model_dir,
+    handoff_enabled,
+    start_ray,
+)
 from megarl.trainers.runner import (
     StagePolicy,
     StageResult,
@@ -105,6 +115,7 @@ class RLDriver:
         self.step_count = 0
         self.actor = self.reference = self.critic = self.reward_model = self.fleet = self.placement = None
         self.logger = None
+        self.handoff = MemoryHandOff(False, [], None)
 
     # ---- bring-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,7 +143,9 @@ class RLDriver:
             self.reward_model = Gang(r, rm_init, REWARD_MODEL, threads, self.placement)
         scorer = self.reward_model.reward_scorer(r.derived.dp) if self.reward_model else None
         self.rewards = RewardEngine(r.reward, scorer)
-        self.fleet = build_fleet(r, engine_model_dir(r, init), self.placement)
+        self.handoff = MemoryHandOff(handoff_enabled(r, self.placement.gpu), [self.actor, self.reference, self.critic],
+                                     verify_sync=r.rollout.weight_sync.verify_logprobs)
+        self.fleet = self.handoff.start_engines(lambda: build_fleet(r, engine_model_dir(r, init), self.placement))
         self.sync = WeightSync(r, self.actor, self.fleet, self.inputs.hf_cfg)
         self._resume()
         self.logger = open_metrics(r, self.step_count)
@@ -153,7 +166,8 @@ class RLDriver:
         self.sampler = EpochSampler.from_state(len(self.inputs.data), d.seed, d.shuffle, state["sampler"])
         self.kl_ctl.load_state_dict(state["kl"])
         print(f"[{TAG}] resumed from {path} at step {self.step_count}", flush=True)
-        self.sync.push(self.step_count)  # the engines start from the initial model: give them these weights
+        with self.handoff.sync_window():   # the engines start from the initial model: give them these weights
+            self.sync.push(self.step_count)
 
     def _agent_loop(self):
         from megarl.rollout.agent import AgentLoop
@@ -202,7 +216,7 @@ class RLDriver:
         """One RL step, phase by phase -> (metrics, the rollouts it trained on)."""
         timer, r = PhaseTimer(), self.recipe
         t_step, engine_before = time.perf_counter(), self.fleet.engine_seconds
-        with timer.phase("rollout"):
+        with timer.phase("rollout"), self.handoff.rollout_window():
             rollouts = phases.collect_rollouts(r, self.step_count, self.sampler_take, self.agent.run, self.score)
         with timer.phase("reward"):
             batch, reward_m = phases.build_batch(r, rollouts, self.inputs.tokenizer.pad_token_id)
@@ -214,7 +228,7 @@ class RLDriver:
         if self.reference is not None and batch.old_logp is None:  # KL of the policy that sampled, as the update saw it
             logprob_m.update({"kl/ref_mean": update_m["actor/kl_ref"], "kl/coef": self.kl_ctl.coef})
         self.step_count += 1
-        with timer.phase("sync"):
+        with timer.phase("sync"), self.handoff.sync_window():
             sync_m = self.sync.push(self.step_count, self.verify_seqs)
         if self.reference is not None:
             self.kl_ctl.update(logprob_m.get("kl/ref_mean", 0.0), batch.size)
@@ -281,7 +295,8 @@ class RLDriver:
         t0 = time.perf_counter()
         prompts = self.inputs.eval_data.prompts
         sampling = phases.eval_sampling(self.recipe, at)
-        groups = self.agent.run([p.prompt_ids for p in prompts], sampling)
+        with self.handoff.rollout_window():
+            groups = self.agent.run([p.prompt_ids for p in prompts], sampling)
         from megarl.reward.engine import reward_summary
 
         trajs = [x for g in groups for x in g]

@@ -8,6 +8,7 @@ each data-parallel replica's reporting rank (`megarl.workers.wire`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -277,6 +278,70 @@ class Gang:
             ray.kill(w)
 
 
+def handoff_enabled(recipe: Recipe, gpu: bool) -> bool:
+    """Colocated on GPUs: the trainer gangs and the engines share devices and take turns on them.
+    (Separate placements keep everything resident; on CPU there is no device memory to hand over.)"""
+    return gpu and recipe.cluster.placement.mode == "colocated"
+
+
+class MemoryHandOff:
+    """Who holds the shared GPUs when (colocated placement; every method is a no-op otherwise):
+
+        start     the gangs offload while the engines start and claim their memory, then the
+                  engines sleep and the gangs reload
+        sync      engines wake their weights (and the KV cache when sync verification needs it),
+                  receive the new ones, sleep again (vLLM level 1 keeps them in host memory); the
+                  gangs stay resident
+        rollout   the gangs offload their models and optimizers (workers/offload.py), the engines
+                  wake weights + KV cache and generate, then sleep; the gangs reload, bitwise
+    """
+
+    def __init__(self, enabled: bool, gangs: list, fleet=None, verify_sync: bool = False):
+        """`gangs`: those that are idle during rollouts (actor, reference, critic; a reward model
+        scores while the engines generate and stays)."""
+        self.enabled, self.gangs, self.fleet = enabled, [g for g in gangs if g is not None], fleet
+        self.sync_wakes = ("weights", "kv_cache") if verify_sync else ("weights",)
+
+    def start_engines(self, build):
+        """`build()` -> the fleet, started while the gangs are off the GPUs; left asleep."""
+        if not self.enabled:
+            self.fleet = build()
+            return self.fleet
+        for gang in self.gangs:
+            gang.call("offload")
+        self.fleet = build()
+        self.fleet.sleep()
+        for gang in self.gangs:
+            gang.call("reload")
+        return self.fleet
+
+    @contextlib.contextmanager
+    def sync_window(self):
+        if not self.enabled:
+            yield
+            return
+        self.fleet.wake(self.sync_wakes)
+        try:
+            yield
+        finally:
+            self.fleet.sleep()
+
+    @contextlib.contextmanager
+    def rollout_window(self):
+        if not self.enabled:
+            yield
+            return
+        for gang in self.gangs:
+            gang.call("offload")
+        self.fleet.wake()
+        try:
+            yield
+        finally:
+            self.fleet.sleep()
+            for gang in self.gangs:
+                gang.call("reload")
+
+
 class WeightSync:
     """The actor gang's senders and the fleet's engines joined in one sync group (megarl.sync)."""
 
@@ -365,7 +430,8 @@ def build_fleet(recipe: Recipe, engine_dir: str, placement: RayPlacement):
                           trust_remote_code=recipe.model.trust_remote_code, dtype=ENGINE_DTYPES[recipe.model.dtype],
                           max_model_len=max_len, tensor_parallel_size=ro.engine_tp, kv_cache_bytes=ro.kv_cache_bytes,
                           gpu_memory_utilization=ro.gpu_memory_utilization, seed=recipe.trainer.seed,
-                          quantization=ro.quantization, device="cuda" if placement.gpu else "cpu")
+                          quantization=ro.quantization, device="cuda" if placement.gpu else "cpu",
+                          sleep_mode=handoff_enabled(recipe, placement.gpu))
     return RolloutFleet(config, ro.engines, engine_options=[placement.options(e[0]) for e in placement.map.engines])
 
 
