@@ -3,13 +3,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup setup-gpu test test-fast test-dist test-slurm demo lint bench lock clean
+.PHONY: setup setup-gpu gpu-smoke-bundle test test-fast test-dist test-slurm demo lint bench lock clean
 
 setup:  ## create .venv with the pinned CPU stack (a no-op when requirements are unchanged)
 	@bash tools/setup_env.sh $(VENV)
 
 setup-gpu:  ## .venv-gpu with the GPU stack (requirements/gpu.txt); needs NVIDIA GPUs; not yet run by this project
 	@bash tools/setup_gpu_env.sh .venv-gpu
+
+gpu-smoke-bundle: setup  ## runs/gpu_smoke: what tools/gpu_smoke.py needs on a torch-only GPU machine (then: python tools/gpu_smoke.py)
+	$(PY) tools/gpu_smoke.py prepare
 
 test: setup  ## the whole suite
 	$(PY) -m pytest -q

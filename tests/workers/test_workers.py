@@ -30,7 +30,7 @@ def _public(cls) -> set[str]:
 
 
 def test_each_role_keeps_the_methods_the_driver_calls():
-    common = {"coords", "save", "load", "pid", "rendezvous", "build", "placement"}
+    common = {"coords", "save", "load", "pid", "rendezvous", "build", "placement", "offload", "reload"}
     assert _public(worker_class(ACTOR)) == common | {"compute_logprobs", "update", "sync_open_store", "sync_join",
                                                      "sync_send"}
     assert _public(worker_class(CRITIC)) == common | {"compute_values", "update_critic"}
