@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megarl.runtime.device import current  # import-light: no torch or megatron at its top
+
 MEGATRON_VERSION_VERIFIED = "0.19.2"
 MP_CKPT_QUEUE_ENV = "MEGARL_MP_CKPT_QUEUE"  # =1 keeps megatron's spawned queue (async checkpoint saves)
 SKIP_ENV = "MEGARL_CPU_COMPAT_SKIP"  # comma-separated patch names to leave out (diagnosis and tests)
@@ -108,8 +110,6 @@ def _rng_tracker_on_cpu() -> None:
 # "cpu" is the rank's bound device (runtime.device.current()): plain cpu, or cpu:0 in strict device
 # mode, where megatron's buffers must count as device tensors like everything it places on "cuda".
 def _current_device_cpu() -> None:
-    from megarl.runtime.device import current
-
     torch.cuda.current_device = current
 
 
@@ -128,23 +128,17 @@ class CudaAsCpuMode(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = dict(kwargs, device=_bound_device())
+            kwargs = dict(kwargs, device=current())
         if kwargs.get("pin_memory"):
             kwargs = dict(kwargs, pin_memory=False)
         if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], _bound_device()) + tuple(args[2:])
+            args = (args[0], current()) + tuple(args[2:])
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
-
-
-def _bound_device():
-    from megarl.runtime.device import current
-
-    return current()
 
 
 _cuda_as_cpu_mode: CudaAsCpuMode | None = None

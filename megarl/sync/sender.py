@@ -261,7 +261,8 @@ class WeightSender:
                 parts = self._own_parts(entry, s, mine)
                 if parts:
                     self._timed("pack", self._pack, entry, parts, self._group_size[entry.shard.group], buf)
-            settle(buf)                                  # (CUDA IPC) our copies into the slot have landed
+            if not mine:                                 # (CUDA IPC) a peer's copies have landed; the
+                settle(buf)                              # sender settles once, after stamping, below
             for g in groups:                             # every shard of the bucket is written
                 self._timed("gather", dist.barrier, group=self._groups[g])
             if mine:

@@ -48,6 +48,7 @@ def sft_steps(bundle: str, steps: int = 4) -> dict:
     """SFT updates of the real train step (DDP, distributed optimizer, per-token loss) on CUDA."""
     import torch
 
+    from megarl.data.render import Rendered
     from megarl.models.optim import optimizer_config
     from megarl.models.train import train_step, wrap_for_training
     from megarl.trainers.sft import _microbatches
@@ -55,19 +56,11 @@ def sft_steps(bundle: str, steps: int = 4) -> dict:
     recipe, chunks, config = _model(bundle, "configs/tiny/sft_cpu.yaml")
     config.calculate_per_token_loss = True
     state = wrap_for_training(chunks, config, optimizer_config(recipe, lr=3e-3), distributed_optimizer=True)
-    micro = _microbatches([_Sample(list(range(5, 37)), [0] * 8 + [1] * 24)] * 4, 2, 0, 32)
+    micro = _microbatches([Rendered(list(range(5, 37)), [0] * 8 + [1] * 24, [(0, 32)])] * 4, 2, 0, 32)
     losses = [train_step(state, micro, 32)["loss"] for _ in range(steps)]
     return {"losses": losses, "micro_batch_device": str(micro[0]["tokens"].device),
             "grad_buffer_device": str(next(p for p in state.models[0].parameters()).main_grad.device),
             "cuda_max_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
-
-
-class _Sample:
-    def __init__(self, input_ids, loss_mask):
-        self.input_ids, self.loss_mask = input_ids, loss_mask
-
-    def __len__(self):
-        return len(self.input_ids)
 
 
 def policy_update(bundle: str) -> dict:
@@ -157,6 +150,7 @@ def offload_round_trip(bundle: str) -> dict:
     device (memory actually freed) and come back bitwise (workers/offload.py)."""
     import torch
 
+    from megarl.data.render import Rendered
     from megarl.models.optim import optimizer_config
     from megarl.models.train import train_step, wrap_for_training
     from megarl.trainers.sft import _microbatches
@@ -165,7 +159,7 @@ def offload_round_trip(bundle: str) -> dict:
     recipe, chunks, config = _model(bundle, "configs/tiny/sft_cpu.yaml")
     config.calculate_per_token_loss = True
     state = wrap_for_training(chunks, config, optimizer_config(recipe, lr=3e-3), distributed_optimizer=True)
-    micro = _microbatches([_Sample(list(range(5, 37)), [0] * 8 + [1] * 24)] * 4, 2, 0, 32)
+    micro = _microbatches([Rendered(list(range(5, 37)), [0] * 8 + [1] * 24, [(0, 32)])] * 4, 2, 0, 32)
     train_step(state, micro, 32)
     params = [p.detach().clone() for p in state.models[0].parameters()]
     torch.cuda.synchronize()

@@ -74,8 +74,9 @@ def test_colocated_gpu_handoff_takes_turns_in_order():
     with MemoryHandOff(False, [Gang("actor")], Fleet()).rollout_window():
         events.append("generate")
     assert events == ["generate"]
-    colocated = load_recipe("configs/tiny/grpo_cpu.yaml", ["cluster.placement.mode=colocated"])
+    # a GPU placement comes from cluster.device other than cpu (launch/placement.py)
+    colocated = load_recipe("configs/tiny/grpo_cpu.yaml", ["cluster.placement.mode=colocated", "cluster.device=auto"])
     separate = load_recipe("configs/tiny/grpo_cpu.yaml", ["cluster.placement.mode=separate", "cluster.gpus_per_node=3",
-                                                           "cluster.placement.rollout_gpus=1"])
+                                                           "cluster.placement.rollout_gpus=1", "cluster.device=auto"])
     assert handoff_enabled(colocated, gpu=True) and not handoff_enabled(colocated, gpu=False)
     assert not handoff_enabled(separate, gpu=True)

@@ -3,14 +3,6 @@
 from __future__ import annotations
 
 
-class _Sample:
-    def __init__(self, input_ids, loss_mask):
-        self.input_ids, self.loss_mask = input_ids, loss_mask
-
-    def __len__(self):
-        return len(self.input_ids)
-
-
 def train_with_handoffs(ckpt: str, model_dir: str, handoff: bool) -> dict:
     """3 SFT steps on 2 ranks (DDP + distributed optimizer); with `handoff`, the model and optimizer
     go to the host and back before steps 2 and 3 (and once more at the end, checked bitwise)."""
@@ -19,6 +11,7 @@ def train_with_handoffs(ckpt: str, model_dir: str, handoff: bool) -> dict:
     from megarl.checkpoint.hf import load_converted
     from megarl.config.loader import load_recipe
     from megarl.config.parallel import ParallelConfig
+    from megarl.data.render import Rendered
     from megarl.models.optim import optimizer_config
     from megarl.models.train import train_step, wrap_for_training
     from megarl.trainers.sft import _microbatches
@@ -28,7 +21,7 @@ def train_with_handoffs(ckpt: str, model_dir: str, handoff: bool) -> dict:
     chunks, config, _ = load_converted(ckpt, ParallelConfig())
     config.calculate_per_token_loss = True
     state = wrap_for_training(chunks, config, optimizer_config(recipe, lr=3e-3), distributed_optimizer=True)
-    micro = _microbatches([_Sample(list(range(5, 37)), [0] * 8 + [1] * 24)] * 4, 2, 0, 32)
+    micro = _microbatches([Rendered(list(range(5, 37)), [0] * 8 + [1] * 24, [(0, 32)])] * 4, 2, 0, 32)
     losses, freed = [], []
     for step in range(3):
         if handoff and step:

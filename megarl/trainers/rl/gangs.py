@@ -279,9 +279,11 @@ class Gang:
 
 
 def handoff_enabled(recipe: Recipe, gpu: bool) -> bool:
-    """Colocated on GPUs: the trainer gangs and the engines share devices and take turns on them.
-    (Separate placements keep everything resident; on CPU there is no device memory to hand over.)"""
-    return gpu and recipe.cluster.placement.mode == "colocated"
+    """Colocated on GPUs: the trainer gangs and the engines share devices and take turns on them
+    (config.plan.handoff, the rule `megarl plan` sizes memory by), on the GPUs Ray actually gave."""
+    from megarl.config.plan import handoff
+
+    return gpu and handoff(recipe)
 
 
 class MemoryHandOff:
