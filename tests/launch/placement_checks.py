@@ -11,7 +11,8 @@ def placement_checks(recipe_file: str, overrides: list[str], num_gpus: int, addr
 
     from megarl.config.loader import load_recipe
     from megarl.launch.placement import build_placement
-    from megarl.trainers.rl.gangs import RayPlacement, _Probe, place_ranks
+    from megarl.rollout.engine import EngineConfig
+    from megarl.trainers.rl.gangs import RayPlacement, place_ranks
 
     if address:
         ray.init(address=address, log_to_driver=False)
@@ -30,10 +31,11 @@ def placement_checks(recipe_file: str, overrides: list[str], num_gpus: int, addr
             if role == "actor":
                 out["rendezvous"] = ray.get(workers[0].rendezvous.remote())
             alive += workers
-        probe = ray.remote(_Probe)
+        probe = ray.remote(EngineProbe)
         for engine in pmap.engines:
-            where = probe.options(**placement.options(engine[0])).remote()
-            out["engines"].append(ray.get(where.where.remote()))
+            config = EngineConfig("unused", tensor_parallel_size=len(engine), device="cuda" if placement.gpu else "cpu")
+            where = probe.options(**placement.engine_options(engine, config)).remote()
+            out["engines"].append(ray.get(where.workers.remote()))
             alive.append(where)
         out["node_ip"] = ray.util.get_node_ip_address()
         out["node_ips"] = placement.node_ips
@@ -41,6 +43,33 @@ def placement_checks(recipe_file: str, overrides: list[str], num_gpus: int, addr
         return out
     finally:
         ray.shutdown()
+
+
+class EngineProbe:
+    """Stands where an engine process stands and places its workers as vLLM's Ray executor does
+    (vllm 0.32, v1/executor/ray_executor.py `_init_workers_ray`): one actor per bundle listed in
+    VLLM_RAY_BUNDLE_INDICES of the current (captured) placement group, each asking for
+    VLLM_RAY_PER_WORKER_GPUS GPUs. Without them the engine process is its only worker. Returns
+    [the engine process's (node ip, GPU ids)] + one (node ip, GPU ids) per worker it placed."""
+
+    def workers(self) -> list:
+        import os
+
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from megarl.trainers.rl.gangs import _Probe
+
+        here = _Probe().where()
+        bundles = os.environ.get("VLLM_RAY_BUNDLE_INDICES")
+        if not bundles:
+            return [here]
+        pg, per_worker = ray.util.get_current_placement_group(), float(os.environ["VLLM_RAY_PER_WORKER_GPUS"])
+        placed = [ray.remote(_Probe).options(num_cpus=0, num_gpus=per_worker, scheduling_strategy=(
+            PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True,
+                                             placement_group_bundle_index=int(b)))).remote()
+                  for b in bundles.split(",")]
+        return [here] + ray.get([p.where.remote() for p in placed])
 
 
 if __name__ == "__main__":  # on a simulated node: python -m tests.launch.placement_checks RECIPE JSON_OVERRIDES

@@ -58,12 +58,14 @@ def test_reward_model_gpus_must_match_the_training_layout():
 @pytest.mark.parametrize("mode, overrides", [
     ("colocated", ["cluster.device=cuda", "cluster.gpus_per_node=4", "algorithm.kl.coef=0.01", "rollout.engines=2"]),
     ("separate", ["cluster.device=cuda", "cluster.gpus_per_node=4", "cluster.placement.mode=separate",
-                  "cluster.placement.rollout_gpus=2", "algorithm.kl.coef=0.01", "rollout.engines=2"]),
+                  "cluster.placement.rollout_gpus=2", "algorithm.kl.coef=0.01", "rollout.engines=1",
+                  "rollout.engine_tp=2"]),
 ])
 def test_ray_puts_every_worker_where_the_map_says(mode, overrides):
-    """With 4 logical GPUs declared, each actor, reference and engine process gets the GPU of its slot
+    """With 4 logical GPUs declared, each actor, reference and engine worker gets the GPU of its slot
     (shared by the processes of a colocated slot), its LOCAL_RANK, and rank 0 publishes a store it
-    already bound on its node's address."""
+    already bound on its node's address. An engine with tensor parallelism (separate) holds no GPU
+    itself; its vLLM workers take one bundle each, in the order of its slots."""
     from megarl.runtime.local_group import run_isolated
 
     out = run_isolated("tests.launch.placement_checks:placement_checks",
@@ -77,8 +79,12 @@ def test_ray_puts_every_worker_where_the_map_says(mode, overrides):
             gpu = str(slot_gpu[f"{slot.node}:{slot.device}"])
             assert got["gpu_ids"] == [gpu] and got["visible_devices"] == gpu, (role, rank, got)
             assert got["local_rank"] == rank and got["node_ip"] == out["node_ip"]
-    for engine, (ip, ids) in zip(m.engines, out["engines"], strict=True):
-        assert ids == [str(slot_gpu[f"{engine[0].node}:{engine[0].device}"])] and ip == out["node_ip"]
+    for engine, workers in zip(m.engines, out["engines"], strict=True):
+        want = [str(slot_gpu[f"{s.node}:{s.device}"]) for s in engine]
+        process, vllm_workers = workers[0], (workers[1:] if len(engine) > 1 else workers)
+        assert [ids for _, ids in vllm_workers] == [[g] for g in want]
+        assert {ip for ip, _ in workers} == {out["node_ip"]}
+        assert len(engine) == 1 or process[1] == []   # the engine process itself holds no GPU
     host, port = out["rendezvous"]
     assert host == out["node_ip"] and port > 0
     if mode == "colocated":

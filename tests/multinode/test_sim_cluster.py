@@ -21,12 +21,14 @@ def test_nodes_are_separate_hosts(sim):
 
 
 def test_placement_across_three_nodes(sim):
-    """Actor + reference over nodes 1-2 (4 logical GPUs each), engines on node 3 (separate)."""
+    """Actor + reference over nodes 1-2 (4 logical GPUs each), two engines with engine_tp=2 on node 3
+    (separate): each engine's vLLM workers take its two GPUs."""
     from megarl.config.loader import load_recipe
     from megarl.launch.placement import build_placement
 
     overrides = ["cluster.device=cuda", "cluster.nodes=3", "cluster.gpus_per_node=4", "cluster.placement.mode=separate",
-                 "cluster.placement.rollout_gpus=4", "rollout.engines=4", "algorithm.kl.coef=0.01"]
+                 "cluster.placement.rollout_gpus=4", "rollout.engines=2", "rollout.engine_tp=2",
+                 "algorithm.kl.coef=0.01"]
     printed = sim.run(1, [sim.python, "-m", "tests.launch.placement_checks", "configs/tiny/grpo_cpu.yaml",
                           json.dumps(overrides)], timeout=300).stdout
     out = json.loads(next(line for line in printed.splitlines() if line.startswith("PLACEMENT "))[len("PLACEMENT "):])
@@ -36,8 +38,9 @@ def test_placement_across_three_nodes(sim):
         for rank, (slot, got) in enumerate(zip(m.roles[role], out["roles"][role], strict=True)):
             assert got["node_ip"] == sim.ip(slot.node + 1) and got["hostname"] == sim.name(slot.node + 1)
             assert got["local_rank"] == rank % 4 and got["gpu_ids"] == [got["visible_devices"]]
-    assert [ip for ip, _ in out["engines"]] == [sim.ip(3)] * 4
-    assert sorted(ids[0] for _, ids in out["engines"]) == ["0", "1", "2", "3"]
+    workers = [w for engine in out["engines"] for w in engine[1:]]   # [0]: the engine process, no GPU
+    assert [ip for ip, _ in workers] == [sim.ip(3)] * 4 and all(engine[0][1] == [] for engine in out["engines"])
+    assert sorted(ids[0] for _, ids in workers) == ["0", "1", "2", "3"]
     host, port = out["rendezvous"]
     assert host == sim.ip(1) and port > 0
 
@@ -77,15 +80,18 @@ def _grpo(sim, inputs, out, *extra, dry: bool = False):
 
 def test_grpo_across_three_nodes_checkpoints_and_resumes(sim, shared_inputs):
     """The actor split TP=2 inside a node × PP=2 across nodes 1-2, the reference beside it, the engine
-    on node 3; every sync crosses nodes (broadcast) and is verified; stop after 2 steps, resume."""
+    on node 3 with engine_tp=2 (two vLLM workers, both receivers); every sync crosses nodes
+    (broadcast) and is verified; stop after 2 steps, resume."""
     out = sim.state / "grpo3"
-    first = _grpo(sim, shared_inputs, out, "--set", "trainer.resume=never", "--set", "trainer.max_steps_this_run=2")
+    tp2 = ("--set", "rollout.engine_tp=2")
+    first = _grpo(sim, shared_inputs, out, *tp2, "--set", "trainer.resume=never",
+                  "--set", "trainer.max_steps_this_run=2")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     text = first.stdout
     assert "[rl] placement:   actor         ranks 0-3 on nodes 0-1, dev 0-1 each" in text
-    assert "[rl] placement:   engine 0      rank 0 on node 2, dev 0" in text
-    assert f"rendezvous {sim.ip(1)}:" in text and "by broadcast" in text
-    second = _grpo(sim, shared_inputs, out, "--set", "trainer.resume=auto")
+    assert "[rl] placement:   engine 0      ranks 0-1 on node 2, dev 0-1" in text
+    assert f"rendezvous {sim.ip(1)}:" in text and "to 2 engine worker(s) by broadcast" in text
+    second = _grpo(sim, shared_inputs, out, *tp2, "--set", "trainer.resume=auto")
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "resumed from" in second.stdout
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]

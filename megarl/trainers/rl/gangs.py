@@ -102,6 +102,23 @@ class RayPlacement:
         extra = {"runtime_env": {"env_vars": env}} if env else {}
         return {"scheduling_strategy": self._strategy(self.bundle[slot]), **resources, **extra}
 
+    def engine_options(self, group: list[Slot], config) -> dict:
+        """Ray actor options for the engine on the slots `group`. One worker: the engine process
+        is that worker, on its slot. Tensor parallelism on GPUs: the engine process holds nothing
+        and its placement group is captured, so the workers vLLM's Ray executor creates take the
+        group's bundles (one each, `rollout.engine.engine_worker_env`); on CPU the workers are
+        children of the engine process on the group's node, whose other slots stay reserved."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from megarl.rollout.engine import engine_worker_env
+
+        env = engine_worker_env(config, [self.bundle[s] for s in group], self.map.share(group[0]))
+        if len(group) == 1 or not self.gpu:
+            return self.options(group[0], env or None)
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.bundle[group[0]],
+                                                    placement_group_capture_child_tasks=True)
+        return {"scheduling_strategy": strategy, "num_gpus": 0, "num_cpus": 0, "runtime_env": {"env_vars": env}}
+
     def check(self, role: str, reports: list[dict]) -> None:
         """Every rank of `role` is on the node, with the LOCAL_RANK and GPU, that the map says."""
         for rank, (slot, got) in enumerate(zip(self.map.roles[role], reports, strict=True)):
@@ -419,9 +436,8 @@ class WeightSync:
 
 
 def build_fleet(recipe: Recipe, engine_dir: str, placement: RayPlacement):
-    """The rollout engines, sized so a whole multi-turn conversation fits one context, each on the
-    first slot of its group in the placement map (vLLM's own workers for engine_tp > 1 are placed
-    by vLLM on that node: the GPU path issue gives them the group's bundles)."""
+    """The rollout engines, sized so a whole multi-turn conversation fits one context, each on its
+    group of slots in the placement map (`RayPlacement.engine_options`)."""
     from megarl.data.tokenizer import tokenizer_dir
     from megarl.rollout.engine import EngineConfig
     from megarl.rollout.fleet import RolloutFleet
@@ -434,7 +450,8 @@ def build_fleet(recipe: Recipe, engine_dir: str, placement: RayPlacement):
                           gpu_memory_utilization=ro.gpu_memory_utilization, seed=recipe.trainer.seed,
                           quantization=ro.quantization, device="cuda" if placement.gpu else "cpu",
                           sleep_mode=handoff_enabled(recipe, placement.gpu))
-    return RolloutFleet(config, ro.engines, engine_options=[placement.options(e[0]) for e in placement.map.engines])
+    return RolloutFleet(config, ro.engines, engine_options=[placement.engine_options(group, config)
+                                                            for group in placement.map.engines])
 
 
 def engine_model_dir(recipe: Recipe, init_ckpt: str) -> str:
