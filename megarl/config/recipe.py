@@ -352,6 +352,12 @@ class TrainerConfig:
     invocations of one run (trainer.resume, max_steps_this_run, layout, ...) are listed in
     megarl.trainers.run_dir.SAME_RUN_KEYS."""
     seed: int = 1234
+    rollout_mode: Literal["sync", "one_step_off", "async"] = "sync"
+    """RL: sync (each step generates on the current weights, then trains); one_step_off (step k+1's
+    rollouts are generated on step k's weights while step k trains: engines and trainers overlap,
+    every sample after the first step is one weight version old and rollout correction reweights
+    it; trainers/rl/ahead.py); async (a rollout producer with a staleness bound: not built yet,
+    refused)."""
 
 
 @dataclass

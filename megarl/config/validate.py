@@ -120,6 +120,7 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
                            f"needs n > 1, got {r.rollout.n}")
         if r.trainer.prompts_per_step is None:
             issues.add("trainer.prompts_per_step", f"required for stage {s}")
+        _rollout_mode(r, issues)
         if r.trainer.samples_per_step is not None:
             issues.add("trainer.samples_per_step", f"stage {s} counts prompts_per_step × rollout.n; "
                        "remove samples_per_step")
@@ -141,6 +142,8 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
                        + (", pairs for dpo/rm)" if s in ("dpo", "rm") else ")"))
         if r.trainer.prompts_per_step is not None:
             issues.add("trainer.prompts_per_step", f"only RL stages sample prompts; stage {s} uses samples_per_step")
+        if r.trainer.rollout_mode != "sync":
+            issues.add("trainer.rollout_mode", f"only RL stages generate rollouts; stage {s} has none to overlap")
     if r.trainer.steps is None and r.trainer.epochs is None:
         issues.add("trainer.steps", "give trainer.steps or trainer.epochs")
     elif r.trainer.steps is not None and r.trainer.epochs is not None:
@@ -152,6 +155,19 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
     problem = _unwritable_dir(r.trainer.output_dir)
     if problem:
         issues.add("trainer.output_dir", problem)
+
+
+def _rollout_mode(r: Recipe, issues) -> None:
+    from megarl.config.plan import handoff
+
+    mode = r.trainer.rollout_mode
+    if mode == "async":
+        issues.add("trainer.rollout_mode", "async (a staleness-bounded rollout producer) is not built yet; "
+                   "use sync or one_step_off")
+    elif mode == "one_step_off" and handoff(r):
+        issues.add("trainer.rollout_mode", "one_step_off generates while the trainers train, but colocated GPUs "
+                   "take turns (the engines sleep during training); use cluster.placement.mode: separate, or "
+                   "rollout_mode: sync")
 
 
 def _unwritable_dir(path: str) -> str | None:

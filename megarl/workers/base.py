@@ -206,9 +206,11 @@ class MegatronRank:
         return self._share(out)
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def save(self, path: str, driver_state: dict) -> None:
+    def save(self, path: str, driver_state: dict, driver_files: dict | None = None) -> None:
         """Dist checkpoint of the model (and optimizer) + this rank's extra state: the driver's,
-        the LR schedule's and the RNG's; the starting model's HF files travel along."""
+        the LR schedule's and the RNG's; the starting model's HF files travel along, and so do
+        `driver_files` ({name: object ref of bytes}, written by rank 0 under driver/: fetched by
+        that rank only, covered by the manifest)."""
         import shutil
 
         import torch.distributed as dist
@@ -222,6 +224,13 @@ class MegatronRank:
         def finish(tmp):
             shutil.copytree(os.path.join(init, "hf"), os.path.join(tmp, "hf"), dirs_exist_ok=True)
             shutil.copy(os.path.join(init, MARKER), os.path.join(tmp, MARKER))
+            if driver_files:
+                import ray
+
+                os.makedirs(os.path.join(tmp, "driver"), exist_ok=True)
+                for name, ref in driver_files.items():
+                    with open(os.path.join(tmp, "driver", name), "wb") as f:
+                        f.write(ray.get(ref))
 
         extra = {"driver": driver_state, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "rng": rng_state(), "rank": dist.get_rank()}

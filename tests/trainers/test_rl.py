@@ -4,6 +4,9 @@ sync) on a tiny random model and the synthetic tool-calling task:
 - it runs, logs every metric family, checkpoints, writes sample traces and exports HF weights;
 - 4 steps straight == 2 steps, stop, resume, 2 steps: bitwise-identical exported weights and the
   same metrics (fp32, deterministic sampling seeds);
+- one-step-off-policy: every sample after the first step is exactly one weight version old, and a
+  stop + resume trains on the rollouts the checkpoint kept: the same prompts, metrics and weights as
+  the uninterrupted one-step-off run;
 - a rollout engine killed mid-run makes the run fail with a clear message, never hang.
 """
 
@@ -90,6 +93,10 @@ def test_grpo_runs_logs_checkpoints_and_exports(straight):
     assert last["mismatch/abs_logp_diff"] < 1e-3 and 0 < last["actor/entropy_rollout"]
     assert last["kl/ref_mean"] == last["actor/kl_ref"] and last["kl/ref_mean"] > 0
     assert m[0]["eval/mean"] >= 0.0 and "eval/mean" in m[4]
+    assert all(m[s]["async/staleness_max"] == 0 and m[s]["async/generated_ahead"] == 0 for s in (1, 2, 3, 4))
+    prompts = [json.loads(line) for line in open(straight / "prompts.jsonl")]
+    assert [p["step"] for p in prompts] == [1, 2, 3, 4] and all(len(p["rows"]) == 4 for p in prompts)
+    assert [p["weight_versions"] for p in prompts] == [[s] * 4 for s in range(4)]
     assert os.path.isdir(straight / "checkpoints" / "step_000004")
     assert os.path.isfile(straight / "hf" / "model.safetensors")
     assert os.path.isdir(straight / "tensorboard") and os.path.isdir(straight / "wandb")
@@ -120,6 +127,39 @@ def test_resume_is_bitwise_identical(rl_setup, straight):
     for step in (3, 4):
         for key in ("reward/mean", "actor/pg_loss", "actor/grad_norm", "rollout/generated_tokens"):
             assert ma[step][key] == mb[step][key], (step, key)
+
+
+def test_one_step_off_is_one_version_old_and_resumes_without_losing_a_prompt(rl_setup):
+    """Step k+1's rollouts are generated on step k's weights while step k trains; a checkpoint keeps
+    the rollouts generated ahead, so 2 steps + stop + resume == 4 steps straight, prompt by prompt."""
+    from safetensors.torch import load_file
+
+    root, model = rl_setup
+    mode = ("--set", "trainer.rollout_mode=one_step_off", "--set", "trainer.eval_freq=0")
+    straight, resumed = root / "osp_straight", root / "osp_resumed"
+    runs = [_train(root, model, straight, *mode, "--set", "trainer.resume=never"),
+            _train(root, model, resumed, *mode, "--set", "trainer.resume=never",
+                   "--set", "trainer.max_steps_this_run=2")]
+    assert os.path.isfile(resumed / "checkpoints" / "step_000002" / "driver" / "rollouts_ahead.pkl")
+    runs.append(_train(root, model, resumed, *mode, "--set", "trainer.resume=auto"))
+    for proc in runs:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "with the next step's rollouts generated ahead" in runs[2].stdout
+    m, mr = _metrics(straight), _metrics(resumed)
+    assert [m[s]["async/staleness_max"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    assert all(m[s]["async/staleness_min"] == m[s]["async/staleness_max"] for s in m)
+    assert [m[s]["async/generated_ahead"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    assert all(m[s]["sync/verify_max_diff"] <= 1e-4 for s in m)
+    prompts = [json.loads(line) for line in open(straight / "prompts.jsonl")]
+    assert [p["weight_versions"] for p in prompts] == [[0] * 4, [0] * 4, [1] * 4, [2] * 4]
+    rows = [r for p in prompts for r in p["rows"]]
+    assert len(rows) == len(set(rows))                   # DAPO refills included: no prompt twice in an epoch
+    assert open(resumed / "prompts.jsonl").read() == open(straight / "prompts.jsonl").read()
+    for step in (1, 2, 3, 4):
+        for key in ("reward/mean", "actor/pg_loss", "actor/grad_norm", "rollout/generated_tokens"):
+            assert m[step][key] == mr[step][key], (step, key)
+    a, b = load_file(str(straight / "hf" / "model.safetensors")), load_file(str(resumed / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 def _engine_processes_of(driver_pid: int) -> list[int]:

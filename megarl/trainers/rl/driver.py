@@ -24,6 +24,8 @@ from megarl.config.recipe import Recipe
 from megarl.metrics import PhaseTimer
 from megarl.trainers.common import critic_hf_dir, initial_checkpoint
 from megarl.trainers.rl import step as phases
+from megarl.trainers.rl.ahead import FILE as AHEAD_FILE
+from megarl.trainers.rl.ahead import Produced, RolloutsAhead
 from megarl.trainers.rl.gangs import (
     TAG,
     Gang,
@@ -42,9 +44,11 @@ from megarl.trainers.runner import (
     open_metrics,
     resume_checkpoint,
     run_stage,
+    truncate_metrics,
 )
 
 CRITIC_CKPT_DIR = "critic_checkpoints"
+PROMPTS_FILE = "prompts.jsonl"   # per step: the data rows trained on and the weight versions that sampled them
 
 
 def run(recipe: Recipe) -> int:
@@ -116,6 +120,7 @@ class RLDriver:
         self.actor = self.reference = self.critic = self.reward_model = self.fleet = self.placement = None
         self.logger = None
         self.handoff = MemoryHandOff(False, [], None)
+        self.ahead = RolloutsAhead(self.produce)   # one_step_off; also holds rollouts a checkpoint kept
 
     # ---- bring-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,6 +154,7 @@ class RLDriver:
         self.sync = WeightSync(r, self.actor, self.fleet, self.inputs.hf_cfg)
         self._resume()
         self.logger = open_metrics(r, self.step_count)
+        truncate_metrics(os.path.join(r.trainer.output_dir, PROMPTS_FILE), self.step_count)
         self.agent = self._agent_loop()
         self.verify_seqs = self._verification_sequences()
 
@@ -165,7 +171,12 @@ class RLDriver:
         self.step_count = state["step"]
         self.sampler = EpochSampler.from_state(len(self.inputs.data), d.seed, d.shuffle, state["sampler"])
         self.kl_ctl.load_state_dict(state["kl"])
-        print(f"[{TAG}] resumed from {path} at step {self.step_count}", flush=True)
+        ahead = os.path.join(path, "driver", AHEAD_FILE)
+        if os.path.exists(ahead):   # generated before the checkpoint, not trained on yet: trained on next
+            with open(ahead, "rb") as f:
+                self.ahead.load(f.read(), self.step_count)
+        print(f"[{TAG}] resumed from {path} at step {self.step_count}"
+              + (" with the next step's rollouts generated ahead" if self.ahead.ready else ""), flush=True)
         with self.handoff.sync_window():   # the engines start from the initial model: give them these weights
             self.sync.push(self.step_count)
 
@@ -215,9 +226,9 @@ class RLDriver:
     def step(self):
         """One RL step, phase by phase -> (metrics, the rollouts it trained on)."""
         timer, r = PhaseTimer(), self.recipe
-        t_step, engine_before = time.perf_counter(), self.fleet.engine_seconds
-        with timer.phase("rollout"), self.handoff.rollout_window():
-            rollouts = phases.collect_rollouts(r, self.step_count, self.sampler_take, self.agent.run, self.score)
+        t_step, version = time.perf_counter(), self.step_count   # the weights this step starts from
+        produced, ahead = self._rollouts(timer)
+        rollouts = produced.rollouts
         with timer.phase("reward"):
             batch, reward_m = phases.build_batch(r, rollouts, self.inputs.tokenizer.pad_token_id)
         logprob_m, compute = self.score_batch(batch, timer)
@@ -228,19 +239,58 @@ class RLDriver:
         if self.reference is not None and batch.old_logp is None:  # KL of the policy that sampled, as the update saw it
             logprob_m.update({"kl/ref_mean": update_m["actor/kl_ref"], "kl/coef": self.kl_ctl.coef})
         self.step_count += 1
+        if self.ahead.running:   # the engines finish the next step's rollouts before new weights arrive
+            with timer.phase("rollout_wait"):
+                self.ahead.finish()
         with timer.phase("sync"), self.handoff.sync_window():
             sync_m = self.sync.push(self.step_count, self.verify_seqs)
         if self.reference is not None:
             self.kl_ctl.update(logprob_m.get("kl/ref_mean", 0.0), batch.size)
-        timings = self._timings(timer, rollouts, t_step, self.fleet.engine_seconds - engine_before,
+        timings = self._timings(timer, 0.0 if ahead else rollouts.reward_seconds, t_step, produced.engine_seconds,
                                 compute + update_m["timing/update_compute_s"])
         entropy = logprob_m.pop("entropy")
         passes = tuple(name for name, ran in (("old_logprobs", not self.old_logprobs_in_update),
                                               ("ref_logprobs", self.reference is not None),
                                               ("values", self.critic is not None)) if ran)
         flops_m = phases.flops_metrics(self.inputs.hf_cfg, batch, r.algorithm.ppo_epochs, passes)
-        return phases.step_metrics(batch, rollouts, timings, entropy, reward_m, update_m, logprob_m,
-                                   plan.metrics, sync_m, flops_m), rollouts
+        lag_m = phases.staleness_metrics(batch, rollouts.trajectories, version, produced.seconds, ahead)
+        self._record_prompts(rollouts, batch)
+        return phases.step_metrics(batch, rollouts, timings, entropy, reward_m, update_m, logprob_m, plan.metrics,
+                                   sync_m, flops_m, lag_m,
+                                   generate_seconds=produced.seconds - rollouts.reward_seconds), rollouts
+
+    def _rollouts(self, timer: PhaseTimer) -> tuple[Produced, bool]:
+        """This step's rollouts -> (them, whether they were generated ahead). With one_step_off the
+        next step's generation starts here, on the engines' current weights, before this one trains."""
+        step, last = self.step_count, self.recipe.trainer.steps
+        produced = None
+        if self.ahead.running or self.ahead.ready:
+            with timer.phase("rollout_wait"):
+                produced = self.ahead.take(step)
+        ahead = produced is not None
+        if not ahead:
+            with timer.phase("rollout"):
+                produced = self.produce(step)
+        if self.recipe.trainer.rollout_mode == "one_step_off" and step + 1 < last:
+            self.ahead.start(step + 1)
+        return produced, ahead
+
+    def produce(self, step: int) -> Produced:
+        """Step `step`'s rollouts with their rewards (in the driver's thread, or in `self.ahead`'s)."""
+        t0, engine_before = time.perf_counter(), self.fleet.engine_seconds
+        with self.handoff.rollout_window():
+            rollouts = phases.collect_rollouts(self.recipe, step, self.sampler_take, self.agent.run, self.score)
+        return Produced(step, rollouts, time.perf_counter() - t0, self.fleet.engine_seconds - engine_before)
+
+    def _record_prompts(self, rollouts, batch) -> None:
+        """prompts.jsonl: the data rows each step trained on and the weight version that sampled each
+        (audits that a resumed or asynchronous run neither drops nor repeats a prompt)."""
+        import json
+
+        starts = [batch.group_ids.tolist().index(g) for g in range(len(rollouts.groups))]
+        with open(os.path.join(self.recipe.trainer.output_dir, PROMPTS_FILE), "a") as f:
+            f.write(json.dumps({"step": self.step_count, "rows": [g.prompt.row for g in rollouts.groups],
+                                "weight_versions": [batch.weight_versions[i] for i in starts]}) + "\n")
 
     # ---- phases that call the gangs ----------------------------------------------------------
     def sampler_take(self, k: int) -> list:
@@ -306,18 +356,28 @@ class RLDriver:
         return out
 
     def checkpoint(self, at: int) -> None:
+        """The actor's (and critic's) checkpoint with the driver's state: data position, KL
+        controller, and the rollouts generated ahead and not yet trained on (the data position is
+        past their prompts: without them a resumed run would skip those prompts)."""
+        import ray
+
         if self.critic is not None:
             self.critic.call("save", checkpoint_path(self.recipe, at, CRITIC_CKPT_DIR), {"step": at})
+        ahead = self.ahead.state()
+        files = {AHEAD_FILE: ray.put(ahead)} if ahead is not None else {}
         self.actor.call("save", checkpoint_path(self.recipe, at),
-                        {"step": at, "sampler": self.sampler.state_dict(), "kl": self.kl_ctl.state_dict()})
+                        {"step": at, "sampler": self.sampler.state_dict(), "kl": self.kl_ctl.state_dict()}, files)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     @staticmethod
-    def _timings(timer: PhaseTimer, rollouts, t_step: float, engine_s: float, compute: float) -> dict:
+    def _timings(timer: PhaseTimer, rollout_reward_s: float, t_step: float, engine_s: float, compute: float) -> dict:
+        """The driver thread's phases (they add up to the step); rollouts generated ahead show as
+        the time waited for them (`timing/rollout_wait_s`), their own time in `async/*`."""
         out = dict(timer.seconds)
+        out.setdefault("timing/rollout_s", 0.0)
         # the reward calls made while collecting belong to the reward phase, not the rollout
-        out["timing/rollout_s"] -= rollouts.reward_seconds
-        out["timing/reward_s"] += rollouts.reward_seconds
+        out["timing/rollout_s"] -= rollout_reward_s
+        out["timing/reward_s"] += rollout_reward_s
         out["timing/engine_generate_s"] = engine_s
         out["timing/step_s"] = time.perf_counter() - t_step
         out["timing/model_compute_s"] = engine_s + compute

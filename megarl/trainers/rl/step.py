@@ -287,14 +287,16 @@ def critic_inputs(batch) -> dict[str, torch.Tensor]:
 
 
 def step_metrics(batch, rollouts: Rollouts, timings: dict[str, float], entropy: torch.Tensor | None,
-                 *parts: dict) -> dict[str, float]:
+                 *parts: dict, generate_seconds: float | None = None) -> dict[str, float]:
     """Every metric of a step: the phases' own (`parts`), timings, throughput, advantages,
-    response lengths, the rollout's entropy, and each reward function's mean."""
+    response lengths, the rollout's entropy, and each reward function's mean. Generation
+    throughput uses `generate_seconds` (rollouts generated ahead) or the rollout phase's time."""
     from megarl.algorithms.masked import masked_mean
     from megarl.rollout.metrics import rollout_metrics
 
     step_s = timings["timing/step_s"]
-    m: dict[str, float] = {**rollout_metrics(rollouts.trajectories, timings["timing/rollout_s"])}
+    seconds = timings["timing/rollout_s"] if generate_seconds is None else generate_seconds
+    m: dict[str, float] = {**rollout_metrics(rollouts.trajectories, seconds)}
     for part in parts:
         m.update(part)
     m.update(timings)
@@ -311,6 +313,21 @@ def step_metrics(batch, rollouts: Rollouts, timings: dict[str, float], entropy: 
     for name, value in ((n, v) for r in results for n, v in r.values.items()):
         m[f"reward_fn/{name}"] = m.get(f"reward_fn/{name}", 0.0) + value / len(results)
     return m
+
+
+def staleness_metrics(batch, trajectories: list, trainer_version: int, generate_seconds: float,
+                      ahead: bool) -> dict[str, float]:
+    """How old the trained samples are: version lag = the weights being updated (`trainer_version`)
+    minus the oldest weights that sampled a token of the sample (min / mean / max over the batch),
+    the generated tokens by lag, and whether and for how long generation overlapped training."""
+    lags = [trainer_version - v for v in batch.weight_versions]
+    out = {"async/staleness_min": float(min(lags)), "async/staleness_mean": sum(lags) / len(lags),
+           "async/staleness_max": float(max(lags)), "async/generated_ahead": float(ahead),
+           "async/generate_s": generate_seconds}
+    for lag, t in zip(lags, trajectories):
+        key = f"async/tokens_lag_{lag}"
+        out[key] = out.get(key, 0.0) + float(sum(t.loss_mask))
+    return out
 
 
 def flops_metrics(hf_cfg: dict, batch, ppo_epochs: int, passes: tuple[str, ...]) -> dict[str, float]:
