@@ -356,8 +356,16 @@ class TrainerConfig:
     """RL: sync (each step generates on the current weights, then trains); one_step_off (step k+1's
     rollouts are generated on step k's weights while step k trains: engines and trainers overlap,
     every sample after the first step is one weight version old and rollout correction reweights
-    it; trainers/rl/ahead.py); async (a rollout producer with a staleness bound: not built yet,
-    refused)."""
+    it; trainers/rl/ahead.py); async (a producer keeps the engines generating into a bounded
+    buffer, weight syncs land between engine calls, samples at most max_staleness versions old;
+    trainers/rl/producer.py)."""
+    max_staleness: int = 1
+    """RL, rollout_mode async: the most weight versions a trained sample may lag the weights being
+    updated."""
+    stale_policy: Literal["wait", "drop"] = "wait"
+    """RL, rollout_mode async: wait (the producer starts a round only when its samples cannot exceed
+    max_staleness: nothing is dropped) or drop (the producer runs ahead up to the buffer's capacity;
+    groups over the bound are dropped, counted, and their prompts generated again)."""
 
 
 @dataclass

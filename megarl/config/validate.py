@@ -160,14 +160,23 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
 def _rollout_mode(r: Recipe, issues) -> None:
     from megarl.config.plan import handoff
 
-    mode = r.trainer.rollout_mode
-    if mode == "async":
-        issues.add("trainer.rollout_mode", "async (a staleness-bounded rollout producer) is not built yet; "
-                   "use sync or one_step_off")
-    elif mode == "one_step_off" and handoff(r):
-        issues.add("trainer.rollout_mode", "one_step_off generates while the trainers train, but colocated GPUs "
+    t = r.trainer
+    mode = t.rollout_mode
+    if mode != "sync" and handoff(r):
+        issues.add("trainer.rollout_mode", f"{mode} generates while the trainers train, but colocated GPUs "
                    "take turns (the engines sleep during training); use cluster.placement.mode: separate, or "
                    "rollout_mode: sync")
+    if mode == "async":
+        if t.max_staleness < 1:
+            issues.add("trainer.max_staleness", f"async needs at least 1 (got {t.max_staleness}); 0 is rollout_mode "
+                       "sync")
+        if r.algorithm is not None and r.algorithm.dynamic_sampling:
+            issues.add("algorithm.dynamic_sampling", "not built for rollout_mode async yet (the producer does not "
+                       "refill uninformative groups); use sync or one_step_off, or turn dynamic sampling off")
+    else:
+        for name, default in (("max_staleness", 1), ("stale_policy", "wait")):
+            if getattr(t, name) != default:
+                issues.add(f"trainer.{name}", f"only used by rollout_mode async (this recipe runs {mode}); remove it")
 
 
 def _unwritable_dir(path: str) -> str | None:

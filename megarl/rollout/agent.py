@@ -6,6 +6,8 @@ without a tool call, or max turns / max total tokens are reached. Text is never 
 model's own tokens are kept as generated and only the tool observations are rendered, with
 `render_tool_observation`, so the trajectory's tokens are what rendering the whole conversation
 would give. All active samples advance together one turn at a time (one engine call per turn).
+Each response token carries the weight version that sampled it (`token_versions`; -1 for tool
+observations): under asynchronous RL a weight sync may land between two turns of a conversation.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Trajectory:
     response_ids: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)          # 1: model tokens, 0: tool observations
     rollout_logprobs: list[float] = field(default_factory=list)  # engine log-probs (0 for observations)
+    token_versions: list[int] = field(default_factory=list)      # weights that sampled each token (-1: observation)
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
@@ -80,6 +83,7 @@ class AgentLoop:
         t.response_ids += comp.token_ids
         t.loss_mask += [1] * len(comp.token_ids)
         t.rollout_logprobs += comp.logprobs
+        t.token_versions += [comp.weight_version] * len(comp.token_ids)
         t.weight_versions.add(comp.weight_version)
         text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=False)
         parsed = self.parser.parse(text.removesuffix(self.tokenizer.eos_token))
@@ -113,6 +117,7 @@ class AgentLoop:
         t.response_ids += obs
         t.loss_mask += [0] * len(obs)
         t.rollout_logprobs += [0.0] * len(obs)
+        t.token_versions += [-1] * len(obs)
         return True
 
     def _clip(self, text: str) -> str:

@@ -188,6 +188,22 @@ def test_groups_a_stage_does_not_use_are_refused(tmp_path):
     assert_error(tmp_path, merge(GRPO, {"preference": {"beta": 0.1}}), "preference", "not used")
 
 
+def test_rollout_modes_are_refused_where_they_cannot_work(tmp_path):
+    separate = {"cluster": {"placement": {"mode": "separate", "rollout_gpus": 4}, "nodes": 2}}
+    for mode in ("one_step_off", "async"):   # colocated GPUs take turns: nothing to overlap
+        assert_error(tmp_path, merge(GRPO, {"trainer": {"rollout_mode": mode}}), "trainer.rollout_mode",
+                     "colocated GPUs take turns")
+        assert load_recipe(write(tmp_path, merge(GRPO, {**separate, "trainer": {"rollout_mode": mode}})))
+    async_ = merge(GRPO, {**separate, "trainer": {"rollout_mode": "async"}})
+    assert_error(tmp_path, merge(async_, {"trainer": {"max_staleness": 0}}), "trainer.max_staleness", "0 is")
+    assert_error(tmp_path, merge(async_, {"algorithm": {"dynamic_sampling": True}}), "algorithm.dynamic_sampling",
+                 "not built for rollout_mode async")
+    assert_error(tmp_path, merge(GRPO, {"trainer": {"max_staleness": 3}}), "trainer.max_staleness",
+                 "only used by rollout_mode async")
+    assert_error(tmp_path, merge(DPO, {"trainer": {"rollout_mode": "one_step_off"}}), "trainer.rollout_mode",
+                 "only RL stages generate rollouts")
+
+
 def test_preference_reference_rules(tmp_path):
     assert load_recipe(write(tmp_path, DPO)).preference.reference == "model"
     simpo = load_recipe(write(tmp_path, merge(DPO, {"preference": {"loss_type": "simpo"}})))

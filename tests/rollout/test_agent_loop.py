@@ -125,18 +125,20 @@ def test_tool_yaml_is_validated(tmp_path):
 class ScriptedEngine:
     """Replays fixed model turns through the engine interface (the agent loop is what is tested)."""
 
-    def __init__(self, tokenizer, turns: list[str]):
+    def __init__(self, tokenizer, turns: list[str], versions: list[int] | None = None):
         self.turns = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in turns]
+        self.versions = versions   # the weights of each engine call (a sync between two turns), else 3
         self.seen: list[list[int]] = []
         self.limits: list[list[int] | None] = []
 
     def generate(self, prompts, sampling, max_tokens_each=None):
         out = []
+        version = self.versions.pop(0) if self.versions else 3
         self.limits.append(list(max_tokens_each) if max_tokens_each is not None else None)
         for p in prompts:
             self.seen.append(list(p))
             ids = self.turns.pop(0)
-            out.append([Completion(ids, [-0.5] * len(ids), "stop", 3) for _ in range(sampling.n)])
+            out.append([Completion(ids, [-0.5] * len(ids), "stop", version) for _ in range(sampling.n)])
         return out
 
 
@@ -162,6 +164,25 @@ def test_scripted_multi_turn_conversation_gives_exact_tokens_and_mask(tiny_hf_mo
     assert traj.events[1] == {"role": "tool", "name": "calculator", "text": "84", "ok": True}
     assert engine.seen[1] == traj.prompt_ids + traj.response_ids[:len(engine.seen[1]) - len(prompt_ids)]
     assert traj.weight_versions == {3} and len(traj.rollout_logprobs) == len(traj.response_ids)
+
+
+def test_a_sync_between_turns_tags_each_token_with_the_weights_that_sampled_it(tiny_hf_models):
+    """Asynchronous RL: new weights may arrive between two turns of a conversation (a partial
+    rollout). Every model token carries the version of the engine call that produced it, tool
+    observations carry -1, and the sample's versions are both (its staleness counts the oldest)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_models["qwen2"])
+    call = {"name": "calculator", "arguments": {"expression": "12 * 7"}}
+    turns = [f"<tool_call>\n{json.dumps(call)}\n</tool_call><|im_end|>", "The answer is 84.<|im_end|>"]
+    loop = AgentLoop(ScriptedEngine(tok, turns, versions=[5, 6]), tok, ToolExecutor([CALC_SPEC]), max_turns=4)
+    [[traj]] = loop.run([render_prompt(tok, [{"role": "user", "content": "12 * 7?"}], [CALCULATOR])],
+                        SamplingConfig(n=1, max_tokens=64))
+    first, answer = (len(tok(t, add_special_tokens=False)["input_ids"]) for t in turns)
+    observation = len(traj.response_ids) - first - answer
+    assert traj.token_versions == [5] * first + [-1] * observation + [6] * answer
+    assert [v >= 0 for v in traj.token_versions] == [m == 1 for m in traj.loss_mask]
+    assert traj.weight_versions == {5, 6} and len(traj.token_versions) == len(traj.response_ids)
 
 
 def test_loop_stops_at_max_turns_and_reports_parse_failures(tiny_hf_models):

@@ -129,22 +129,40 @@ def test_resume_is_bitwise_identical(rl_setup, straight):
             assert ma[step][key] == mb[step][key], (step, key)
 
 
-def test_one_step_off_is_one_version_old_and_resumes_without_losing_a_prompt(rl_setup):
+OVERLAP = ("--set", "trainer.eval_freq=0")
+
+
+@pytest.fixture(scope="module")
+def one_step_off(rl_setup):
+    """4 one-step-off steps straight."""
+    root, model = rl_setup
+    out = root / "osp_straight"
+    proc = _train(root, model, out, *OVERLAP, "--set", "trainer.rollout_mode=one_step_off",
+                  "--set", "trainer.resume=never")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _stop_and_resume(root, model, out, *mode) -> str:
+    """2 steps, stop (checkpoint), resume to 4 -> the resumed run's stdout."""
+    first = _train(root, model, out, *OVERLAP, *mode, "--set", "trainer.resume=never",
+                   "--set", "trainer.max_steps_this_run=2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _train(root, model, out, *OVERLAP, *mode, "--set", "trainer.resume=auto")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return second.stdout
+
+
+def test_one_step_off_is_one_version_old_and_resumes_without_losing_a_prompt(rl_setup, one_step_off):
     """Step k+1's rollouts are generated on step k's weights while step k trains; a checkpoint keeps
     the rollouts generated ahead, so 2 steps + stop + resume == 4 steps straight, prompt by prompt."""
     from safetensors.torch import load_file
 
     root, model = rl_setup
-    mode = ("--set", "trainer.rollout_mode=one_step_off", "--set", "trainer.eval_freq=0")
-    straight, resumed = root / "osp_straight", root / "osp_resumed"
-    runs = [_train(root, model, straight, *mode, "--set", "trainer.resume=never"),
-            _train(root, model, resumed, *mode, "--set", "trainer.resume=never",
-                   "--set", "trainer.max_steps_this_run=2")]
+    straight, resumed = one_step_off, root / "osp_resumed"
+    stdout = _stop_and_resume(root, model, resumed, "--set", "trainer.rollout_mode=one_step_off")
+    assert "with the next step's rollouts generated ahead" in stdout
     assert os.path.isfile(resumed / "checkpoints" / "step_000002" / "driver" / "rollouts_ahead.pkl")
-    runs.append(_train(root, model, resumed, *mode, "--set", "trainer.resume=auto"))
-    for proc in runs:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "with the next step's rollouts generated ahead" in runs[2].stdout
     m, mr = _metrics(straight), _metrics(resumed)
     assert [m[s]["async/staleness_max"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
     assert all(m[s]["async/staleness_min"] == m[s]["async/staleness_max"] for s in m)
@@ -160,6 +178,27 @@ def test_one_step_off_is_one_version_old_and_resumes_without_losing_a_prompt(rl_
             assert m[step][key] == mr[step][key], (step, key)
     a, b = load_file(str(straight / "hf" / "model.safetensors")), load_file(str(resumed / "hf" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_async_keeps_the_staleness_bound_and_a_resume_loses_no_prompt(rl_setup):
+    """The producer generates while the trainer trains, syncs land between engine calls, no batch is
+    more than max_staleness=1 version old; stopped after 2 steps and resumed (the checkpoint holds
+    the buffer and the position before the round in flight), the run trains every prompt exactly
+    once, in the order the data sampler gives them (no drops under stale_policy wait)."""
+    from megarl.data.sampler import EpochSampler
+
+    root, model = rl_setup
+    out = root / "async_resumed"
+    _stop_and_resume(root, model, out, "--set", "trainer.rollout_mode=async",
+                     "--set", "algorithm.dynamic_sampling=false")
+    assert os.path.isfile(out / "checkpoints" / "step_000002" / "driver" / "rollout_buffer.pkl")
+    m = _metrics(out)
+    assert sorted(m) == [1, 2, 3, 4]
+    assert all(m[s]["async/staleness_max"] <= 1 and m[s]["async/dropped_groups"] == 0 for s in m)
+    assert all(m[s]["sync/verify_max_diff"] <= 1e-4 for s in m)
+    rows = [p["rows"] for p in map(json.loads, open(out / "prompts.jsonl"))]
+    order = [i + 1 for i in EpochSampler(64, seed=1234).take(16)]   # data.seed; rows are 1-based lines
+    assert rows == [order[i:i + 4] for i in (0, 4, 8, 12)]
 
 
 def _engine_processes_of(driver_pid: int) -> list[int]:

@@ -37,6 +37,8 @@ from megarl.trainers.rl.gangs import (
     handoff_enabled,
     start_ray,
 )
+from megarl.trainers.rl.producer import FILE as BUFFER_FILE
+from megarl.trainers.rl.producer import AsyncRollouts, EngineGate, GatedEngine
 from megarl.trainers.runner import (
     StagePolicy,
     StageResult,
@@ -121,6 +123,8 @@ class RLDriver:
         self.logger = None
         self.handoff = MemoryHandOff(False, [], None)
         self.ahead = RolloutsAhead(self.produce)   # one_step_off; also holds rollouts a checkpoint kept
+        self.producer: AsyncRollouts | None = None   # rollout_mode async
+        self.gate: EngineGate | None = None
 
     # ---- bring-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -152,11 +156,36 @@ class RLDriver:
                                      verify_sync=r.rollout.weight_sync.verify_logprobs)
         self.fleet = self.handoff.start_engines(lambda: build_fleet(r, engine_model_dir(r, init), self.placement))
         self.sync = WeightSync(r, self.actor, self.fleet, self.inputs.hf_cfg)
+        self.agent = self._agent_loop(self.fleet)
+        if r.trainer.rollout_mode == "async":
+            self._make_producer()
         self._resume()
         self.logger = open_metrics(r, self.step_count)
         truncate_metrics(os.path.join(r.trainer.output_dir, PROMPTS_FILE), self.step_count)
-        self.agent = self._agent_loop()
         self.verify_seqs = self._verification_sequences()
+        if self.producer is not None:
+            self.producer.start()
+
+    def _make_producer(self) -> None:
+        """The async producer: its own agent loop over the fleet behind the gate."""
+        t = self.recipe.trainer
+        self.gate = EngineGate()
+        agent = self._agent_loop(GatedEngine(self.fleet, self.gate))
+
+        def produce(round_: int, prompts: list) -> list:
+            groups = agent.run([p.prompt_ids for p in prompts], phases.sampling_for(self.recipe, round_))
+            return phases.score_groups(self.recipe, prompts, groups, self.score)
+
+        self.producer = AsyncRollouts(t.prompts_per_step, t.max_staleness, t.stale_policy, self.sampler,
+                                      lambda rows: [self.inputs.data[i] for i in rows], produce,
+                                      lambda: self.fleet.weight_version)
+
+    def _engines(self):
+        """The engines to the driver's thread alone (weight sync, evaluation): in async mode the
+        producer pauses after its engine call in flight."""
+        import contextlib
+
+        return self.gate.exclusive() if self.gate is not None else contextlib.nullcontext()
 
     def _resume(self) -> None:
         from megarl.data.sampler import EpochSampler
@@ -170,21 +199,31 @@ class RLDriver:
         d = self.recipe.data
         self.step_count = state["step"]
         self.sampler = EpochSampler.from_state(len(self.inputs.data), d.seed, d.shuffle, state["sampler"])
+        if self.producer is not None:   # its rounds count steps (the admission rule), unless its buffer says more
+            self.producer.sampler, self.producer.rounds = self.sampler, self.step_count
         self.kl_ctl.load_state_dict(state["kl"])
         ahead = os.path.join(path, "driver", AHEAD_FILE)
         if os.path.exists(ahead):   # generated before the checkpoint, not trained on yet: trained on next
             with open(ahead, "rb") as f:
                 self.ahead.load(f.read(), self.step_count)
+        buffered = os.path.join(path, "driver", BUFFER_FILE)
+        if os.path.exists(buffered):
+            if self.producer is None:
+                raise RuntimeError(f"{path} was written by an asynchronous run (trainer.rollout_mode: async) and holds "
+                                   "its rollout buffer; resume it with rollout_mode async, or its buffered prompts "
+                                   "would be skipped")
+            with open(buffered, "rb") as f:
+                self.producer.load(f.read())
         print(f"[{TAG}] resumed from {path} at step {self.step_count}"
               + (" with the next step's rollouts generated ahead" if self.ahead.ready else ""), flush=True)
         with self.handoff.sync_window():   # the engines start from the initial model: give them these weights
             self.sync.push(self.step_count)
 
-    def _agent_loop(self):
+    def _agent_loop(self, engine):
         from megarl.rollout.agent import AgentLoop
 
         ro, mt = self.recipe.rollout, self.recipe.rollout.multi_turn
-        return AgentLoop(self.fleet, self.inputs.tokenizer, self.inputs.tools, mt.tool_call_format if mt else "hermes",
+        return AgentLoop(engine, self.inputs.tokenizer, self.inputs.tools, mt.tool_call_format if mt else "hermes",
                          mt.max_turns if mt else 1,
                          mt.max_total_tokens if mt else ro.max_prompt_length + ro.max_response_length,
                          mt.max_tool_output_tokens if mt else 512)
@@ -206,11 +245,13 @@ class RLDriver:
         bar = ProgressBar(t.steps, self.step_count)
         policy = StagePolicy(self.recipe, t.steps)
         if t.eval_freq and self.step_count == 0:
-            self.logger.log(0, self.evaluate(0))
+            with self._engines():
+                self.logger.log(0, self.evaluate(0))
         while self.step_count < t.steps:
             metrics, rollouts = self.step()
             if t.eval_freq and (self.step_count % t.eval_freq == 0 or self.step_count == t.steps):
-                metrics.update(self.evaluate(self.step_count))
+                with self._engines():
+                    metrics.update(self.evaluate(self.step_count))
             self.logger.log(self.step_count, metrics)
             samples.maybe_write(self.step_count, rollouts.trajectories, rollouts.results, self.inputs.tokenizer)
             bar.update({"reward": metrics.get("reward/mean", 0.0), "s": metrics["timing/step_s"]})
@@ -227,7 +268,7 @@ class RLDriver:
         """One RL step, phase by phase -> (metrics, the rollouts it trained on)."""
         timer, r = PhaseTimer(), self.recipe
         t_step, version = time.perf_counter(), self.step_count   # the weights this step starts from
-        produced, ahead = self._rollouts(timer)
+        produced, ahead, async_m = self._rollouts(timer)
         rollouts = produced.rollouts
         with timer.phase("reward"):
             batch, reward_m = phases.build_batch(r, rollouts, self.inputs.tokenizer.pad_token_id)
@@ -242,8 +283,10 @@ class RLDriver:
         if self.ahead.running:   # the engines finish the next step's rollouts before new weights arrive
             with timer.phase("rollout_wait"):
                 self.ahead.finish()
-        with timer.phase("sync"), self.handoff.sync_window():
+        with timer.phase("sync"), self._engines(), self.handoff.sync_window():
             sync_m = self.sync.push(self.step_count, self.verify_seqs)
+        if self.producer is not None:
+            self.producer.weights_updated()
         if self.reference is not None:
             self.kl_ctl.update(logprob_m.get("kl/ref_mean", 0.0), batch.size)
         timings = self._timings(timer, 0.0 if ahead else rollouts.reward_seconds, t_step, produced.engine_seconds,
@@ -253,27 +296,33 @@ class RLDriver:
                                               ("ref_logprobs", self.reference is not None),
                                               ("values", self.critic is not None)) if ran)
         flops_m = phases.flops_metrics(self.inputs.hf_cfg, batch, r.algorithm.ppo_epochs, passes)
-        lag_m = phases.staleness_metrics(batch, rollouts.trajectories, version, produced.seconds, ahead)
+        lag_m = {**phases.staleness_metrics(batch, rollouts.trajectories, version, produced.seconds, ahead), **async_m}
         self._record_prompts(rollouts, batch)
         return phases.step_metrics(batch, rollouts, timings, entropy, reward_m, update_m, logprob_m, plan.metrics,
                                    sync_m, flops_m, lag_m,
                                    generate_seconds=produced.seconds - rollouts.reward_seconds), rollouts
 
-    def _rollouts(self, timer: PhaseTimer) -> tuple[Produced, bool]:
-        """This step's rollouts -> (them, whether they were generated ahead). With one_step_off the
-        next step's generation starts here, on the engines' current weights, before this one trains."""
+    def _rollouts(self, timer: PhaseTimer) -> tuple[Produced, bool, dict]:
+        """This step's rollouts -> (them, whether they were generated ahead, async/* metrics). With
+        one_step_off the next step's generation starts here, on the engines' current weights,
+        before this one trains; in async mode they come from the producer's buffer."""
         step, last = self.step_count, self.recipe.trainer.steps
-        produced = None
+        produced, metrics = None, {}
         if self.ahead.running or self.ahead.ready:
             with timer.phase("rollout_wait"):
                 produced = self.ahead.take(step)
+        elif self.producer is not None:
+            with timer.phase("rollout_wait"):
+                buffered, metrics = self.producer.take(step)
+            seconds = sum(b.seconds for b in buffered) / len(buffered)   # each round makes one batch's worth
+            produced = Produced(step, phases.Rollouts([b.group for b in buffered]), seconds, 0.0)
         ahead = produced is not None
         if not ahead:
             with timer.phase("rollout"):
                 produced = self.produce(step)
         if self.recipe.trainer.rollout_mode == "one_step_off" and step + 1 < last:
             self.ahead.start(step + 1)
-        return produced, ahead
+        return produced, ahead, metrics
 
     def produce(self, step: int) -> Produced:
         """Step `step`'s rollouts with their rewards (in the driver's thread, or in `self.ahead`'s)."""
@@ -363,10 +412,14 @@ class RLDriver:
 
         if self.critic is not None:
             self.critic.call("save", checkpoint_path(self.recipe, at, CRITIC_CKPT_DIR), {"step": at})
-        ahead = self.ahead.state()
-        files = {AHEAD_FILE: ray.put(ahead)} if ahead is not None else {}
+        sampler, files = self.sampler.state_dict(), {}
+        if (ahead := self.ahead.state()) is not None:
+            files[AHEAD_FILE] = ray.put(ahead)
+        if self.producer is not None:   # the position from before the round in flight, which is generated again
+            sampler, buffered = self.producer.snapshot()
+            files[BUFFER_FILE] = ray.put(buffered)
         self.actor.call("save", checkpoint_path(self.recipe, at),
-                        {"step": at, "sampler": self.sampler.state_dict(), "kl": self.kl_ctl.state_dict()}, files)
+                        {"step": at, "sampler": sampler, "kl": self.kl_ctl.state_dict()}, files)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     @staticmethod
@@ -394,6 +447,8 @@ class RLDriver:
               + (f" | reward failures: {failed}" if failed else ""), flush=True)
 
     def close(self) -> None:
+        if self.producer is not None:
+            self.producer.stop()
         if self.logger is not None:
             self.logger.close()
         for gang in (self.actor, self.reference, self.critic, self.reward_model):
