@@ -89,6 +89,11 @@ class MultiTurnConfig:
     max_total_tokens: int | None = None
     """Cap on prompt + all turns; defaults to max_prompt_length + max_response_length."""
     max_tool_output_tokens: int = 512
+    loop: Literal["lock_step", "per_trajectory"] = "lock_step"
+    """lock_step: every conversation advances one turn at a time together (one engine call per turn
+    for the batch); per_trajectory: each conversation's next turn goes to the engine as soon as its
+    tool results are back, turns of all conversations batched continuously, tool calls concurrent.
+    The same tokens either way (rollout/agent.py)."""
 
 
 @dataclass

@@ -5,13 +5,25 @@ For every sample: generate -> parse tool calls -> run the tools -> append the to
 without a tool call, or max turns / max total tokens are reached. Text is never re-tokenized: the
 model's own tokens are kept as generated and only the tool observations are rendered, with
 `render_tool_observation`, so the trajectory's tokens are what rendering the whole conversation
-would give. All active samples advance together one turn at a time (one engine call per turn).
+would give.
+
+Two schedules, the same tokens (`loop`):
+- lock_step: all active samples advance together, one engine call per turn for the whole batch,
+  so every conversation waits for the slowest turn and for every tool call of that turn;
+- per_trajectory: each conversation advances on its own: its next turn goes to its engine
+  (`engine.turn`, continuous batching across conversations) as soon as its tool results are back,
+  and tool calls run concurrently (each with its tool's timeout). The first turn of a prompt is one
+  request for its n samples, as in lock_step, and every later turn is seeded by its own tokens, so
+  the two schedules sample the same tokens given the same engine outputs.
+
 Each response token carries the weight version that sampled it (`token_versions`; -1 for tool
 observations): under asynchronous RL a weight sync may land between two turns of a conversation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 
 from megarl.data.render import render_tool_observation
@@ -42,8 +54,14 @@ class Trajectory:
 
 class AgentLoop:
     def __init__(self, engine, tokenizer, tools: ToolExecutor | None = None, tool_call_format: str = "hermes",
-                 max_turns: int = 4, max_total_tokens: int = 2048, max_tool_output_tokens: int = 512):
-        self.engine, self.tokenizer, self.tools = engine, tokenizer, tools
+                 max_turns: int = 4, max_total_tokens: int = 2048, max_tool_output_tokens: int = 512,
+                 loop: str = "lock_step"):
+        """`engine`: `generate(prompts, sampling, max_tokens_each)` (lock_step) or an async
+        `turn(key, prompt, sampling, max_tokens)` (per_trajectory; `key` keeps a prompt's
+        conversations on one engine, whose prefix cache holds their shared prompt)."""
+        if loop not in ("lock_step", "per_trajectory"):
+            raise ValueError(f"agent loop {loop!r}: expected lock_step or per_trajectory")
+        self.engine, self.tokenizer, self.tools, self.loop = engine, tokenizer, tools, loop
         self.parser = get_parser(tool_call_format)
         self.max_turns, self.max_total_tokens = max_turns, max_total_tokens
         self.max_tool_output_tokens = max_tool_output_tokens
@@ -51,13 +69,13 @@ class AgentLoop:
 
     def run(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Trajectory]]:
         """`sampling.n` trajectories per prompt."""
+        if self.loop == "per_trajectory":
+            return asyncio.run(self._run_each(prompt_ids, sampling))
         groups = [[Trajectory(list(p)) for _ in range(sampling.n)] for p in prompt_ids]
         active = [t for g in groups for t in g]
         first = True
         while active:
-            step = SamplingConfig(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                                  top_k=sampling.top_k, max_tokens=sampling.max_tokens, seed=sampling.seed,
-                                  stop_token_ids=[self.eos])
+            step = self._turn_sampling(sampling)
             # each conversation's turn is capped by its own remaining budget: one long conversation
             # must not cut every other one's answer short
             if first:  # n samples of each prompt in one request
@@ -75,6 +93,29 @@ class AgentLoop:
                 if self._advance(traj, comp):
                     still.append(traj)
             active = still
+        return groups
+
+    def _turn_sampling(self, sampling: SamplingConfig) -> SamplingConfig:
+        """One sample per request after the first turn; a turn ends at the end-of-turn token."""
+        return SamplingConfig(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                              max_tokens=sampling.max_tokens, seed=sampling.seed, stop_token_ids=[self.eos])
+
+    async def _run_each(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Trajectory]]:
+        groups = [[Trajectory(list(p)) for _ in range(sampling.n)] for p in prompt_ids]
+        turn = self._turn_sampling(sampling)
+
+        async def conversation(key: int, t: Trajectory, comp) -> None:
+            # tools (and the parsing) in a worker thread: other conversations go on meanwhile
+            while await asyncio.to_thread(self._advance, t, comp):
+                budget = self.max_total_tokens - t.total_tokens
+                comp = (await self.engine.turn(key, t.prompt_ids + t.response_ids, turn, budget))[0]
+
+        async def prompt(key: int, ids: list[int], group: list[Trajectory]) -> None:
+            first = await self.engine.turn(key, ids, dataclasses.replace(turn, n=sampling.n),
+                                           self.max_total_tokens - len(ids))
+            await asyncio.gather(*(conversation(key, t, c) for t, c in zip(group, first)))
+
+        await asyncio.gather(*(prompt(i, ids, g) for i, (ids, g) in enumerate(zip(prompt_ids, groups))))
         return groups
 
     def _advance(self, t: Trajectory, comp) -> bool:

@@ -7,12 +7,24 @@ explicit KV-cache budget. Log-probs are vLLM's `processed_logprobs` (after tempe
 log softmax(logits / T) — what the trainer computes with `megarl.models.logprobs`.
 New weights arrive as HF-named tensors and are loaded in place with the worker's
 `reload_weights` (which re-packs CPU kernels), then the prefix cache is reset.
+
+Two ways in: `generate` (a batch of prompts, returns when all are done: the lock-step agent loop)
+and `generate_turn` (one prompt's turn from any thread; it joins the engine's running batch at the
+next step and returns when it is done: continuous batching across the turns of independent
+conversations, the per-trajectory agent loop). Weight loads, syncs and the batch path need the
+engine with no turn in flight (the driver's gate guarantees it; a violation raises).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
+import queue
+import threading
+import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -123,38 +135,64 @@ class RolloutEngine:
         self.llm = LLM(**vllm_kwargs(config))
         self.weight_version = 0
         self.weights_consistent = True  # False after a failed sync left a mix of versions loaded
+        self._lock = threading.Lock()    # one user of the vLLM engine at a time
+        self._stream: TurnStream | None = None
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
                  max_tokens_each: list[int] | None = None) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt (token ids), in prompt order; prompt i generates at
         most min(sampling.max_tokens, max_tokens_each[i]) tokens (its own remaining budget)."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._require_consistent()
-
         limits = max_tokens_each or [sampling.max_tokens] * len(prompts)
+        with self._exclusive("generate a batch"):
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                        [sampling_params(sampling, p, limit) for p, limit in zip(prompts, limits)],
+                                        use_tqdm=False)
+            version = self.weight_version
+        return [completions(out, version) for out in outputs]
 
-        def params(prompt, limit):
-            return SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                  top_k=sampling.top_k, max_tokens=max(1, min(sampling.max_tokens, limit)),
-                                  seed=request_seed(sampling.seed, prompt),
-                                  stop_token_ids=sampling.stop_token_ids or None, logprobs=0)
-
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                                    [params(p, limit) for p, limit in zip(prompts, limits)], use_tqdm=False)
+    def generate_turn(self, prompt: list[int], sampling: SamplingConfig, max_tokens: int) -> list[Completion]:
+        """`sampling.n` completions of one prompt (at most min(sampling.max_tokens, max_tokens) tokens
+        each), generated in the same engine batch as every other turn in flight. Blocks only the
+        calling thread."""
+        self._require_consistent()
+        if self._stream is None:
+            with self._lock:
+                self._stream = self._stream or TurnStream(self.llm.llm_engine, self._lock)
         version = self.weight_version
-        return [[Completion(list(c.token_ids), [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
-                            _finish_reason(c.finish_reason), version) for c in out.outputs]
-                for out in outputs]
+        return completions(self._stream.submit(prompt, sampling_params(sampling, prompt, max_tokens)).result(),
+                           version)
+
+    async def turn(self, key: int, prompt: list[int], sampling: SamplingConfig, max_tokens: int) -> list[Completion]:
+        """`generate_turn` for the per-trajectory agent loop in this process (`key` is unused: one engine)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.generate_turn, prompt, sampling, max_tokens)
+
+    @property
+    def stream_busy_seconds(self) -> float:
+        """Seconds the engine has spent stepping turns (`generate_turn`)."""
+        return self._stream.busy_seconds if self._stream is not None else 0.0
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        with self._lock:
+            busy = self._stream.in_flight if self._stream is not None else 0
+            if busy:
+                raise RuntimeError(f"cannot {what} while {busy} turn(s) are being generated on this engine")
+            yield
 
     def sleep(self) -> None:
         """Give the GPU back (colocated): weights to host memory, KV cache dropped (vLLM level 1)."""
-        self.llm.sleep(level=1)
+        with self._exclusive("sleep"):
+            self.llm.sleep(level=1)
 
     def wake(self, what: tuple[str, ...] = ("weights", "kv_cache")) -> None:
         """Take it again: the weights (to receive a sync) and/or the KV cache (to generate)."""
-        self.llm.wake_up(tags=list(what))
+        with self._exclusive("wake"):
+            self.llm.wake_up(tags=list(what))
 
     def prompt_logprobs(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
         """log p(token_i | tokens_<i) for i >= 1 under the current weights (verification)."""
@@ -163,20 +201,23 @@ class RolloutEngine:
 
         self._require_consistent()
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=temperature)
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)[0]
+        with self._exclusive("score a prompt"):
+            out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)[0]
         return [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
 
     def load_weights(self, named_tensors: Iterable, version: int) -> None:
         """Load HF-named tensors in place (complete q/k/v and gate/up groups: vLLM fuses them)."""
-        self.llm.collective_rpc("megarl_reload_weights", args=(list(named_tensors),))
-        self.llm.reset_prefix_cache()
+        with self._exclusive("load weights"):
+            self.llm.collective_rpc("megarl_reload_weights", args=(list(named_tensors),))
+            self.llm.reset_prefix_cache()
         self.weight_version = version
         self.weights_consistent = True
 
     def load_weights_from_path(self, path: str, version: int) -> None:
         """Load a full HF safetensors checkpoint directory in place (the disk path)."""
-        self.llm.collective_rpc("megarl_reload_from_path", args=(path,))
-        self.llm.reset_prefix_cache()
+        with self._exclusive("load weights"):
+            self.llm.collective_rpc("megarl_reload_from_path", args=(path,))
+            self.llm.reset_prefix_cache()
         self.weight_version = version
         self.weights_consistent = True
 
@@ -187,13 +228,14 @@ class RolloutEngine:
 
     def receive_weights(self, version: int) -> dict:
         """Receive one full sync (collective with the trainer's `WeightSender.send`)."""
-        try:
-            stats = self.llm.collective_rpc("megarl_sync_receive", args=(version,))
-        except Exception:
-            self.weights_consistent = False
-            raise
-        finally:
-            self.llm.reset_prefix_cache()
+        with self._exclusive("receive weights"):
+            try:
+                stats = self.llm.collective_rpc("megarl_sync_receive", args=(version,))
+            except Exception:
+                self.weights_consistent = False
+                raise
+            finally:
+                self.llm.reset_prefix_cache()
         self.weight_version = version
         self.weights_consistent = True
         return stats[0]
@@ -202,6 +244,79 @@ class RolloutEngine:
         if not self.weights_consistent:
             raise MixedWeightVersions("this engine's weights are a mix of versions after a failed sync; "
                                   "sync again (or restart the engine) before sampling")
+
+
+def sampling_params(sampling: SamplingConfig, prompt: list[int], limit: int):
+    """vLLM's parameters for one prompt: at most min(max_tokens, limit) tokens, the engine's
+    log-prob of each sampled token, a seed derived from the step's seed and the prompt."""
+    from vllm import SamplingParams
+
+    return SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k, max_tokens=max(1, min(sampling.max_tokens, limit)),
+                          seed=request_seed(sampling.seed, prompt), stop_token_ids=sampling.stop_token_ids or None,
+                          logprobs=0)
+
+
+def completions(output, version: int) -> list[Completion]:
+    return [Completion(list(c.token_ids), [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
+                       _finish_reason(c.finish_reason), version) for c in output.outputs]
+
+
+class TurnStream:
+    """Continuous batching across calls: a thread steps the vLLM engine while any request is in
+    flight; a request submitted from any thread joins the running batch at the next step, and its
+    future resolves as soon as it finishes (not when the whole batch does)."""
+
+    def __init__(self, llm_engine, lock: threading.Lock):
+        self.engine, self.lock = llm_engine, lock
+        self.busy_seconds = 0.0
+        self._new: queue.SimpleQueue = queue.SimpleQueue()
+        self._running: dict[str, Future] = {}
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        threading.Thread(target=self._loop, name="megarl-engine-turns", daemon=True).start()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def submit(self, prompt: list[int], params) -> Future:
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.FINAL_ONLY   # only the finished output is needed
+        future: Future = Future()
+        with self._cond:
+            self._in_flight += 1
+            self._new.put((f"megarl-turn-{next(self._ids)}", list(prompt), params, future))
+            self._cond.notify()
+        return future
+
+    def _loop(self) -> None:
+        from vllm.inputs import TokensPrompt
+
+        while True:
+            with self._cond:
+                while not self._in_flight:
+                    self._cond.wait()
+            finished = []
+            with self.lock:
+                t0 = time.perf_counter()
+                try:
+                    while not self._new.empty():
+                        rid, prompt, params, future = self._new.get()
+                        self._running[rid] = future
+                        self.engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)
+                    finished = [(self._running.pop(o.request_id), o) for o in self.engine.step() if o.finished]
+                except Exception as e:  # noqa: BLE001 - every waiting caller gets the engine's error
+                    finished = [(f, e) for f in self._running.values()]
+                    self._running.clear()
+                self.busy_seconds += time.perf_counter() - t0
+            for future, result in finished:
+                (future.set_exception if isinstance(result, BaseException) else future.set_result)(result)
+            if finished:
+                with self._cond:
+                    self._in_flight -= len(finished)
 
 
 class MixedWeightVersions(RuntimeError):

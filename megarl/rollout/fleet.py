@@ -3,7 +3,9 @@
 Requests are cut into chunks and handed out continuously: each engine gets a new chunk the moment
 it returns one, so a slow chunk never idles the other engines (no lock-step). An engine that dies
 is restarted, reloaded with the current weights, and its chunk retried; the caller sees it in
-`events` and in the returned metrics — never a hang or a silent loss.
+`events` and in the returned metrics — never a hang or a silent loss. The per-trajectory agent
+loop sends single turns instead (`turn`): each engine actor takes many at once (a threaded actor)
+and batches them continuously (`RolloutEngine.generate_turn`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ class EngineActorImpl:
         t0 = time.perf_counter()
         out = self.engine.generate(prompts, sampling, max_tokens_each)
         return out, time.perf_counter() - t0
+
+    def generate_turn(self, prompt, sampling, max_tokens):
+        """(one prompt's completions, the engine's seconds stepping turns so far)."""
+        out = self.engine.generate_turn(prompt, sampling, max_tokens)
+        return out, self.engine.stream_busy_seconds
 
     def load_weights(self, named_tensors, version: int) -> int:
         self.engine.load_weights(named_tensors, version)
@@ -53,6 +60,9 @@ class EngineActorImpl:
         return os.getpid()
 
 
+TURNS_PER_ENGINE = 1024   # concurrent `turn` calls an engine actor takes (vLLM batches them)
+
+
 class EngineLost(RuntimeError):
     """An engine died while the fleet is part of a weight-sync group: a restarted engine would
     hold stale weights and cannot join the running group, so the step stops here."""
@@ -76,7 +86,8 @@ class RolloutFleet:
         self.config, self.num_engines = config, num_engines
         # Fewer, larger chunks keep vLLM's own batching full; more chunks balance uneven engines.
         self.chunk_size, self.chunks_per_engine, self.max_restarts = chunk_size, chunks_per_engine, max_restarts
-        self._actor_cls = ray.remote(EngineActorImpl)
+        # threaded: the per-trajectory loop has many turns in flight on each engine at once
+        self._actor_cls = ray.remote(max_concurrency=TURNS_PER_ENGINE)(EngineActorImpl)
         self._options = engine_options or [{"num_cpus": cpus_per_engine}] * num_engines
         self.actors = [self._new_actor(e) for e in range(num_engines)]
         ray.get([a.pid.remote() for a in self.actors])  # engines are up (or this raises)
@@ -85,7 +96,13 @@ class RolloutFleet:
         self.restarts = 0
         self.events: list[FleetEvent] = []
         self.in_sync_group = False
-        self.engine_seconds = 0.0  # wall time the busiest engine spent generating (model compute)
+        self._batch_seconds = 0.0  # wall time the busiest engine spent on batches (model compute)
+        self._turn_seconds = [0.0] * num_engines   # each engine's seconds stepping single turns
+
+    @property
+    def engine_seconds(self) -> float:
+        """Seconds the busiest engine spent generating (batches, plus the busiest engine's turns)."""
+        return self._batch_seconds + max(self._turn_seconds, default=0.0)
 
     def _new_actor(self, index: int):
         return self._actor_cls.options(**self._options[index]).remote(self.config)
@@ -148,8 +165,25 @@ class RolloutFleet:
                 todo.append((start, chunk))  # retried, on this engine or the next free one
             if todo:
                 submit(index)
-        self.engine_seconds += max(busy)
+        self._batch_seconds += max(busy)
         return [c for start in sorted(results) for c in results[start]]
+
+    async def turn(self, key: int, prompt: list[int], sampling: SamplingConfig, max_tokens: int) -> list[Completion]:
+        """One prompt's completions on engine `key % engines` (a prompt's conversations stay on one
+        engine: its prefix cache holds their shared prompt); retried on a restarted engine if that
+        one died (outside a weight-sync group, as `generate`)."""
+        import asyncio
+
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        index = key % self.num_engines
+        try:
+            out, busy = await self.actors[index].generate_turn.remote(prompt, sampling, max_tokens)
+        except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+            await asyncio.to_thread(self._restart, index, type(e).__name__)
+            return await self.turn(key, prompt, sampling, max_tokens)
+        self._turn_seconds[index] = max(self._turn_seconds[index], busy)
+        return out
 
     def load_weights(self, named_tensors, version: int) -> None:
         """Every engine loads the same HF-named tensors (put in the object store once)."""

@@ -48,10 +48,20 @@ def engine_checks(model_dir: str) -> dict:
     out["versions_after"] = sorted({c.weight_version for r in results for c in r})
     out["lp_diff_after"] = max((hf_logprobs(hf, p, c.token_ids, 0.7) - torch.tensor(c.logprobs)).abs().max().item()
                                for p, r in zip(prompts, results) for c in r)
-    loop = AgentLoop(engine, tok, ToolExecutor(load_tool_specs("configs/tools/calculator.yaml")), max_turns=3,
-                     max_total_tokens=400)
-    trajs = [t for g in loop.run(prompts, SamplingConfig(n=2, max_tokens=32, seed=2)) for t in g]
+    tools = ToolExecutor(load_tool_specs("configs/tools/calculator.yaml"))
+    runs = {}
+    for schedule in ("lock_step", "per_trajectory"):
+        loop = AgentLoop(engine, tok, tools, max_turns=3, max_total_tokens=400, loop=schedule)
+        runs[schedule] = [t for g in loop.run(prompts, SamplingConfig(n=2, max_tokens=32, seed=2)) for t in g]
+    trajs = runs["lock_step"]
     out["traj_ok"] = all(len(t.response_ids) == len(t.loss_mask) == len(t.rollout_logprobs) and t.finish
                          for t in trajs)
     out["traj_count"] = len(trajs)
+    # the per-trajectory schedule (turns batched continuously by the engine) samples the same tokens
+    pairs = list(zip(trajs, runs["per_trajectory"], strict=True))
+    out["schedules_same_tokens"] = all(a.response_ids == b.response_ids and a.loss_mask == b.loss_mask
+                                       for a, b in pairs)
+    out["schedules_lp_diff"] = max(abs(x - y) for a, b in pairs for x, y in zip(a.rollout_logprobs, b.rollout_logprobs))
+    out["turns"] = [t.turns for t in trajs]
+    out["busy_in_loop"] = engine.stream_busy_seconds > 0
     return out

@@ -216,3 +216,67 @@ def test_each_conversation_turn_is_capped_by_its_own_budget(tiny_hf_models):
     before_answer = [g[0].total_tokens - answer for g in groups]   # prompt + call + tool result
     assert second == [600 - n for n in before_answer] and second[0] > second[1]
     assert [g[0].finish for g in groups] == ["answer", "answer"]
+
+
+class ConversationEngine:
+    """Answers by conversation, not by call order: prompt i calls the calculator `calls[i]` times,
+    then answers; each reply depends only on the tokens it is given (as a seeded engine's does), so
+    the lock-step and per-trajectory schedules can be compared token for token. Speaks both
+    interfaces and records the largest number of turns it held at once."""
+
+    def __init__(self, tokenizer, prompts: list[list[int]], calls: list[int]):
+        self.tok, self.prompts, self.calls = tokenizer, prompts, calls
+        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.in_flight = self.most_in_flight = 0
+
+    def reply(self, ids: list[int], n: int, limit: int) -> list[Completion]:
+        i = next(k for k, p in enumerate(self.prompts) if ids[:len(p)] == p)
+        done = ids[len(self.prompts[i]):].count(self.end) // 2   # an assistant turn + its tool result each
+        call = {"name": "calculator", "arguments": {"expression": f"{i} + {done}"}}
+        text = (f"<tool_call>\n{json.dumps(call)}\n</tool_call><|im_end|>" if done < self.calls[i]
+                else f"The answer is {i + done}.<|im_end|>")
+        out = self.tok(text, add_special_tokens=False)["input_ids"][:limit]
+        return [Completion(out, [-0.1 * (k + 1) for k in range(len(out))], "stop", 7) for _ in range(n)]
+
+    def generate(self, prompts, sampling, max_tokens_each=None):
+        limits = max_tokens_each or [sampling.max_tokens] * len(prompts)
+        return [self.reply(p, sampling.n, min(limit, sampling.max_tokens)) for p, limit in zip(prompts, limits)]
+
+    async def turn(self, key, prompt, sampling, max_tokens):
+        import asyncio
+
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0.001 * (key + 1))      # conversations finish their turns at different times
+        self.in_flight -= 1
+        return self.reply(prompt, sampling.n, min(max_tokens, sampling.max_tokens))
+
+
+def test_per_trajectory_loop_gives_exactly_the_lock_step_tokens(tiny_hf_models):
+    """Conversations needing 1 to 4 turns (0-3 tool calls), 2 samples each: the per-trajectory
+    schedule yields the same tokens, masks, engine log-probs, versions, finishes and tool events
+    as the lock-step one, while holding turns of several conversations in flight at once."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_models["qwen2"])
+    prompts = [render_prompt(tok, [{"role": "user", "content": f"question {i}"}], [CALCULATOR]) for i in range(4)]
+    calls = [0, 3, 1, 2]
+    runs = {}
+    for schedule in ("lock_step", "per_trajectory"):
+        engine = ConversationEngine(tok, prompts, calls)
+        loop = AgentLoop(engine, tok, ToolExecutor([CALC_SPEC]), max_turns=4, max_total_tokens=1024, loop=schedule)
+        runs[schedule] = (loop.run(prompts, SamplingConfig(n=2, max_tokens=64, seed=3)), engine)
+    (a, _), (b, engine) = runs["lock_step"], runs["per_trajectory"]
+    fields = ("prompt_ids", "response_ids", "loss_mask", "rollout_logprobs", "token_versions", "turns",
+              "tool_calls", "tool_errors", "parse_failures", "finish", "weight_versions", "events")
+    for ga, gb in zip(a, b, strict=True):
+        for ta, tb in zip(ga, gb, strict=True):
+            assert {f: getattr(ta, f) for f in fields} == {f: getattr(tb, f) for f in fields}
+    assert [g[0].turns for g in b] == [c + 1 for c in calls] and all(t.finish == "answer" for g in b for t in g)
+    assert [g[0].tool_calls for g in b] == calls
+    assert engine.most_in_flight >= 4
+
+
+def test_loop_schedule_is_checked():
+    with pytest.raises(ValueError, match="agent loop 'batched': expected lock_step or per_trajectory"):
+        AgentLoop(None, type("T", (), {"eos_token_id": 0})(), loop="batched")

@@ -28,3 +28,10 @@ def test_weight_reload_in_place(engine_report):
 
 def test_agent_loop_runs_on_the_real_engine(engine_report):
     assert engine_report["traj_ok"] and engine_report["traj_count"] == 4
+
+
+def test_per_trajectory_turns_sample_what_the_lock_step_batch_samples(engine_report):
+    """Turns submitted one by one from concurrent conversations and batched continuously by the
+    engine give the tokens the lock-step batches give (seeded per request; fp32)."""
+    assert engine_report["schedules_same_tokens"] and engine_report["schedules_lp_diff"] <= 1e-5
+    assert engine_report["busy_in_loop"]

@@ -226,7 +226,7 @@ class RLDriver:
         return AgentLoop(engine, self.inputs.tokenizer, self.inputs.tools, mt.tool_call_format if mt else "hermes",
                          mt.max_turns if mt else 1,
                          mt.max_total_tokens if mt else ro.max_prompt_length + ro.max_response_length,
-                         mt.max_tool_output_tokens if mt else 512)
+                         mt.max_tool_output_tokens if mt else 512, loop=mt.loop if mt else "lock_step")
 
     def _verification_sequences(self):
         if not self.recipe.rollout.weight_sync.verify_logprobs:

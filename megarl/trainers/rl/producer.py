@@ -49,20 +49,26 @@ class EngineGate:
         self._closed = False
         self.producer_blocked_s = 0.0
 
-    @contextlib.contextmanager
-    def call(self):
+    def enter(self) -> None:
         with self._cond:
             t0 = time.perf_counter()
             while self._closed:
                 self._cond.wait()
             self.producer_blocked_s += time.perf_counter() - t0
             self._calls += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._calls -= 1
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def call(self):
+        self.enter()
         try:
             yield
         finally:
-            with self._cond:
-                self._calls -= 1
-                self._cond.notify_all()
+            self.leave()
 
     @contextlib.contextmanager
     def exclusive(self):
@@ -79,7 +85,8 @@ class EngineGate:
 
 
 class GatedEngine:
-    """The fleet as the producer's agent loop sees it: each generate call passes the gate."""
+    """The fleet as the producer's agent loop sees it: each engine call (a lock-step batch or a
+    per-trajectory turn) passes the gate."""
 
     def __init__(self, fleet, gate: EngineGate):
         self.fleet, self.gate = fleet, gate
@@ -87,6 +94,15 @@ class GatedEngine:
     def generate(self, *args, **kwargs):
         with self.gate.call():
             return self.fleet.generate(*args, **kwargs)
+
+    async def turn(self, *args, **kwargs):
+        import asyncio
+
+        await asyncio.to_thread(self.gate.enter)
+        try:
+            return await self.fleet.turn(*args, **kwargs)
+        finally:
+            self.gate.leave()
 
 
 @dataclass
