@@ -27,7 +27,7 @@ test-slurm: setup  ## only the launcher tests on a local Slurm cluster (root: in
 	$(PY) -m pytest -q -m slurm
 
 demo: setup  ## the main job that exists today (see README)
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -48,9 +48,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=None, help="trainer.seed of the GRPO phase")
     parser.add_argument("--threads", type=int, default=None, help="cluster.cpu_threads_per_rank of both phases")
+    parser.add_argument("--sft-only", action="store_true", help="stop after the SFT phase (benchmarks start from it)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="a recipe override for the GRPO phase, e.g. --set trainer.rollout_mode=async")
     args = parser.parse_args()
     thread_sets = [f"cluster.cpu_threads_per_rank={args.threads}"] if args.threads else []
-    grpo_sets = ([f"trainer.seed={args.seed}"] if args.seed is not None else []) + thread_sets
+    grpo_sets = ([f"trainer.seed={args.seed}"] if args.seed is not None else []) + thread_sets + args.sets
     os.chdir(ROOT)
     from examples.tool_math import mixed_sft_rows, rl_row, write
     from megarl.cli import main as megarl
@@ -79,6 +82,8 @@ def main() -> int:
     summary["sft_export"] = "runs/tiny/sft/hf"
     print(f"[demo] SFT loss {summary['sft_loss_first']:.3f} -> {summary['sft_loss_last']:.3f} in "
           f"{summary['sft_seconds']}s", flush=True)
+    if args.sft_only:
+        return 0
 
     grpo_metrics = "runs/tiny/grpo/metrics.jsonl"
     t0 = time.time()

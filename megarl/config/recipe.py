@@ -410,6 +410,10 @@ class ClusterConfig:
     reward model); unset = the CPUs this process may use divided by the training world size
     (runtime.device.threads_per_rank). Changes the floating-point reduction order, so it is also
     how to check that a result does not hang on it."""
+    cpu_pinning: bool = False
+    """CPU clusters, RL: pin each Ray worker and engine process (all its threads) to the core of its
+    slot (slot d of a node -> the d-th CPU the process may use), so that separately placed roles do
+    not compete for cores, as separate GPU pools do not (runtime.device.pin_to_slot)."""
 
     @property
     def total_gpus(self) -> int:

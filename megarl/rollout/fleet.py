@@ -21,7 +21,9 @@ class EngineActorImpl:
 
     def __init__(self, config: EngineConfig):
         from megarl.rollout.engine import RolloutEngine
+        from megarl.runtime.device import pin_to_slot
 
+        pin_to_slot()   # before vLLM starts its threads (cluster.cpu_pinning)
         self.engine = RolloutEngine(config)
 
     def generate(self, prompts, sampling, max_tokens_each=None):

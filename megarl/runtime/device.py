@@ -36,6 +36,27 @@ def threads_per_rank(world_size: int, requested: int | None = None) -> int:
     return requested or max(1, usable_cpus() // world_size)
 
 
+PIN_ENV = "MEGARL_CPU_SLOT"   # set for a Ray worker whose recipe has cluster.cpu_pinning
+
+
+def pin_to_slot() -> int | None:
+    """Pin this process to the core of its CPU slot (`cluster.cpu_pinning`; the slot index is in
+    MEGARL_CPU_SLOT): slot d -> the d-th of the CPUs it may use, modulo their number. Every thread
+    it has now is pinned, and threads it starts later inherit the mask. Returns the core, or None
+    when this process is not to be pinned."""
+    slot = os.environ.get(PIN_ENV)
+    if slot is None:
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    core = allowed[int(slot) % len(allowed)]
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), {core})
+        except (ProcessLookupError, PermissionError):  # a thread that just ended
+            pass
+    return core
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     device_type: str

@@ -77,7 +77,10 @@ class MegatronRank:
     def __init__(self, recipe, init_ckpt: str, role: str, rank: int, world: int, threads: int = 1,
                  local_rank: int = 0):
         """Cheap: the gang meets in `build`, after rank 0 has bound its store (`rendezvous`)."""
+        from megarl.runtime.device import pin_to_slot
+
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+        pin_to_slot()
         torch.set_num_threads(threads)
         self.recipe, self.role, self.rank, self.world, self.init_ckpt = recipe, role, rank, world, init_ckpt
         self._gang_store = None
@@ -132,7 +135,7 @@ class MegatronRank:
         gpu_ids = _ray_gpu_ids()
         return {"rank": self.rank, "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
                 "local_rank": int(os.environ["LOCAL_RANK"]), "gpu_ids": gpu_ids,
-                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "cores": sorted(os.sched_getaffinity(0))}
 
     def _setup(self) -> None:
         """Role-specific state once the model is built (nothing for a frozen rank)."""

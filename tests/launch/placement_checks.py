@@ -21,7 +21,7 @@ def placement_checks(recipe_file: str, overrides: list[str], num_gpus: int, addr
     try:
         recipe = load_recipe(recipe_file, overrides)
         pmap = build_placement(recipe)
-        placement = RayPlacement(pmap, timeout_s=60)
+        placement = RayPlacement(pmap, timeout_s=60, pin_cpus=recipe.cluster.cpu_pinning)
         out = {"lines": pmap.lines(), "roles": {}, "engines": [],
                "slot_gpu": {f"{s.node}:{s.device}": placement.gpu_ids.get(s) for s in pmap.used_slots()}}
         alive = []
@@ -50,7 +50,7 @@ class EngineProbe:
     (vllm 0.32, v1/executor/ray_executor.py `_init_workers_ray`): one actor per bundle listed in
     VLLM_RAY_BUNDLE_INDICES of the current (captured) placement group, each asking for
     VLLM_RAY_PER_WORKER_GPUS GPUs. Without them the engine process is its only worker. Returns
-    [the engine process's (node ip, GPU ids)] + one (node ip, GPU ids) per worker it placed."""
+    [the engine process's (node ip, GPU ids, CPU cores)] + one (node ip, GPU ids) per worker it placed."""
 
     def workers(self) -> list:
         import os
@@ -58,9 +58,11 @@ class EngineProbe:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from megarl.runtime.device import pin_to_slot
         from megarl.trainers.rl.gangs import _Probe
 
-        here = _Probe().where()
+        pin_to_slot()   # as the engine actor does first (rollout/fleet.EngineActorImpl)
+        here = (*_Probe().where(), sorted(os.sched_getaffinity(0)))
         bundles = os.environ.get("VLLM_RAY_BUNDLE_INDICES")
         if not bundles:
             return [here]

@@ -82,8 +82,8 @@ def test_ray_puts_every_worker_where_the_map_says(mode, overrides):
     for engine, workers in zip(m.engines, out["engines"], strict=True):
         want = [str(slot_gpu[f"{s.node}:{s.device}"]) for s in engine]
         process, vllm_workers = workers[0], (workers[1:] if len(engine) > 1 else workers)
-        assert [ids for _, ids in vllm_workers] == [[g] for g in want]
-        assert {ip for ip, _ in workers} == {out["node_ip"]}
+        assert [w[1] for w in vllm_workers] == [[g] for g in want]
+        assert {w[0] for w in workers} == {out["node_ip"]}
         assert len(engine) == 1 or process[1] == []   # the engine process itself holds no GPU
     host, port = out["rendezvous"]
     assert host == out["node_ip"] and port > 0
@@ -91,6 +91,27 @@ def test_ray_puts_every_worker_where_the_map_says(mode, overrides):
         assert m.share(m.engines[0][0]) == pytest.approx(1 / 3)  # actor + reference + engine on GPU 0
     else:
         assert {s for e in m.engines for s in e}.isdisjoint(m.roles["actor"])
+
+
+def test_cpu_pinning_puts_each_process_on_its_slots_core():
+    """cluster.cpu_pinning on a CPU cluster: the actor rank on slot 0 runs on the first usable core,
+    the engine (separate) on slot 1 on the second, and without pinning neither is restricted."""
+    import os
+
+    from megarl.runtime.local_group import run_isolated
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 usable CPUs")
+    cores = sorted(os.sched_getaffinity(0))
+    layout = ["cluster.device=cpu", "cluster.gpus_per_node=2", "cluster.placement.mode=separate",
+              "cluster.placement.rollout_gpus=1"]
+    pinned = run_isolated("tests.launch.placement_checks:placement_checks",
+                          args=("configs/tiny/grpo_cpu.yaml", [*layout, "cluster.cpu_pinning=true"], 0), timeout=300)
+    assert [w["cores"] for w in pinned["roles"]["actor"]] == [[cores[0]]]
+    assert pinned["engines"][0][0][2] == [cores[1]]
+    free = run_isolated("tests.launch.placement_checks:placement_checks",
+                        args=("configs/tiny/grpo_cpu.yaml", layout, 0), timeout=300)
+    assert free["roles"]["actor"][0]["cores"] == cores and free["engines"][0][0][2] == cores
 
 
 def test_validate_refuses_an_unplaceable_recipe_by_name(capsys):

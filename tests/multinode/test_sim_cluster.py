@@ -39,8 +39,8 @@ def test_placement_across_three_nodes(sim):
             assert got["node_ip"] == sim.ip(slot.node + 1) and got["hostname"] == sim.name(slot.node + 1)
             assert got["local_rank"] == rank % 4 and got["gpu_ids"] == [got["visible_devices"]]
     workers = [w for engine in out["engines"] for w in engine[1:]]   # [0]: the engine process, no GPU
-    assert [ip for ip, _ in workers] == [sim.ip(3)] * 4 and all(engine[0][1] == [] for engine in out["engines"])
-    assert sorted(ids[0] for _, ids in workers) == ["0", "1", "2", "3"]
+    assert [w[0] for w in workers] == [sim.ip(3)] * 4 and all(engine[0][1] == [] for engine in out["engines"])
+    assert sorted(w[1][0] for w in workers) == ["0", "1", "2", "3"]
     host, port = out["rendezvous"]
     assert host == sim.ip(1) and port > 0
 

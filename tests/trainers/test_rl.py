@@ -181,16 +181,17 @@ def test_one_step_off_is_one_version_old_and_resumes_without_losing_a_prompt(rl_
 
 
 def test_async_keeps_the_staleness_bound_and_a_resume_loses_no_prompt(rl_setup):
-    """The producer generates while the trainer trains, syncs land between engine calls, no batch is
-    more than max_staleness=1 version old; stopped after 2 steps and resumed (the checkpoint holds
-    the buffer and the position before the round in flight), the run trains every prompt exactly
-    once, in the order the data sampler gives them (no drops under stale_policy wait)."""
+    """The producer generates (per-trajectory agent loop: turns streamed to the engine actor) while
+    the trainer trains, syncs land between engine calls, no batch is more than max_staleness=1
+    version old; stopped after 2 steps and resumed (the checkpoint holds the buffer and the
+    position before the round in flight), the run trains every prompt exactly once, in the order
+    the data sampler gives them (no drops under stale_policy wait)."""
     from megarl.data.sampler import EpochSampler
 
     root, model = rl_setup
     out = root / "async_resumed"
     _stop_and_resume(root, model, out, "--set", "trainer.rollout_mode=async",
-                     "--set", "algorithm.dynamic_sampling=false")
+                     "--set", "algorithm.dynamic_sampling=false", "--set", "rollout.multi_turn.loop=per_trajectory")
     assert os.path.isfile(out / "checkpoints" / "step_000002" / "driver" / "rollout_buffer.pkl")
     m = _metrics(out)
     assert sorted(m) == [1, 2, 3, 4]

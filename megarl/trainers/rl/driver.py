@@ -137,7 +137,7 @@ class RLDriver:
         r, init = self.recipe, self.inputs.init
         pmap = build_placement(r)
         start_ray(min_cpus=len(pmap.used_slots()))
-        self.placement = RayPlacement(pmap)
+        self.placement = RayPlacement(pmap, pin_cpus=r.cluster.cpu_pinning)
         print("\n".join(f"[{TAG}] placement: {line}" for line in pmap.lines()), flush=True)
         print(f"[{TAG}] nodes: " + ", ".join(f"{i}={ip}" for i, ip in enumerate(self.placement.node_ips)), flush=True)
         threads = threads_per_rank(r.derived.train_world_size, r.cluster.cpu_threads_per_rank)

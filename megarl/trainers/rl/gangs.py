@@ -49,11 +49,13 @@ class RayPlacement:
     or a logical CPU on CPU clusters), pinned to its node. Nodes are ordered with the driver's node
     first, then by address; on GPUs, a node's slots follow the GPU ids Ray reserved, in order."""
 
-    def __init__(self, pmap: PlacementMap, timeout_s: float = 600.0):
+    def __init__(self, pmap: PlacementMap, timeout_s: float = 600.0, pin_cpus: bool = False):
+        """`pin_cpus` (cluster.cpu_pinning, CPU clusters): every process is pinned to its slot's core."""
         import ray
         from ray.util.placement_group import placement_group
 
         self.map, self.gpu = pmap, pmap.accelerator == "gpu"
+        self.pin = pin_cpus and not self.gpu
         self.node_ips = _ordered_node_ips(pmap.nodes)
         slots = pmap.used_slots()
         unit = "GPU" if self.gpu else "CPU"
@@ -97,8 +99,12 @@ class RayPlacement:
     def options(self, slot: Slot, env: dict[str, str] | None = None) -> dict:
         """Ray actor options for one process on `slot`: its bundle, its share of the slot, and
         `env` (set before the process starts CUDA)."""
+        from megarl.runtime.device import PIN_ENV
+
         share = self.map.share(slot)
         resources = {"num_gpus": share, "num_cpus": 0} if self.gpu else {"num_cpus": share}
+        if self.pin:
+            env = {**(env or {}), PIN_ENV: str(slot.device)}
         extra = {"runtime_env": {"env_vars": env}} if env else {}
         return {"scheduling_strategy": self._strategy(self.bundle[slot]), **resources, **extra}
 
