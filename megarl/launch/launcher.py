@@ -145,11 +145,12 @@ def launch(recipe_path: str, overrides: list[str], dry_run: bool = False, start_
         for s, handler in previous.items():
             signal.signal(s, handler)
     if code == EXIT_CHECKPOINTED and signal.SIGUSR1 in received and nodes.slurm:
+        # said before: a successful requeue ends this batch script at once, often before a line after it
+        print(f"[launch] checkpointed; requeueing job {nodes.job_id} (it resumes from the checkpoint)", flush=True)
         out = subprocess.run(["scontrol", "requeue", nodes.job_id], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"[launch] checkpointed, but `scontrol requeue {nodes.job_id}` failed: {out.stderr.strip()}; "
                   "resubmit the script to continue (it resumes from the checkpoint)", file=sys.stderr, flush=True)
             return EXIT_CHECKPOINTED
-        print(f"[launch] checkpointed and requeued job {nodes.job_id}; it resumes from the checkpoint", flush=True)
         return 0
     return code

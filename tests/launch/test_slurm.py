@@ -135,7 +135,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes_like_an_uninter
         time.sleep(1)
     log = (root / "preempted.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log[-4000:]
-    assert "checkpointed and requeued job" in log and "resumed from" in log
+    assert "checkpointed; requeueing job" in log and "resumed from" in log
     got, want = _steps(run_dir), _steps(straight[1])
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for a, b in zip(got, want):

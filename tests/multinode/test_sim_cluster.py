@@ -135,7 +135,7 @@ def test_sbatch_on_three_nodes_requeues_on_usr1_and_resumes(sim, shared_inputs):
         time.sleep(1)
     text = log.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text[-4000:]
-    assert f"Slurm job {job_id}: 3 node(s)" in text and "checkpointed and requeued job" in text
+    assert f"Slurm job {job_id}: 3 node(s)" in text and "checkpointed; requeueing job" in text
     assert "resumed from" in text and "[rl] placement:   actor         ranks 0-3 on nodes 0-1, dev 0-1 each" in text
     assert [json.loads(line)["step"] for line in open(metrics)] == list(range(1, 31))
     assert (out / "hf" / "model.safetensors").is_file()
