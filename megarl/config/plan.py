@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megarl.config.errors import ConfigError, ConfigIssue
-from megarl.config.recipe import RL_STAGES, ModelShape, Recipe
+from megarl.config.recipe import RL_STAGES, ModelShape, Recipe, handoff
 from megarl.config.shapes import local_hf_config, shape_from_hf_config
 
 GiB = 1024**3
@@ -180,11 +180,6 @@ def _reward_model_role(r: Recipe) -> RoleMemory:
     m = _training_role(r, "reward_model", trainable=False, value_head=True, shape=shape)
     m.note += "" if local else " (shape assumed = the actor's: no config.json on this machine)"
     return m
-
-
-def handoff(r: Recipe) -> bool:
-    """Colocated RL on GPUs: the trainers and the engines take turns on each GPU."""
-    return r.stage in RL_STAGES and r.cluster.placement.mode == "colocated" and r.cluster.device != "cpu"
 
 
 def _idle(role: RoleMemory, state: str, params: float = 0.0, kv: float = 0.0) -> RoleMemory:

@@ -456,3 +456,9 @@ class Recipe:
     derived: Derived = field(default_factory=Derived)
     source: str = ""
     """The recipe file this came from."""
+
+
+def handoff(r: Recipe) -> bool:
+    """Colocated RL on GPUs: the trainers and the engines take turns on each GPU (the rule `megarl
+    plan` sizes memory by, validation refuses overlapping rollouts under, and the driver follows)."""
+    return r.stage in RL_STAGES and r.cluster.placement.mode == "colocated" and r.cluster.device != "cpu"

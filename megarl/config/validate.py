@@ -160,7 +160,7 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
 
 
 def _rollout_mode(r: Recipe, issues) -> None:
-    from megarl.config.plan import handoff
+    from megarl.config.recipe import handoff
 
     if r.cluster.cpu_pinning and r.cluster.device == "cuda":
         issues.add("cluster.cpu_pinning", "pins the processes of CPU slots; with GPUs each process has its own GPU")
