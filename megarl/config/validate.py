@@ -160,7 +160,7 @@ def _stage_groups(r: Recipe, issues: _Issues) -> None:
 
 
 def _rollout_mode(r: Recipe, issues) -> None:
-    from megarl.config.recipe import handoff
+    from megarl.config.recipe import TrainerConfig, handoff
 
     if r.cluster.cpu_pinning and r.cluster.device == "cuda":
         issues.add("cluster.cpu_pinning", "pins the processes of CPU slots; with GPUs each process has its own GPU")
@@ -178,8 +178,8 @@ def _rollout_mode(r: Recipe, issues) -> None:
             issues.add("algorithm.dynamic_sampling", "not built for rollout_mode async yet (the producer does not "
                        "refill uninformative groups); use sync or one_step_off, or turn dynamic sampling off")
     else:
-        for name, default in (("max_staleness", 1), ("stale_policy", "wait")):
-            if getattr(t, name) != default:
+        for name in ("max_staleness", "stale_policy"):
+            if getattr(t, name) != TrainerConfig.__dataclass_fields__[name].default:
                 issues.add(f"trainer.{name}", f"only used by rollout_mode async (this recipe runs {mode}); remove it")
 
 

@@ -177,7 +177,7 @@ class RLDriver:
             return phases.score_groups(self.recipe, prompts, groups, self.score)
 
         self.producer = AsyncRollouts(t.prompts_per_step, t.max_staleness, t.stale_policy, self.sampler,
-                                      lambda rows: [self.inputs.data[i] for i in rows], produce,
+                                      self.rows, produce,
                                       lambda: self.fleet.weight_version)
 
     def _engines(self):
@@ -343,7 +343,11 @@ class RLDriver:
 
     # ---- phases that call the gangs ----------------------------------------------------------
     def sampler_take(self, k: int) -> list:
-        return [self.inputs.data[i] for i in self.sampler.take(k)]
+        return self.rows(self.sampler.take(k))
+
+    def rows(self, indices: list[int]) -> list:
+        """The prompts at these dataset indices."""
+        return [self.inputs.data[i] for i in indices]
 
     def score(self, trajectories: list, metadata: list[dict]) -> list:
         from megarl.reward.functions import TrajectoryView

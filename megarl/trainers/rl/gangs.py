@@ -303,8 +303,8 @@ class Gang:
 
 def handoff_enabled(recipe: Recipe, gpu: bool) -> bool:
     """Colocated on GPUs: the trainer gangs and the engines share devices and take turns on them
-    (config.plan.handoff, the rule `megarl plan` sizes memory by), on the GPUs Ray actually gave."""
-    from megarl.config.plan import handoff
+    (config.recipe.handoff, the rule `megarl plan` sizes memory by), on the GPUs Ray actually gave."""
+    from megarl.config.recipe import handoff
 
     return gpu and handoff(recipe)
 
