@@ -174,9 +174,6 @@ def _rollout_mode(r: Recipe, issues) -> None:
         if t.max_staleness < 1:
             issues.add("trainer.max_staleness", f"async needs at least 1 (got {t.max_staleness}); 0 is rollout_mode "
                        "sync")
-        if r.algorithm is not None and r.algorithm.dynamic_sampling:
-            issues.add("algorithm.dynamic_sampling", "not built for rollout_mode async yet (the producer does not "
-                       "refill uninformative groups); use sync or one_step_off, or turn dynamic sampling off")
     else:
         for name in ("max_staleness", "stale_policy"):
             if getattr(t, name) != TrainerConfig.__dataclass_fields__[name].default:

@@ -184,22 +184,27 @@ def test_async_keeps_the_staleness_bound_and_a_resume_loses_no_prompt(rl_setup):
     """The producer generates (per-trajectory agent loop: turns streamed to the engine actor) while
     the trainer trains, syncs land between engine calls, no batch is more than max_staleness=1
     version old; stopped after 2 steps and resumed (the checkpoint holds the buffer and the
-    position before the round in flight), the run trains every prompt exactly once, in the order
-    the data sampler gives them (no drops under stale_policy wait)."""
+    position before the round in flight), the run uses each of the data sampler's first prompts
+    exactly once (no drops under stale_policy wait): trained or, with DAPO dynamic sampling on,
+    filtered out as uninformative."""
     from megarl.data.sampler import EpochSampler
 
     root, model = rl_setup
     out = root / "async_resumed"
     _stop_and_resume(root, model, out, "--set", "trainer.rollout_mode=async",
-                     "--set", "algorithm.dynamic_sampling=false", "--set", "rollout.multi_turn.loop=per_trajectory")
+                     "--set", "rollout.multi_turn.loop=per_trajectory")
     assert os.path.isfile(out / "checkpoints" / "step_000002" / "driver" / "rollout_buffer.pkl")
     m = _metrics(out)
     assert sorted(m) == [1, 2, 3, 4]
     assert all(m[s]["async/staleness_max"] <= 1 and m[s]["async/dropped_groups"] == 0 for s in m)
     assert all(m[s]["sync/verify_max_diff"] <= 1e-4 for s in m)
-    rows = [p["rows"] for p in map(json.loads, open(out / "prompts.jsonl"))]
-    order = [i + 1 for i in EpochSampler(64, seed=1234).take(16)]   # data.seed; rows are 1-based lines
-    assert rows == [order[i:i + 4] for i in (0, 4, 8, 12)]
+    assert all("dynamic_sampling/rounds" in m[s] and "async/filtered_groups" in m[s] for s in m)
+    assert all(m[s]["timing/engine_generate_s"] > 0 for s in m)    # the producer's engine time, per batch
+    prompts = list(map(json.loads, open(out / "prompts.jsonl")))
+    assert [len(p["rows"]) for p in prompts] == [4] * 4
+    used = [r for p in prompts for r in p["rows"] + p.get("filtered_rows", [])]
+    order = [i + 1 for i in EpochSampler(64, seed=1234).take(len(used))]   # data.seed; rows are 1-based lines
+    assert sorted(used) == sorted(order)
 
 
 def _engine_processes_of(driver_pid: int) -> list[int]:

@@ -6,6 +6,7 @@ and the gate that gives the trainer the engines between two engine calls."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from types import SimpleNamespace
@@ -45,13 +46,19 @@ def wait_until(condition, timeout=10.0):
         time.sleep(0.002)
 
 
-def train(producer: AsyncRollouts, engines: FakeEngines, steps: range, settle) -> list[tuple[list[int], list[int]]]:
+def train(producer: AsyncRollouts, engines: FakeEngines, steps: range, settle,
+          looked: list | None = None) -> list[tuple[list[int], list[int]]]:
     """Per step: (rows, version lags) of the batch taken; after each take, `settle()` waits for the
-    producer to reach a quiet point, then the weights move to the next version."""
+    producer to reach a quiet point, then the weights move to the next version. `looked` gets the
+    rows each step looked at (trained or filtered by dynamic sampling) in the order they were sampled."""
     out = []
     for step in steps:
-        batch, metrics = producer.take(step)
-        out.append(([b.group.prompt.row for b in batch], [step - b.min_version for b in batch]))
+        taken, metrics = producer.take(step)
+        out.append(([b.group.prompt.row for b in taken.groups], [step - b.min_version for b in taken.groups]))
+        assert metrics["async/filtered_groups"] == len(taken.filtered)
+        if looked is not None:
+            seen = sorted(taken.groups + taken.filtered, key=lambda b: b.group.order)
+            looked.append([b.group.prompt.row for b in seen])
         settle()
         engines.version = step + 1
         producer.weights_updated()
@@ -165,3 +172,45 @@ def test_a_producer_error_reaches_the_trainer():
     producer.start()
     with pytest.raises(ConnectionError, match="engine 0 died"):
         producer.take(0)
+
+
+def test_dynamic_sampling_takes_informative_groups_within_the_bound_and_loses_no_prompt():
+    """DAPO in async mode: a step takes groups until it has PER_ROUND informative ones or has looked
+    at (1 + dynamic_rounds) rounds' worth. It may need several rounds, so the admission rule must
+    let rounds past `step + bound` start (AReaL's `round - bound` rule deadlocks here) while no
+    group is trained more than `bound` versions after it was sampled."""
+    engines, rounds, sampled = FakeEngines(), 2, itertools.count()
+    informative = lambda row: row % 3 == 0  # noqa: E731 - about a third of the groups carry a signal
+    plain = engines.produce
+
+    def produce(round_, prompts):
+        groups = plain(round_, prompts)
+        for g in groups:
+            g.informative, g.order = informative(g.prompt.row), next(sampled)
+        return groups
+
+    producer = AsyncRollouts(PER_ROUND, 1, "wait", EpochSampler(1000, seed=0),
+                             lambda rows: [SimpleNamespace(row=r) for r in rows], produce, lambda: engines.version,
+                             dynamic_rounds=rounds)
+    producer.start()
+    steps, looked = [], []
+    settle = lambda: time.sleep(0.01)  # noqa: E731
+    worker = threading.Thread(target=lambda: steps.extend(train(producer, engines, range(15), settle, looked)))
+    worker.start()
+    worker.join(30)
+    producer.stop()
+    assert not worker.is_alive(), "the trainer waited for a round the admission rule never started"
+    assert len(steps) == 15
+    for kept, lags in steps:
+        assert len(kept) == PER_ROUND and max(lags) <= 1
+    # informative groups first; set-aside ones fill the batch only after the step looked at its limit
+    for kept, _ in steps:
+        assert [informative(r) for r in kept] == sorted((informative(r) for r in kept), reverse=True)
+    assert any(not informative(r) for kept, _ in steps for r in kept)
+    assert any(len(x) > PER_ROUND for x in looked)
+    assert all(len(x) <= PER_ROUND * (1 + rounds) for x in looked)
+    # every prompt the data gave was trained or filtered, once, in the data's order
+    used = [r for x in looked for r in x]
+    assert used == EpochSampler(1000, seed=0).take(len(used))
+    assert producer.dropped == 0
+

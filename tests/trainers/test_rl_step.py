@@ -88,6 +88,7 @@ def test_dynamic_sampling_refills_uninformative_groups_with_fresh_prompts(tmp_pa
                                   score_by(lambda i, j: float(j) if i % 2 == 0 else 1.0))
     assert [g.prompt.metadata["id"] for g in out.groups] == [0, 2]
     assert out.rounds == 1 and prompts.taken == [0, 1, 2]
+    assert [g.prompt.metadata["id"] for g in out.filtered] == [1]   # used, left out (prompts.jsonl's filtered_rows)
     assert calls[1].seed == calls[0].seed + 1000      # a refill round samples with another seed
     assert out.first_round_informative == 0.5
 
@@ -98,6 +99,7 @@ def test_dynamic_sampling_pads_with_uninformative_groups_when_rounds_run_out(tmp
     out = phases.collect_rollouts(r, 0, prompts.take, fake_generate([]), score_by(lambda i, j: 1.0))
     assert len(out.groups) == 2 and out.rounds == 1 and prompts.taken == [0, 1, 2, 3]
     assert not any(g.informative for g in out.groups)
+    assert [g.prompt.metadata["id"] for g in out.groups + out.filtered] == [0, 1, 2, 3]
 
 
 def test_overlong_shaping_penalises_long_responses(tmp_path):

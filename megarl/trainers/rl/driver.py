@@ -176,9 +176,11 @@ class RLDriver:
             groups = agent.run([p.prompt_ids for p in prompts], phases.sampling_for(self.recipe, round_))
             return phases.score_groups(self.recipe, prompts, groups, self.score)
 
+        a = self.recipe.algorithm
         self.producer = AsyncRollouts(t.prompts_per_step, t.max_staleness, t.stale_policy, self.sampler,
-                                      self.rows, produce,
-                                      lambda: self.fleet.weight_version)
+                                      self.rows, produce, lambda: self.fleet.weight_version, self.step_count,
+                                      a.dynamic_sampling_max_rounds if a.dynamic_sampling else None,
+                                      lambda: self.fleet.engine_seconds)
 
     def _engines(self):
         """The engines to the driver's thread alone (weight sync, evaluation): in async mode the
@@ -201,6 +203,7 @@ class RLDriver:
         self.sampler = EpochSampler.from_state(len(self.inputs.data), d.seed, d.shuffle, state["sampler"])
         if self.producer is not None:   # its rounds count steps (the admission rule), unless its buffer says more
             self.producer.sampler, self.producer.rounds = self.sampler, self.step_count
+            self.producer.next_step = self.step_count
         self.kl_ctl.load_state_dict(state["kl"])
         ahead = os.path.join(path, "driver", AHEAD_FILE)
         if os.path.exists(ahead):   # generated before the checkpoint, not trained on yet: trained on next
@@ -297,7 +300,7 @@ class RLDriver:
                                               ("values", self.critic is not None)) if ran)
         flops_m = phases.flops_metrics(self.inputs.hf_cfg, batch, r.algorithm.ppo_epochs, passes)
         lag_m = {**phases.staleness_metrics(batch, rollouts.trajectories, version, produced.seconds, ahead), **async_m}
-        self._record_prompts(rollouts, batch)
+        self._record_prompts(rollouts)
         return phases.step_metrics(batch, rollouts, timings, entropy, reward_m, update_m, logprob_m, plan.metrics,
                                    sync_m, flops_m, lag_m,
                                    generate_seconds=produced.seconds - rollouts.reward_seconds), rollouts
@@ -313,9 +316,8 @@ class RLDriver:
                 produced = self.ahead.take(step)
         elif self.producer is not None:
             with timer.phase("rollout_wait"):
-                buffered, metrics = self.producer.take(step)
-            seconds = sum(b.seconds for b in buffered) / len(buffered)   # each round makes one batch's worth
-            produced = Produced(step, phases.Rollouts([b.group for b in buffered]), seconds, 0.0)
+                taken, metrics = self.producer.take(step)
+            produced = self._from_buffer(step, taken)
         ahead = produced is not None
         if not ahead:
             with timer.phase("rollout"):
@@ -324,6 +326,18 @@ class RLDriver:
             self.ahead.start(step + 1)
         return produced, ahead, metrics
 
+    @staticmethod
+    def _from_buffer(step: int, taken) -> Produced:
+        """The async producer's groups as a step's rollouts; generation time = the rounds' worth
+        looked at (each round made one batch's worth)."""
+        looked = taken.groups + taken.filtered
+        rounds = len(looked) / len(taken.groups)
+        seconds = rounds * sum(b.seconds for b in looked) / len(looked)
+        engine_seconds = rounds * sum(b.engine_seconds for b in looked) / len(looked)
+        rollouts = phases.Rollouts([b.group for b in taken.groups], taken.rounds, taken.first_round_informative,
+                                   filtered=[b.group for b in taken.filtered])
+        return Produced(step, rollouts, seconds, engine_seconds)
+
     def produce(self, step: int) -> Produced:
         """Step `step`'s rollouts with their rewards (in the driver's thread, or in `self.ahead`'s)."""
         t0, engine_before = time.perf_counter(), self.fleet.engine_seconds
@@ -331,15 +345,17 @@ class RLDriver:
             rollouts = phases.collect_rollouts(self.recipe, step, self.sampler_take, self.agent.run, self.score)
         return Produced(step, rollouts, time.perf_counter() - t0, self.fleet.engine_seconds - engine_before)
 
-    def _record_prompts(self, rollouts, batch) -> None:
+    def _record_prompts(self, rollouts) -> None:
         """prompts.jsonl: the data rows each step trained on and the weight version that sampled each
         (audits that a resumed or asynchronous run neither drops nor repeats a prompt)."""
         import json
 
-        starts = [batch.group_ids.tolist().index(g) for g in range(len(rollouts.groups))]
+        record = {"step": self.step_count, "rows": [g.prompt.row for g in rollouts.groups],
+                  "weight_versions": [phases.oldest_version(g.trajectories) for g in rollouts.groups]}
+        if rollouts.filtered:   # dynamic sampling used these prompts and left their groups out
+            record["filtered_rows"] = [g.prompt.row for g in rollouts.filtered]
         with open(os.path.join(self.recipe.trainer.output_dir, PROMPTS_FILE), "a") as f:
-            f.write(json.dumps({"step": self.step_count, "rows": [g.prompt.row for g in rollouts.groups],
-                                "weight_versions": [batch.weight_versions[i] for i in starts]}) + "\n")
+            f.write(json.dumps(record) + "\n")
 
     # ---- phases that call the gangs ----------------------------------------------------------
     def sampler_take(self, k: int) -> list:

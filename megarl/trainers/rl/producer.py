@@ -12,13 +12,22 @@ the engine's per-token log-probs) sees exactly which policy sampled each token.
 
 A group trained at weight version V is V − (the oldest version that sampled any of its tokens)
 versions stale; `trainer.max_staleness` bounds it (`trainer.stale_policy`):
-- wait: round r starts only once the engines hold version ≥ r − max_staleness. Round r is trained
-  at step r, so no group ever exceeds the bound and none is dropped (AReaL's admission rule: Fu et
-  al. 2025, "AReaL: A Large-Scale Asynchronous Reinforcement Learning System", arXiv:2505.24298).
+- wait: a round starts only once the engines hold version ≥ (the latest step that can train it) −
+  max_staleness, so no group ever exceeds the bound and none is dropped. Without dynamic sampling
+  every step takes one round, round r is trained at step r, and this is AReaL's admission rule
+  (round r waits for version r − max_staleness: Fu et al. 2025, "AReaL: A Large-Scale Asynchronous
+  Reinforcement Learning System", arXiv:2505.24298); with it a step may take several rounds, and
+  the latest step that can train a group follows from the groups queued before it (`_latest_step`).
 - drop: the producer runs ahead up to the buffer's capacity; the trainer drops groups over the
   bound (counted in `async/dropped_groups`) and their prompts are generated again, so no prompt is
   lost.
 Either way the buffer holds at most (max_staleness + 1) rounds.
+
+DAPO dynamic sampling (`algorithm.dynamic_sampling`): the trainer keeps the groups whose rewards
+differ and sets the others aside, taking groups until it has prompts_per_step informative ones or
+has looked at (1 + dynamic_sampling_max_rounds) rounds' worth; then set-aside groups fill the batch
+(zero advantage), as in a synchronous step, and the rest are reported as filtered (their prompts
+were used, in prompts.jsonl's `filtered_rows`).
 
 Checkpoints: `snapshot()` is the finished groups in the buffer (with their versions), the prompts
 waiting to be generated again, and the data position from before the round in flight, whose
@@ -34,6 +43,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from megarl.trainers.rl.step import oldest_version
 
 FILE = "rollout_buffer.pkl"   # in a checkpoint's driver/ directory
 FORMAT = 1
@@ -111,16 +122,34 @@ class BufferedGroup:
     round: int           # the production round (its sampling seed)
     min_version: int     # the oldest weights that sampled any of its tokens
     seconds: float       # wall time of its round (generation and rewards)
+    engine_seconds: float = 0.0   # the busiest engine's time generating its round
+
+
+@dataclass
+class Taken:
+    """One step's groups from the buffer (trained in this order) and what dynamic sampling did."""
+
+    groups: list[BufferedGroup]
+    filtered: list[BufferedGroup]      # looked at, not informative, not needed to fill the batch
+    rounds: int = 0                    # extra rounds' worth looked at (0: the first round sufficed)
+    first_round_informative: float = 1.0
 
 
 class AsyncRollouts:
     def __init__(self, per_round: int, max_staleness: int, policy: str, sampler, rows: Callable[[list[int]], list],
-                 produce: Callable[[int, list], list], engine_version: Callable[[], int]):
+                 produce: Callable[[int, list], list], engine_version: Callable[[], int], next_step: int = 0,
+                 dynamic_rounds: int | None = None, engine_clock: Callable[[], float] = lambda: 0.0):
         """`produce(round, prompts)` -> scored groups (runs in the producer thread);
-        `rows(indices)` -> prompts; `engine_version()` -> the weights the engines hold."""
+        `rows(indices)` -> prompts; `engine_version()` -> the weights the engines hold; `next_step`
+        -> the step the trainer takes groups for next; `dynamic_rounds` -> DAPO dynamic sampling's
+        extra rounds (None: off); `engine_clock()` -> the engines' generating seconds so far."""
         self.per_round, self.bound, self.policy = per_round, max_staleness, policy
+        self.dynamic_rounds = dynamic_rounds
         self.capacity = (max_staleness + 1) * per_round
+        self.next_step = next_step     # the step whose batch the trainer takes next (or is taking)
+        self.still_needed = per_round  # groups that step certainly takes before it can end
         self.sampler, self._rows, self._produce, self._engine_version = sampler, rows, produce, engine_version
+        self._engine_clock = engine_clock
         self.buffer: deque[BufferedGroup] = deque()
         self.requeue: list = []
         self.rounds = 0
@@ -140,7 +169,16 @@ class AsyncRollouts:
     def _admitted(self) -> bool:
         if len(self.buffer) + self.per_round > self.capacity:
             return False
-        return self.policy == "drop" or self._engine_version() >= self.rounds - self.bound
+        return self.policy == "drop" or self._engine_version() >= self._latest_step() - self.bound
+
+    def _latest_step(self) -> int:
+        """The latest step that can train the last group of a round started now: the step being
+        taken takes at least the groups it still needs, every later step at least a round's worth
+        (more when dynamic sampling sets groups aside, which only makes a group's step earlier)."""
+        ahead = len(self.buffer) + self.per_round - 1          # groups queued before the round's last
+        if ahead < self.still_needed:
+            return self.next_step
+        return self.next_step + 1 + (ahead - self.still_needed) // self.per_round
 
     def _run(self) -> None:
         try:
@@ -153,12 +191,12 @@ class AsyncRollouts:
                     if self._stop:
                         return
                     r, prompts = self.rounds, self._take_prompts()
-                t0 = time.perf_counter()
+                t0, engine0 = time.perf_counter(), self._engine_clock()
                 groups = self._produce(r, prompts)
-                seconds = time.perf_counter() - t0
+                seconds, engine_seconds = time.perf_counter() - t0, self._engine_clock() - engine0
                 with self._cond:
-                    self.buffer.extend(BufferedGroup(g, r, min(min(x.weight_versions) for x in g.trajectories),
-                                                     seconds) for g in groups)
+                    self.buffer.extend(BufferedGroup(g, r, oldest_version(g.trajectories), seconds, engine_seconds)
+                                       for g in groups)
                     self.rounds, self._inflight = r + 1, None
                     self._cond.notify_all()
         except BaseException as e:  # noqa: BLE001 - raised in the trainer's thread by take()
@@ -174,13 +212,17 @@ class AsyncRollouts:
         return again + self._rows(self.sampler.take(self.per_round - len(again)))
 
     # ---- trainer --------------------------------------------------------------------------------
-    def take(self, trainer_version: int) -> tuple[list[BufferedGroup], dict[str, float]]:
-        """prompts_per_step groups no more than max_staleness versions old (waiting for them) ->
-        (them, async/* metrics)."""
-        out: list[BufferedGroup] = []
+    def take(self, trainer_version: int) -> tuple[Taken, dict[str, float]]:
+        """prompts_per_step groups no more than max_staleness versions old (waiting for them;
+        informative ones first under dynamic sampling) -> (them, async/* metrics)."""
+        kept: list[BufferedGroup] = []
+        spare: list[BufferedGroup] = []
+        looked, first_informative = 0, 0
+        limit = self.per_round * (1 + (self.dynamic_rounds or 0))
         with self._cond:
             t0, dropped_before = time.perf_counter(), self.dropped
-            while len(out) < self.per_round:
+            self.next_step, self.still_needed = trainer_version, self.per_round
+            while len(kept) < self.per_round and looked < limit:
                 while not self.buffer and self._error is None:
                     self._cond.wait()
                 if self._error is not None:
@@ -189,15 +231,28 @@ class AsyncRollouts:
                 if trainer_version - b.min_version > self.bound:
                     self.dropped += 1
                     self.requeue.append(b.group.prompt)
+                    self._cond.notify_all()
                     continue
-                out.append(b)
+                informative = self.dynamic_rounds is None or b.group.informative
+                if informative and looked < self.per_round:
+                    first_informative += 1
+                looked += 1
+                (kept if informative else spare).append(b)
+                # the groups this step still takes for certain: until it has enough or has looked at its limit
+                self.still_needed = min(self.per_round - len(kept), limit - looked)
+                self._cond.notify_all()
+            fill = self.per_round - len(kept)
+            taken = Taken(kept + spare[:fill], spare[fill:], -(-looked // self.per_round) - 1,
+                          first_informative / self.per_round)
+            self.next_step, self.still_needed = trainer_version + 1, self.per_round
             self._cond.notify_all()
             metrics = {"async/trainer_wait_s": time.perf_counter() - t0, "async/buffer_groups": float(len(self.buffer)),
                        "async/buffer_fill": len(self.buffer) / self.capacity,
                        "async/dropped_groups": float(self.dropped - dropped_before),
+                       "async/filtered_groups": float(len(taken.filtered)),
                        "async/producer_idle_s": self.producer_idle_s}
             self.producer_idle_s = 0.0
-        return out, metrics
+        return taken, metrics
 
     def weights_updated(self) -> None:
         """The engines hold new weights: a round waiting for them may start."""

@@ -43,6 +43,7 @@ class Rollouts:
     rounds: int = 0
     first_round_informative: float = 1.0
     reward_seconds: float = 0.0
+    filtered: list[Group] = field(default_factory=list)   # sampled, left out by dynamic sampling
 
     @property
     def trajectories(self) -> list:
@@ -112,8 +113,15 @@ def collect_rollouts(recipe: Recipe, step: int, take: Callable[[int], list], gen
             break
         out.rounds += 1
         candidates = take(short)
-    out.groups = (kept + spare[:max(0, want - len(kept))])[:want]
+    fill = max(0, want - len(kept))
+    out.groups, out.filtered = (kept + spare[:fill])[:want], kept[want:] + spare[fill:]
     return out
+
+
+def oldest_version(trajectories: list) -> int:
+    """The oldest weight version that sampled any token of these trajectories (a group's staleness
+    is measured from it)."""
+    return min(min(x.weight_versions) for x in trajectories)
 
 
 def score_groups(recipe: Recipe, prompts: list, groups: list[list], score: Callable) -> list[Group]:
