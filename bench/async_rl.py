@@ -4,7 +4,12 @@ per-trajectory agent loop vs the lock-step one, on this machine.
 1. The demo's GRPO (configs/tiny/grpo_cpu.yaml, from the demo's SFT model) in each rollout mode,
    with the training rank and the engine on separate CPU slots pinned to different cores
    (`cluster.cpu_pinning`; placement separate: one actor rank on core 0, the engine on core 1), as
-   separate GPU pools would be: the same number of steps and samples each. Step time = median
+   separate GPU pools would be: the same number of steps and samples each. By default the
+   calculator is a remote service answering after `--tool-latency` 4 s (an agentic workload: a
+   search API or an execution service, waited on without using the machine; every conversation's
+   call in flight at once), so that rollouts are about half of a synchronous step, as generation is
+   in RL on GPUs; `--tool-latency 0` is the demo's local calculator, where rollouts are a small part
+   of the step. Conversations advance per trajectory (`--loop`). Step time = median
    `timing/step_s` after the first 2 steps; success = held-out task success (eval/task) after the
    last step, on the same held-out prompts.
 2. The agent loop alone on a workload whose conversations need 1 to 4 tool turns: a real vLLM
@@ -13,14 +18,15 @@ per-trajectory agent loop vs the lock-step one, on this machine.
    is scripted (conversation i calls the tool i % 4 times, then answers) so both schedules do the
    same work. Trajectories per second, best of `--repeats`.
 
-    python bench/async_rl.py [--steps 20] [--eval-prompts 256] [--conversations 64]
+    python bench/async_rl.py [--steps 10] [--tool-latency 4] [--eval-prompts 256] [--conversations 64]
 
 Last stdout line: {"sync_step_s": S, "one_step_off_step_s": O, "async_step_s": A,
 "async_vs_sync": A/S, "one_step_off_vs_sync": O/S, "success_sync": x, "success_one_step_off": z,
 "success_async": y, "samples": N, "agent_loop_speedup": P, "sync_generate_s": G,
-"overlap_bound_vs_sync": max(G, S-G)/S, ...}: overlapping generation with training can at best bring
-a step down to the longer of the two, so A/S is bounded below by overlap_bound_vs_sync. Needs the demo's SFT model
-(runs/tiny/sft/hf); without it the demo's SFT phase runs first (`examples/demo.py --sft-only`, ~4 min).
+"overlap_bound_vs_sync": max(G, S-G)/S, "tool_latency_s": L, "bench_seconds": T, ...}: overlapping
+generation with training can at best bring a step down to the longer of the two, so A/S is bounded
+below by overlap_bound_vs_sync. Needs the demo's SFT model (runs/tiny/sft/hf); without it the demo's
+SFT phase runs first (`examples/demo.py --sft-only`, ~4-7 min, not counted in bench_seconds).
 """
 
 from __future__ import annotations
@@ -41,13 +47,45 @@ SFT_MODEL = "runs/tiny/sft/hf"
 MODES = ("sync", "one_step_off", "async")
 
 
+class RemoteCalculator:
+    """The calculator as a remote service: each call answers after `latency_s` (a network round
+    trip and a queue, as a search API or an execution service has), using no CPU meanwhile."""
+
+    def __init__(self, latency_s: float):
+        self.latency_s = latency_s
+
+    def __call__(self, expression: str) -> str:
+        from megarl.rollout.tools.builtin import calculator
+
+        time.sleep(self.latency_s)
+        return calculator(expression)
+
+
+def remote_tools(work: str, latency_s: float) -> str:
+    """configs/tools/calculator.yaml with the calculator behind `latency_s` of latency, taking
+    every conversation's call at once (an evaluation's too)."""
+    import yaml
+
+    with open(os.path.join(ROOT, "configs/tools/calculator.yaml")) as f:
+        spec = yaml.safe_load(f)
+    spec["tools"][0].update(callable="bench.async_rl:RemoteCalculator", options={"latency_s": latency_s},
+                            timeout_s=latency_s + 5, max_concurrency=1024)
+    path = os.path.join(work, "remote_tools.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(spec, f)
+    return path
+
+
 def grpo(work: str, mode: str, args) -> list[dict]:
     out = os.path.join(work, mode)
     sets = ["trainer.resume=never", "trainer.existing_run=overwrite", f"trainer.output_dir={out}",
             f"trainer.steps={args.steps}", f"trainer.eval_freq={args.steps}", "trainer.save_freq=0",
             "optim.warmup_steps=3", f"data.eval={work}/eval.jsonl", "logging.sinks=[jsonl]",
             "cluster.gpus_per_node=2", "cluster.placement.mode=separate", "cluster.placement.rollout_gpus=1",
-            "cluster.cpu_pinning=true", "cluster.cpu_threads_per_rank=1", f"trainer.rollout_mode={mode}"]
+            "cluster.cpu_pinning=true", "cluster.cpu_threads_per_rank=1", f"trainer.rollout_mode={mode}",
+            f"rollout.multi_turn.loop={args.loop}"]
+    if args.tool_latency:
+        sets.append(f"rollout.multi_turn.tools={remote_tools(work, args.tool_latency)}")
     cmd = [sys.executable, "-m", "megarl.cli", "train", "configs/tiny/grpo_cpu.yaml"]
     for s in sets:
         cmd += ["--set", s]
@@ -120,11 +158,16 @@ def agent_loop_rates(model: str, conversations: int, repeats: int) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--eval-prompts", type=int, default=256)
     parser.add_argument("--conversations", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--agent-loop-only", action="store_true")
+    parser.add_argument("--modes", default=",".join(MODES), help="rollout modes to run (comma-separated)")
+    parser.add_argument("--tool-latency", type=float, default=4.0,
+                        help="seconds each calculator call waits (a remote tool); 0: the demo's local calculator")
+    parser.add_argument("--loop", default="per_trajectory", choices=("lock_step", "per_trajectory"),
+                        help="rollout.multi_turn.loop of the GRPO runs")
     args = parser.parse_args()
     os.chdir(ROOT)
     if len(os.sched_getaffinity(0)) < 2:
@@ -134,11 +177,12 @@ def main() -> None:
         subprocess.run([sys.executable, "examples/demo.py", "--sft-only"], check=True)
 
     out: dict = {}
+    t0 = time.time()
     if not args.agent_loop_only:
         work = tempfile.mkdtemp(prefix="megarl-bench-async-")
         with open("runs/tiny/data/rl_eval.jsonl") as f, open(os.path.join(work, "eval.jsonl"), "w") as g:
             g.writelines(line for _, line in zip(range(args.eval_prompts), f))
-        for mode in MODES:
+        for mode in args.modes.split(","):
             rows = [r for r in grpo(work, mode, args) if "timing/step_s" in r]
             final = [r for r in grpo_rows_with_eval(work, mode) if r["step"] == args.steps][0]
             out[f"{mode}_step_s"] = round(statistics.median(r["timing/step_s"] for r in rows[2:]), 3)
@@ -149,13 +193,16 @@ def main() -> None:
                 out["sync_generate_s"] = round(gen, 3)
                 # what overlapping the two can give at best: a step as long as the longer of them
                 out["overlap_bound_vs_sync"] = round(max(gen, out["sync_step_s"] - gen) / out["sync_step_s"], 3)
-        out["async_vs_sync"] = round(out["async_step_s"] / out["sync_step_s"], 3)
-        out["one_step_off_vs_sync"] = round(out["one_step_off_step_s"] / out["sync_step_s"], 3)
+        for mode in ("async", "one_step_off"):
+            if f"{mode}_step_s" in out and "sync_step_s" in out:
+                out[f"{mode}_vs_sync"] = round(out[f"{mode}_step_s"] / out["sync_step_s"], 3)
         out["samples"] = args.steps * 64
+        out["tool_latency_s"], out["agent_loop"] = args.tool_latency, args.loop
         out["eval_prompts"] = args.eval_prompts
     rates = agent_loop_rates(SFT_MODEL, args.conversations, args.repeats)
     out["agent_loop_trajectories_per_s"] = {k: round(v, 2) for k, v in rates.items()}
     out["agent_loop_speedup"] = round(rates["per_trajectory"] / rates["lock_step"], 3)
+    out["bench_seconds"] = round(time.time() - t0)
     print(json.dumps(out))
 
 

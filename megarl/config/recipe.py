@@ -93,7 +93,10 @@ class MultiTurnConfig:
     """lock_step: every conversation advances one turn at a time together (one engine call per turn
     for the batch); per_trajectory: each conversation's next turn goes to the engine as soon as its
     tool results are back, turns of all conversations batched continuously, tool calls concurrent.
-    The same tokens either way (rollout/agent.py)."""
+    The same tokens either way (rollout/agent.py). lock_step is the default because its engine
+    batches do not depend on timing, so a run repeats exactly and resumes bitwise; per_trajectory's
+    engine log-probs depend on which turns share an engine step (within 1e-5); it is the faster
+    loop where tool calls take time."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ observations): under asynchronous RL a weight sync may land between two turns of
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -30,6 +31,8 @@ from megarl.data.render import render_tool_observation
 from megarl.rollout.engine import SamplingConfig
 from megarl.rollout.tool_parser import get_parser
 from megarl.rollout.tools import ToolExecutor
+
+MAX_CONVERSATION_THREADS = 1024   # per_trajectory: conversations between two turns at once
 
 
 @dataclass
@@ -103,6 +106,11 @@ class AgentLoop:
     async def _run_each(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Trajectory]]:
         groups = [[Trajectory(list(p)) for _ in range(sampling.n)] for p in prompt_ids]
         turn = self._turn_sampling(sampling)
+        # a thread per conversation between turns (they mostly wait on a tool): asyncio's default of
+        # cpu_count + 4 threads would let only that many conversations call tools at once
+        threads = min(MAX_CONVERSATION_THREADS, len(prompt_ids) * sampling.n)
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="megarl-conversation"))
 
         async def conversation(key: int, t: Trajectory, comp) -> None:
             # tools (and the parsing) in a worker thread: other conversations go on meanwhile

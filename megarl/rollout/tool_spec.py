@@ -6,6 +6,7 @@
         parameters: {type: object, properties: {expression: {type: string}}, required: [expression]}
         callable: megarl.rollout.tools.builtin:calculator
         timeout_s: 5
+        max_concurrency: 4     # calls of this tool running at once (raise it for a remote service)
 
 `callable` may name a class: it is constructed once with `options` (settings the model never sees,
 e.g. a sandbox's limits) and then called with the model's arguments.
@@ -30,6 +31,9 @@ class ToolSpec:
     callable: str
     timeout_s: float = 10.0
     options: dict = field(default_factory=dict)
+    # calls running at once: a local tool (a sandbox process) competes for the machine's cores, so
+    # few; a tool that waits on a remote service (search, an execution service) can take many
+    max_concurrency: int = 4
 
     def openai_schema(self) -> dict:
         """What the chat template shows the model."""
@@ -49,7 +53,8 @@ def load_tool_specs(path: str) -> list[ToolSpec]:
         where = f"{path}: tools[{i}]"
         if not isinstance(item, dict):
             raise ToolSpecError(f"{where}: expected a mapping")
-        unknown = set(item) - {"name", "description", "parameters", "callable", "timeout_s", "options"}
+        unknown = set(item) - {"name", "description", "parameters", "callable", "timeout_s", "options",
+                               "max_concurrency"}
         if unknown:
             raise ToolSpecError(f"{where}: unknown keys {sorted(unknown)}")
         for key in ("name", "description", "callable"):
@@ -67,9 +72,12 @@ def load_tool_specs(path: str) -> list[ToolSpec]:
         if clash:
             raise ToolSpecError(f"{where}.options: {clash} are also model-visible parameters; a setting is one or "
                                 "the other")
+        concurrency = item.get("max_concurrency", 4)
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise ToolSpecError(f"{where}.max_concurrency: expected a whole number ≥ 1, got {concurrency!r}")
         if item["name"] in seen:
             raise ToolSpecError(f"{where}.name: tool {item['name']!r} is declared twice")
         seen.add(item["name"])
         specs.append(ToolSpec(item["name"], item["description"], params, item["callable"],
-                              float(item.get("timeout_s", 10.0)), options))
+                              float(item.get("timeout_s", 10.0)), options, concurrency))
     return specs

@@ -1,5 +1,6 @@
 """Tool parsing, tools, and the multi-turn agent loop (token in / token out)."""
 
+import dataclasses
 import json
 import time
 
@@ -120,6 +121,11 @@ def test_tool_yaml_is_validated(tmp_path):
     bad.write_text("tools:\n  - {name: x, description: d, callable: nomodule}\n")
     with pytest.raises(ToolSpecError, match=r"tools\[0\].callable: expected 'module.path:function'"):
         load_tool_specs(str(bad))
+    bad.write_text("tools:\n  - {name: x, description: d, callable: a:b, max_concurrency: 0}\n")
+    with pytest.raises(ToolSpecError, match=r"tools\[0\].max_concurrency: expected a whole number ≥ 1, got 0"):
+        load_tool_specs(str(bad))
+    bad.write_text("tools:\n  - {name: x, description: d, callable: a:b, max_concurrency: 64}\n")
+    assert load_tool_specs(str(bad))[0].max_concurrency == 64
 
 
 class ScriptedEngine:
@@ -280,3 +286,33 @@ def test_per_trajectory_loop_gives_exactly_the_lock_step_tokens(tiny_hf_models):
 def test_loop_schedule_is_checked():
     with pytest.raises(ValueError, match="agent loop 'batched': expected lock_step or per_trajectory"):
         AgentLoop(None, type("T", (), {"eos_token_id": 0})(), loop="batched")
+
+
+class Meeting:
+    """A calculator every caller of which waits until `parties` calls are in it at once (a remote
+    service's latency, as concurrent callers see it); fewer at once -> the call fails."""
+
+    def __init__(self, parties: int):
+        import threading
+
+        self.barrier = threading.Barrier(parties, timeout=10)
+
+    def __call__(self, expression: str) -> str:
+        self.barrier.wait()
+        return calculator(expression)
+
+
+def test_per_trajectory_tool_calls_run_at_once_up_to_the_tools_max_concurrency(tiny_hf_models):
+    """16 conversations call a tool that waits on a remote service: with max_concurrency 16 all 16
+    calls are in flight together (the loop's threads and the tool's pool both let them through)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_models["qwen2"])
+    prompts = [render_prompt(tok, [{"role": "user", "content": f"question {i}"}], [CALCULATOR]) for i in range(16)]
+    spec = dataclasses.replace(CALC_SPEC, callable="tests.rollout.test_agent_loop:Meeting", options={"parties": 16},
+                               max_concurrency=16, timeout_s=15)
+    loop = AgentLoop(ConversationEngine(tok, prompts, [1] * 16), tok, ToolExecutor([spec]), max_turns=4,
+                     max_total_tokens=1024, loop="per_trajectory")
+    groups = loop.run(prompts, SamplingConfig(n=1, max_tokens=64, seed=3))
+    assert [(g[0].tool_calls, g[0].tool_errors) for g in groups] == [(1, 0)] * 16
+    assert [e["text"] for g in groups for e in g[0].events if e["role"] == "tool"] == [str(i) for i in range(16)]

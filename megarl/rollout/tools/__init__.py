@@ -48,7 +48,8 @@ class ToolExecutor:
         self.fns = {}
         for s in specs:
             self.fns[s.name] = _bind(s)
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="megarl-tool")
+        self.pools = {s.name: concurrent.futures.ThreadPoolExecutor(s.max_concurrency, f"megarl-tool-{s.name}")
+                      for s in specs}
 
     def schemas(self) -> list[dict]:
         return [s.openai_schema() for s in self.specs.values()]
@@ -73,7 +74,7 @@ class ToolExecutor:
         problem = self._validate(spec, call.arguments)
         if problem:
             return ToolResult(f"Error: {problem}", False, "invalid_arguments")
-        future = self.pool.submit(self.fns[call.name], **call.arguments)
+        future = self.pools[call.name].submit(self.fns[call.name], **call.arguments)
         try:
             value = future.result(timeout=spec.timeout_s)
         except concurrent.futures.TimeoutError:
