@@ -33,7 +33,7 @@ def test_tool_errors_reach_the_model_and_nothing_reaches_stderr():
             f"for e in {MALFORMED!r}:\n"
             "    r = ex.execute(ToolCall('calculator', {'expression': e}))\n"
             "    print(r.ok, r.error, r.text)\n"
-            "ex.pool.shutdown()\n")
+            "ex.close()\n")
     # -W default: every warning would be printed (a test runner may hide them in-process)
     out = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)

@@ -51,6 +51,11 @@ class ToolExecutor:
         self.pools = {s.name: concurrent.futures.ThreadPoolExecutor(s.max_concurrency, f"megarl-tool-{s.name}")
                       for s in specs}
 
+    def close(self) -> None:
+        """Wait for the calls in flight and stop the tools' threads."""
+        for pool in self.pools.values():
+            pool.shutdown()
+
     def schemas(self) -> list[dict]:
         return [s.openai_schema() for s in self.specs.values()]
 
