@@ -7,13 +7,16 @@ its process): agent loop, tools, rewards, batching, Ray transfers, weight sync, 
 
 Last stdout line: {"step_seconds": T, "step_seconds_vs_before": R, "overhead_fraction": F,
 "phases": {...}, "mfu": {phase: fraction}, "padding_fraction": P, "peak_gflops_per_core": {...}}
-(medians over the steps after the first, which pays one-time kernel JIT); R is T over the same run
+(medians over the steps after the first, which pays one-time kernel JIT), "startup_seconds": S,
+"startup_seconds_converting": C, "startup_phases": {...}; R is T over the same run
 with `algorithm.old_logprobs: recompute` (the separate old-log-prob pass every step used to make),
 measured first in the same invocation. MFU of a phase = its model FLOPs (`flops/*` metrics: counted
 from the architecture and the real token counts, padding excluded; megarl.models.flops) / its
 seconds / the fp32 matrix-multiply peak of one core measured here, times the cores the phase runs
 on (the training ranks' threads; the engine's one OMP thread). The bf16 peak is measured too, for
-when the recipe computes in bf16.
+when the recipe computes in bf16. S: from the start of `megarl train` to its first step (before
+any evaluation), in the second run, which finds the model converted by the first (C: the first,
+converting it).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ sys.path.insert(0, ROOT)
 
 
 def run_steps(work: str, model: str, args, name: str, *extra: str) -> list[dict]:
-    """`megarl train` for args.steps steps -> the metrics of the steps after the first."""
+    """`megarl train` for args.steps steps -> the metrics of every step (the first also holds the
+    bring-up's `startup/*` seconds)."""
     out = os.path.join(work, name)
     cmd = [sys.executable, "-m", "megarl.cli", "train", "configs/tiny/grpo_cpu.yaml",
            "--set", f"model.path={model}", "--set", f"data.train={work}/rl.jsonl",
@@ -45,7 +49,7 @@ def run_steps(work: str, model: str, args, name: str, *extra: str) -> list[dict]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(proc.stdout[-4000:] + proc.stderr[-4000:])
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
 def matmul_peak_gflops(dtype: str, size: int = 1024, seconds: float = 1.5) -> float:
@@ -94,8 +98,13 @@ def main() -> None:
         rng = random.Random(0)
         write(os.path.join(work, "rl.jsonl"), (rl_row(rng) for _ in range(args.prompts * args.steps)))
         # the same run with the separate old-log-prob pass forced (what every step did before)
-        before = run_steps(work, model, args, "before", "--set", "algorithm.old_logprobs=recompute")
-        rows = run_steps(work, model, args, "run")
+        # (its start converts the model; the second run finds the conversion by content)
+        before_all = run_steps(work, model, args, "before", "--set", "algorithm.old_logprobs=recompute")
+        rows_all = run_steps(work, model, args, "run")
+        before, rows = before_all[1:], rows_all[1:]
+        startup = {k.removeprefix("startup/").removesuffix("_s"): round(v, 2) for k, v in rows_all[0].items()
+                   if k.startswith("startup/")}
+        print(f"{'startup (converted before)':>24}: {startup}")
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith("timing/")}
         before_s = statistics.median(r["timing/step_s"] for r in before)
         phases = {k.removeprefix("timing/").removesuffix("_s"): round(v, 4) for k, v in med.items()
@@ -113,7 +122,10 @@ def main() -> None:
                           "step_seconds_vs_before": round(med["timing/step_s"] / before_s, 3),
                           "overhead_fraction": round(med["timing/overhead_fraction"], 3), "phases": phases,
                           "samples_per_step": args.prompts * args.n, "steps_measured": len(rows),
-                          "mfu": mfu, "padding_fraction": round(padding, 3), "peak_gflops_per_core": peak}))
+                          "mfu": mfu, "padding_fraction": round(padding, 3), "peak_gflops_per_core": peak,
+                          "startup_seconds": startup["total"],
+                          "startup_seconds_converting": round(before_all[0]["startup/total_s"], 2),
+                          "startup_phases": startup}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -91,10 +91,11 @@ class ProgressBar:
 
 class PhaseTimer:
     """Wall time per named phase of a step: `with timer.phase("update"): ...` adds to
-    `timing/update_s`; `seconds` holds every phase timed so far."""
+    `timing/update_s` (`<prefix>/update_s`); `seconds` holds every phase timed so far."""
 
-    def __init__(self):
+    def __init__(self, prefix: str = "timing"):
         self.seconds: dict[str, float] = {}
+        self.prefix = prefix
 
     @contextmanager
     def phase(self, name: str):
@@ -102,5 +103,5 @@ class PhaseTimer:
         try:
             yield
         finally:
-            key = f"timing/{name}_s"
+            key = f"{self.prefix}/{name}_s"
             self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0

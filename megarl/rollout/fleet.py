@@ -80,9 +80,11 @@ class FleetEvent:
 class RolloutFleet:
     def __init__(self, config: EngineConfig, num_engines: int, cpus_per_engine: float = 1.0,
                  max_restarts: int = 3, chunk_size: int | None = None, chunks_per_engine: int = 2,
-                 engine_options: list[dict] | None = None):
+                 engine_options: list[dict] | None = None, wait: bool = True):
         """`engine_options[e]`: Ray actor options of engine e (its placement-group bundle and share);
-        without them each engine asks for `cpus_per_engine` wherever Ray puts it."""
+        without them each engine asks for `cpus_per_engine` wherever Ray puts it. `wait=False`
+        returns while the engines start (the caller builds other workers meanwhile, then calls
+        `wait_ready`)."""
         import ray
 
         self.config, self.num_engines = config, num_engines
@@ -92,7 +94,9 @@ class RolloutFleet:
         self._actor_cls = ray.remote(max_concurrency=TURNS_PER_ENGINE)(EngineActorImpl)
         self._options = engine_options or [{"num_cpus": cpus_per_engine}] * num_engines
         self.actors = [self._new_actor(e) for e in range(num_engines)]
-        ray.get([a.pid.remote() for a in self.actors])  # engines are up (or this raises)
+        self._starting = [a.pid.remote() for a in self.actors]
+        if wait:
+            self.wait_ready()
         self.weight_version = 0
         self._weights_ref = None
         self.restarts = 0
@@ -100,6 +104,14 @@ class RolloutFleet:
         self.in_sync_group = False
         self._batch_seconds = 0.0  # wall time the busiest engine spent on batches (model compute)
         self._turn_seconds = [0.0] * num_engines   # each engine's seconds stepping single turns
+
+    def wait_ready(self) -> None:
+        """Return once every engine is up (or raise the error of one that failed to start)."""
+        import ray
+
+        if self._starting:
+            ray.get(self._starting)
+            self._starting = []
 
     @property
     def engine_seconds(self) -> float:

@@ -10,8 +10,6 @@ import os
 
 from megarl.trainers.runner import StageResult, checkpoint_path, resume_checkpoint, run_stage
 
-INIT_DIR = "init"          # the starting model as a megatron checkpoint
-
 
 class ModelNotFound(FileNotFoundError):
     """A recipe's model path holds neither an HF model nor a megatron checkpoint."""
@@ -24,9 +22,11 @@ def looks_like_hub_id(path: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None and not path.startswith(".")
 
 
-def initial_checkpoint(recipe, tag: str, path: str | None = None, name: str = INIT_DIR) -> str:
+def initial_checkpoint(recipe, tag: str, path: str | None = None) -> str:
     """A megatron checkpoint of the starting model (`path`, default model.path): the path itself,
-    or converted into `<output_dir>/<name>` once (reused while its source is the same path)."""
+    or its conversion, made once per content (checkpoint/convert_cache.py) and shared by every run
+    that starts from the same model."""
+    from megarl.checkpoint.convert_cache import cache_root, converted
     from megarl.checkpoint.hf import MARKER, convert_hf_to_megatron
     from megarl.runtime.local_group import run_local_group
 
@@ -44,18 +44,13 @@ def initial_checkpoint(recipe, tag: str, path: str | None = None, name: str = IN
                             "(config.json + safetensors) nor a megatron checkpoint made by megarl; check model.path "
                             "(or critic.path / reward.reward_model.path), or make one with `megarl make-tiny` / "
                             "`megarl convert`")
-    target = os.path.join(recipe.trainer.output_dir, name)
-    marker = os.path.join(target, MARKER)
-    wanted = {"source": os.path.abspath(path),
-              "tokenizer": os.path.abspath(recipe.model.tokenizer) if recipe.model.tokenizer else None}
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            found = json.load(f)
-        if all(found.get(k) == v for k, v in wanted.items()):
-            return target
-    print(f"[{tag}] converting {path} to a megatron checkpoint in {target}", flush=True)
-    run_local_group(convert_hf_to_megatron, 1, args=(path, target, recipe.model.tokenizer), timeout=3600)
-    return target
+    tokenizer = recipe.model.tokenizer
+
+    def convert(out: str) -> None:
+        run_local_group(convert_hf_to_megatron, 1, args=(path, out, tokenizer), timeout=3600)
+
+    return converted(cache_root(recipe.trainer.output_dir), [path, tokenizer], convert,
+                     lambda line: print(f"[{tag}] {path}: {line}", flush=True))
 
 
 def has_hf_weights(path: str) -> bool:

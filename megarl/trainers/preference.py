@@ -50,8 +50,7 @@ def prepare(recipe: Recipe) -> str:
         from megarl.trainers.common import scalar_head_hf_dir
 
         return initial_checkpoint(recipe, "rm", scalar_head_hf_dir(recipe.model.path, recipe.trainer.output_dir,
-                                                                   "sequence", "rm", recipe.model.trust_remote_code),
-                                  "rm_init")
+                                                                   "sequence", "rm", recipe.model.trust_remote_code))
     return initial_checkpoint(recipe, recipe.stage)
 
 

@@ -98,6 +98,13 @@ def test_grpo_runs_logs_checkpoints_and_exports(straight):
     assert [p["step"] for p in prompts] == [1, 2, 3, 4] and all(len(p["rows"]) == 4 for p in prompts)
     assert [p["weight_versions"] for p in prompts] == [[s] * 4 for s in range(4)]
     assert os.path.isdir(straight / "checkpoints" / "step_000004")
+    # the bring-up's phases, logged once (engines starting while the actor gang builds)
+    startup = {k: v for k, v in m[1].items() if k.startswith("startup/")}
+    assert {"startup/inputs_s", "startup/ray_s", "startup/engines_launch_s", "startup/gangs_launch_s",
+            "startup/gangs_build_s", "startup/engines_wait_s", "startup/total_s"} <= set(startup)
+    assert startup["startup/total_s"] > startup["startup/gangs_build_s"] + startup["startup/ray_s"]
+    assert not any(k.startswith("startup/") for s in (2, 3, 4) for k in m[s])
+    assert "ready " in (straight.parent / "straight_output.txt").read_text()
     assert os.path.isfile(straight / "hf" / "model.safetensors")
     assert os.path.isdir(straight / "tensorboard") and os.path.isdir(straight / "wandb")
     samples = [json.loads(line) for line in open(straight / "samples.jsonl")]

@@ -114,7 +114,9 @@ class RLDriver:
         recipe = self.recipe = with_absolute_paths(recipe)  # workers on other nodes have other working dirs
         t, k = recipe.trainer, recipe.algorithm.kl
         os.makedirs(t.output_dir, exist_ok=True)
-        self.inputs = load_inputs(recipe)
+        self.startup = PhaseTimer("startup")   # bring-up phases, logged with the first step
+        with self.startup.phase("inputs"):     # tokenizer, data, the starting checkpoint (converted once)
+            self.inputs = load_inputs(recipe)
         self.sampler = EpochSampler(len(self.inputs.data), recipe.data.seed, recipe.data.shuffle)
         self.kl_ctl = make_kl_controller(k.controller, k.coef, k.target, k.horizon)
         self.old_logprobs_in_update = phases.old_logprobs_in_update(recipe)
@@ -128,43 +130,78 @@ class RLDriver:
 
     # ---- bring-up ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Gangs, rewards, engines, the sync group; then resume and the per-run helpers."""
+        """Ray, the engines (starting while the gangs build), gangs, rewards, the sync group; then
+        resume and the per-run helpers. Each phase is timed (`startup/*`)."""
         from megarl.launch.placement import build_placement
-        from megarl.reward.engine import RewardEngine
-        from megarl.runtime.device import threads_per_rank
-        from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD_MODEL
 
-        r, init = self.recipe, self.inputs.init
+        r, init, clock = self.recipe, self.inputs.init, self.startup
         pmap = build_placement(r)
-        start_ray(min_cpus=len(pmap.used_slots()))
-        self.placement = RayPlacement(pmap, pin_cpus=r.cluster.cpu_pinning)
+        with clock.phase("ray"):
+            start_ray(min_cpus=len(pmap.used_slots()))
+            self.placement = RayPlacement(pmap, pin_cpus=r.cluster.cpu_pinning)
         print("\n".join(f"[{TAG}] placement: {line}" for line in pmap.lines()), flush=True)
         print(f"[{TAG}] nodes: " + ", ".join(f"{i}={ip}" for i, ip in enumerate(self.placement.node_ips)), flush=True)
-        threads = threads_per_rank(r.derived.train_world_size, r.cluster.cpu_threads_per_rank)
-        self.actor = Gang(r, init, ACTOR, threads, self.placement)
-        if REFERENCE in pmap.roles:
-            self.reference = Gang(r, init, REFERENCE, threads, self.placement)
-        if CRITIC in pmap.roles:
-            critic_init = initial_checkpoint(r, TAG, critic_hf_dir(r, TAG), "critic_init")
-            self.critic = Gang(r, critic_init, CRITIC, threads, self.placement)
-        if REWARD_MODEL in pmap.roles:
-            rm_init = initial_checkpoint(r, TAG, r.reward.reward_model.path, "reward_model_init")
-            self.reward_model = Gang(r, rm_init, REWARD_MODEL, threads, self.placement)
-        scorer = self.reward_model.reward_scorer(r.derived.dp) if self.reward_model else None
-        self.rewards = RewardEngine(r.reward, scorer)
-        self.handoff = MemoryHandOff(handoff_enabled(r, self.placement.gpu), [self.actor, self.reference, self.critic],
+        handoff = handoff_enabled(r, self.placement.gpu)
+        with clock.phase("engines_launch"):
+            # the engines start while the gangs build (unless they must wait for the gangs to leave the GPUs)
+            self.fleet = None if handoff else build_fleet(r, engine_model_dir(r, init), self.placement, wait=False)
+        self._start_gangs(pmap, init)
+        self.handoff = MemoryHandOff(handoff, [self.actor, self.reference, self.critic],
                                      verify_sync=r.rollout.weight_sync.verify_logprobs)
-        self.fleet = self.handoff.start_engines(lambda: build_fleet(r, engine_model_dir(r, init), self.placement))
-        self.sync = WeightSync(r, self.actor, self.fleet, self.inputs.hf_cfg)
+        with clock.phase("engines_wait"):
+            self.fleet = self.fleet or self.handoff.start_engines(
+                lambda: build_fleet(r, engine_model_dir(r, init), self.placement))
+            self.fleet.wait_ready()
+        with clock.phase("sync_setup"):
+            self.sync = WeightSync(r, self.actor, self.fleet, self.inputs.hf_cfg)
         self.agent = self._agent_loop(self.fleet)
         if r.trainer.rollout_mode == "async":
             self._make_producer()
-        self._resume()
+        with clock.phase("resume"):
+            self._resume()
         self.logger = open_metrics(r, self.step_count)
         truncate_metrics(os.path.join(r.trainer.output_dir, PROMPTS_FILE), self.step_count)
         self.verify_seqs = self._verification_sequences()
         if self.producer is not None:
             self.producer.start()
+        self._report_startup()
+
+    def _start_gangs(self, pmap, init: str) -> None:
+        from megarl.reward.engine import RewardEngine
+        from megarl.runtime.device import threads_per_rank
+        from megarl.workers import ACTOR, CRITIC, REFERENCE, REWARD_MODEL
+
+        r, clock = self.recipe, self.startup
+        threads = threads_per_rank(r.derived.train_world_size, r.cluster.cpu_threads_per_rank)
+        with clock.phase("gangs_launch"):   # every gang's processes start together, then build together
+            starts = {ACTOR: init}
+            if REFERENCE in pmap.roles:
+                starts[REFERENCE] = init
+            if CRITIC in pmap.roles:
+                starts[CRITIC] = initial_checkpoint(r, TAG, critic_hf_dir(r, TAG))
+            if REWARD_MODEL in pmap.roles:
+                starts[REWARD_MODEL] = initial_checkpoint(r, TAG, r.reward.reward_model.path)
+            gangs = []
+            for role, ckpt in starts.items():   # kept as made (self.<role>): close() shuts down what exists
+                gangs.append(Gang(r, ckpt, role, threads, self.placement, wait=False))
+                setattr(self, role, gangs[-1])
+            for gang in gangs:
+                gang.begin_build()
+        with clock.phase("gangs_build"):
+            for gang in gangs:
+                gang.ready()
+        scorer = self.reward_model.reward_scorer(r.derived.dp) if self.reward_model else None
+        self.rewards = RewardEngine(r.reward, scorer)
+
+    def _report_startup(self) -> None:
+        """`startup/*` seconds (logged with the first step) and one line: from the process's start
+        (imports and recipe included) to the first step."""
+        import psutil
+
+        seconds = self.startup.seconds
+        seconds["startup/total_s"] = time.time() - psutil.Process().create_time()
+        parts = ", ".join(f"{k[8:-2]} {v:.1f}" for k, v in seconds.items() if k != "startup/total_s")
+        print(f"[{TAG}] ready {seconds['startup/total_s']:.1f}s after `megarl train` started ({parts})", flush=True)
 
     def _make_producer(self) -> None:
         """The async producer: its own agent loop over the fleet behind the gate."""
@@ -250,8 +287,12 @@ class RLDriver:
         if t.eval_freq and self.step_count == 0:
             with self._engines():
                 self.logger.log(0, self.evaluate(0))
+        first = True
         while self.step_count < t.steps:
             metrics, rollouts = self.step()
+            if first:   # the bring-up's phases (startup/*), logged once
+                metrics.update(self.startup.seconds)
+                first = False
             if t.eval_freq and (self.step_count % t.eval_freq == 0 or self.step_count == t.steps):
                 with self._engines():
                     metrics.update(self.evaluate(self.step_count))

@@ -169,6 +169,13 @@ def _ordered_node_ips(count: int) -> list[str]:
 def place_ranks(recipe: Recipe, init_ckpt: str, role: str, threads: int, placement: RayPlacement) -> list:
     """One Ray actor per rank of `role` on its slot (cheap: nothing is built yet), checked against
     the map: node, LOCAL_RANK and, on GPUs, the GPU Ray gave it."""
+    workers = launch_ranks(recipe, init_ckpt, role, threads, placement)
+    check_ranks(role, workers, placement)
+    return workers
+
+
+def launch_ranks(recipe: Recipe, init_ckpt: str, role: str, threads: int, placement: RayPlacement) -> list:
+    """One Ray actor per rank of `role` on its slot; returns while their processes start."""
     import ray
 
     from megarl.runtime.device import CUDA, rank_env
@@ -176,11 +183,16 @@ def place_ranks(recipe: Recipe, init_ckpt: str, role: str, threads: int, placeme
 
     cls = ray.remote(worker_class(role))
     world = recipe.derived.train_world_size
-    workers = [cls.options(**placement.options(slot, rank_env(CUDA) if placement.gpu else None))
-               .remote(recipe, init_ckpt, role, r, world, threads, placement.map.local_rank(role, r))
-               for r, slot in enumerate(placement.map.roles[role])]
+    return [cls.options(**placement.options(slot, rank_env(CUDA) if placement.gpu else None))
+            .remote(recipe, init_ckpt, role, r, world, threads, placement.map.local_rank(role, r))
+            for r, slot in enumerate(placement.map.roles[role])]
+
+
+def check_ranks(role: str, workers: list, placement: RayPlacement) -> None:
+    """Each rank where the map puts it: node, LOCAL_RANK and, on GPUs, the GPU Ray gave it."""
+    import ray
+
     placement.check(role, ray.get([w.placement.remote() for w in workers]))
-    return workers
 
 
 def get_all_or_first_error(refs: list) -> list:
@@ -200,16 +212,37 @@ class Gang:
     """The Ray actors of one megatron model group, each on its slot of the placement map; `call`
     runs a method on every rank."""
 
-    def __init__(self, recipe: Recipe, init_ckpt: str, role: str, threads: int, placement: RayPlacement):
-        self.role = role
-        self.workers = place_ranks(recipe, init_ckpt, role, threads, placement)
+    def __init__(self, recipe: Recipe, init_ckpt: str, role: str, threads: int, placement: RayPlacement,
+                 wait: bool = True):
+        """`wait=False` returns while the ranks start: `begin_build()` then `ready()` (several gangs
+        launched, then built, come up together)."""
+        self.role, self._placement = role, placement
+        self.workers = launch_ranks(recipe, init_ckpt, role, threads, placement)
         self.nodes = [placement.node_ips[s.node] for s in placement.map.roles[role]]
+        self._building: tuple | None = None
+        self.coords: list[dict] = []
+        if wait:
+            self.ready()
+
+    def begin_build(self) -> None:
+        """Check the ranks' places, rendezvous, and start every rank building its model."""
+        check_ranks(self.role, self.workers, self._placement)
         host, port = self.call_one(0, "rendezvous")
-        self.coords = self.call("build", host, port)  # up and built (or this raises)
+        self._building = (self.call_async("build", host, port), host, port)
+
+    def ready(self) -> Gang:
+        """Wait until every rank has built its model (or raise the first rank's error)."""
+        if self.coords:
+            return self
+        if self._building is None:
+            self.begin_build()
+        refs, host, port = self._building
+        self.coords = self._get(refs, "build")
         self.dp_size = self.coords[0]["dp_size"]
         threads = sorted({c["threads"] for c in self.coords})
-        print(f"[{TAG}] {role}: {len(self.workers)} rank(s), {'/'.join(map(str, threads))} torch thread(s) each; "
-              f"rendezvous {host}:{port}", flush=True)
+        print(f"[{TAG}] {self.role}: {len(self.workers)} rank(s), {'/'.join(map(str, threads))} torch thread(s) "
+              f"each; rendezvous {host}:{port}", flush=True)
+        return self
 
     def call_one(self, rank: int, method: str, *args):
         import ray
@@ -441,9 +474,10 @@ class WeightSync:
         return compare_logprobs(trainer, self.fleet.prompt_logprobs(seqs), self.config.logprob_tolerance)
 
 
-def build_fleet(recipe: Recipe, engine_dir: str, placement: RayPlacement):
+def build_fleet(recipe: Recipe, engine_dir: str, placement: RayPlacement, wait: bool = True):
     """The rollout engines, sized so a whole multi-turn conversation fits one context, each on its
-    group of slots in the placement map (`RayPlacement.engine_options`)."""
+    group of slots in the placement map (`RayPlacement.engine_options`); `wait=False`: still
+    starting (`fleet.wait_ready()`)."""
     from megarl.data.tokenizer import tokenizer_dir
     from megarl.rollout.engine import EngineConfig
     from megarl.rollout.fleet import RolloutFleet
@@ -457,7 +491,7 @@ def build_fleet(recipe: Recipe, engine_dir: str, placement: RayPlacement):
                           quantization=ro.quantization, device="cuda" if placement.gpu else "cpu",
                           sleep_mode=handoff_enabled(recipe, placement.gpu))
     return RolloutFleet(config, ro.engines, engine_options=[placement.engine_options(group, config)
-                                                            for group in placement.map.engines])
+                                                            for group in placement.map.engines], wait=wait)
 
 
 def engine_model_dir(recipe: Recipe, init_ckpt: str) -> str:
