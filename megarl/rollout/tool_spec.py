@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+# calls of a tool running at once: a local tool (a sandbox process) competes for the machine's
+# cores, so few; a tool that waits on a remote service (search, an execution service) can take many
+DEFAULT_CONCURRENCY = 4
+
 
 class ToolSpecError(ValueError):
     pass
@@ -31,9 +35,7 @@ class ToolSpec:
     callable: str
     timeout_s: float = 10.0
     options: dict = field(default_factory=dict)
-    # calls running at once: a local tool (a sandbox process) competes for the machine's cores, so
-    # few; a tool that waits on a remote service (search, an execution service) can take many
-    max_concurrency: int = 4
+    max_concurrency: int = DEFAULT_CONCURRENCY
 
     def openai_schema(self) -> dict:
         """What the chat template shows the model."""
@@ -72,7 +74,7 @@ def load_tool_specs(path: str) -> list[ToolSpec]:
         if clash:
             raise ToolSpecError(f"{where}.options: {clash} are also model-visible parameters; a setting is one or "
                                 "the other")
-        concurrency = item.get("max_concurrency", 4)
+        concurrency = item.get("max_concurrency", DEFAULT_CONCURRENCY)
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise ToolSpecError(f"{where}.max_concurrency: expected a whole number ≥ 1, got {concurrency!r}")
         if item["name"] in seen:
