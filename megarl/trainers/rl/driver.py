@@ -369,12 +369,11 @@ class RLDriver:
 
     @staticmethod
     def _from_buffer(step: int, taken) -> Produced:
-        """The async producer's groups as a step's rollouts; generation time = the rounds' worth
-        looked at (each round made one batch's worth)."""
-        looked = taken.groups + taken.filtered
-        rounds = len(looked) / len(taken.groups)
-        seconds = rounds * sum(b.seconds for b in looked) / len(looked)
-        engine_seconds = rounds * sum(b.engine_seconds for b in looked) / len(looked)
+        """The async producer's groups as a step's rollouts; generation time = that of the rounds'
+        worth looked at (each group carries its round's time, a round is one batch of groups)."""
+        looked, per_round = taken.groups + taken.filtered, len(taken.groups)
+        seconds = sum(b.seconds for b in looked) / per_round
+        engine_seconds = sum(b.engine_seconds for b in looked) / per_round
         rollouts = phases.Rollouts([b.group for b in taken.groups], taken.rounds, taken.first_round_informative,
                                    filtered=[b.group for b in taken.filtered])
         return Produced(step, rollouts, seconds, engine_seconds)

@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from megarl.trainers.rl.step import oldest_version
+from megarl.trainers.rl.step import fill_with_set_aside, oldest_version
 
 FILE = "rollout_buffer.pkl"   # in a checkpoint's driver/ directory
 FORMAT = 1
@@ -241,8 +241,7 @@ class AsyncRollouts:
                 # the groups this step still takes for certain: until it has enough or has looked at its limit
                 self.still_needed = min(self.per_round - len(kept), limit - looked)
                 self._cond.notify_all()
-            fill = self.per_round - len(kept)
-            taken = Taken(kept + spare[:fill], spare[fill:], -(-looked // self.per_round) - 1,
+            taken = Taken(*fill_with_set_aside(kept, spare, self.per_round), -(-looked // self.per_round) - 1,
                           first_informative / self.per_round)
             self.next_step, self.still_needed = trainer_version + 1, self.per_round
             self._cond.notify_all()

@@ -113,9 +113,15 @@ def collect_rollouts(recipe: Recipe, step: int, take: Callable[[int], list], gen
             break
         out.rounds += 1
         candidates = take(short)
-    fill = max(0, want - len(kept))
-    out.groups, out.filtered = (kept + spare[:fill])[:want], kept[want:] + spare[fill:]
+    out.groups, out.filtered = fill_with_set_aside(kept, spare, want)
     return out
+
+
+def fill_with_set_aside(kept: list, spare: list, want: int) -> tuple[list, list]:
+    """DAPO's batch: the informative groups, then set-aside (uninformative) ones up to `want` so
+    the batch size stays fixed -> (the batch, the set-aside groups left out)."""
+    fill = max(0, want - len(kept))
+    return kept + spare[:fill], spare[fill:]
 
 
 def oldest_version(trajectories: list) -> int:
