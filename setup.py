@@ -27,6 +27,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["megarl", "megarl.*"]),
+    package_data={"megarl.report": ["templates/*"]},   # the report page's template, style and viewer script
     install_requires=["pyyaml", "numpy"],
     extras_require={"cpu": requirement_lines("cpu.in"), "gpu": requirement_lines("gpu.txt")},
     entry_points={"console_scripts": ["megarl=megarl.cli:main"]},

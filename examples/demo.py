@@ -7,6 +7,7 @@
    from the answer and the tool-call format, weight sync after every step, Ray orchestrating;
    the task success rate on held-out prompts is measured before the first and after the last step
 5. write runs/demo/summary.json (success_before, success_after, grpo_seconds, the curve, paths)
+6. write the GRPO run's report (`megarl report runs/tiny/grpo`: curves, step time, trajectories)
 
     python examples/demo.py [--seed N] [--threads N]
 
@@ -122,6 +123,13 @@ def main() -> int:
           f"[demo] metrics {grpo_metrics}, tensorboard "
           f"--logdir {summary['tensorboard']}, trajectories {summary['samples']}, summary runs/demo/summary.json",
           flush=True)
+    report = subprocess.run([sys.executable, "-m", "megarl.cli", "report", "runs/tiny/grpo"], capture_output=True,
+                            text=True)
+    if report.returncode:
+        print(f"[demo] the report failed:\n{report.stdout}{report.stderr}", flush=True)
+        return report.returncode
+    for line in report.stdout.strip().splitlines():   # its notes, then the page's path
+        print(f"[demo] {line}", flush=True)
     return 0
 
 

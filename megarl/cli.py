@@ -10,6 +10,7 @@
     megarl make-tiny OUT [--arch qwen2]        tiny random-init HF model + locally trained tokenizer
     megarl data check DATASET --stage STAGE    report every problem kind with its rows (exit 1 if any)
     megarl env                                 device, backend, versions, CPU compatibility patches
+    megarl report RUN_DIR [RUN_DIR ...] [--out DIR]  HTML page + PNG figures of runs (several: compared)
 """
 
 from __future__ import annotations
@@ -217,6 +218,21 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from megarl.report import RunNotFound, write_report
+
+    try:
+        report = write_report(args.run_dirs, args.out)
+    except RunNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"report: {report.index} ({len(report.figures)} figures, {report.trajectories} trajectories, "
+          f"{report.seconds:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megarl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_data_check)
     env = sub.add_parser("env", help="show device, backend, versions and active CPU patches")
     env.set_defaults(func=_cmd_env)
+    report = sub.add_parser("report", help="write an HTML report (figures, trajectories) of one or more runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a run's trainer.output_dir; several are compared")
+    report.add_argument("--out", help="where to write index.html and figures/ (default: RUN_DIR/report; "
+                        "several runs: report-compare beside the first)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -51,7 +51,9 @@ class MetricsLogger:
 
 
 class SampleWriter:
-    """Every `every` steps, a few trajectories (text, tool calls, rewards) to samples.jsonl."""
+    """Every `every` steps, a few trajectories to samples.jsonl, for review (`megarl report` shows them):
+    the text, the response split into trained and masked segments (tool observations are masked),
+    each turn and tool call with its result, rewards per component, finish reason and failures."""
 
     def __init__(self, output_dir: str, every: int, per_step: int = 4):
         self.path = os.path.join(output_dir, "samples.jsonl")
@@ -64,9 +66,22 @@ class SampleWriter:
             for t, r in list(zip(trajectories, rewards))[: self.per_step]:
                 f.write(json.dumps({
                     "step": step, "prompt": tokenizer.decode(t.prompt_ids),
-                    "response": tokenizer.decode(t.response_ids), "turns": t.turns, "tool_calls": t.tool_calls,
-                    "finish": t.finish, "reward": r.scalar, "components": r.components, "values": r.values,
-                    "errors": r.errors}) + "\n")
+                    "response": tokenizer.decode(t.response_ids),
+                    "segments": trained_segments(t.response_ids, t.loss_mask, tokenizer),
+                    "events": t.events, "turns": t.turns, "tool_calls": t.tool_calls, "tool_errors": t.tool_errors,
+                    "parse_failures": t.parse_failures, "finish": t.finish, "reward": r.scalar,
+                    "components": r.components, "values": r.values, "errors": r.errors}) + "\n")
+
+
+def trained_segments(ids: list[int], loss_mask: list[int], tokenizer) -> list[dict]:
+    """The response as runs of trained (loss mask 1) and masked tokens: [{"text", "trained", "tokens"}]."""
+    segments, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or loss_mask[i] != loss_mask[start]:
+            segments.append({"text": tokenizer.decode(ids[start:i]), "trained": bool(loss_mask[start]),
+                             "tokens": i - start})
+            start = i
+    return segments
 
 
 class ProgressBar:

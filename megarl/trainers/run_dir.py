@@ -33,7 +33,8 @@ SAME_RUN_KEYS = (
 
 OWNED = ("recipe.resolved.yaml", PREVIOUS, CKPT_DIR, "critic_checkpoints", METRICS_FILE, "samples.jsonl",
          "tensorboard", "wandb", HF_EXPORT_DIR, "init", "critic_init", "reward_model_init", "critic_init_hf",
-         "rm_init_hf", "engine_init", "reference_logps", "rejected_rows.jsonl", STOP_FILE, "launch")
+         "rm_init_hf", "engine_init", "reference_logps", "rejected_rows.jsonl", STOP_FILE, "launch", "prompts.jsonl",
+         "report")
 """What megarl writes in an output directory (each also as `<name>.partial` / `<name>.tmp` while
 being written); `existing_run: overwrite` removes these and nothing else."""
 
