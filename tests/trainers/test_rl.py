@@ -104,11 +104,18 @@ def test_grpo_runs_logs_checkpoints_and_exports(straight):
             "startup/gangs_build_s", "startup/engines_wait_s", "startup/total_s"} <= set(startup)
     assert startup["startup/total_s"] > startup["startup/gangs_build_s"] + startup["startup/ray_s"]
     assert not any(k.startswith("startup/") for s in (2, 3, 4) for k in m[s])
-    assert "ready " in (straight.parent / "straight_output.txt").read_text()
+    ready = re.search(r"ready [0-9.]+s after `megarl train` started \((.*)\)",
+                      (straight.parent / "straight_output.txt").read_text())
+    phases = [part.split()[0] for part in ready[1].split(", ")]
+    # the model path holds HF weights: the engines launch before the inputs load, the gangs after
+    assert phases.index("engines_launch") < phases.index("inputs") < phases.index("gangs_launch"), phases
     assert os.path.isfile(straight / "hf" / "model.safetensors")
     assert os.path.isdir(straight / "tensorboard") and os.path.isdir(straight / "wandb")
     samples = [json.loads(line) for line in open(straight / "samples.jsonl")]
     assert {s["step"] for s in samples} == {2, 4} and all("reward" in s and "response" in s for s in samples)
+    for s in samples:   # the response split into trained and masked (tool output) runs, nothing lost
+        assert "".join(seg["text"] for seg in s["segments"]) == s["response"]
+        assert any(seg["trained"] for seg in s["segments"]) and len(s["events"]) >= s["turns"]
     # Ray workers silence megatron/torch import and deprecation noise as local-group ranks do
     output = (straight.parent / "straight_output.txt").read_text()
     assert "[rl] actor: 2 rank(s)" in output

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from megarl.config.recipe import Recipe
 from megarl.metrics import PhaseTimer
-from megarl.trainers.common import critic_hf_dir, initial_checkpoint
+from megarl.trainers.common import critic_hf_dir, has_hf_weights, initial_checkpoint
 from megarl.trainers.rl import step as phases
 from megarl.trainers.rl.ahead import FILE as AHEAD_FILE
 from megarl.trainers.rl.ahead import Produced, RolloutsAhead
@@ -67,7 +67,7 @@ def run(recipe: Recipe) -> int:
 
 @dataclass
 class RLInputs:
-    """What the driver reads before any worker starts."""
+    """What the driver reads before the gangs start (the engines may already be starting)."""
 
     init: str                 # the actor's starting megatron checkpoint
     hf_cfg: dict
@@ -109,15 +109,13 @@ class RLDriver:
     def __init__(self, recipe: Recipe):
         from megarl.algorithms.kl import make_kl_controller
         from megarl.config.loader import with_absolute_paths
-        from megarl.data.sampler import EpochSampler
 
         recipe = self.recipe = with_absolute_paths(recipe)  # workers on other nodes have other working dirs
         t, k = recipe.trainer, recipe.algorithm.kl
         os.makedirs(t.output_dir, exist_ok=True)
         self.startup = PhaseTimer("startup")   # bring-up phases, logged with the first step
-        with self.startup.phase("inputs"):     # tokenizer, data, the starting checkpoint (converted once)
-            self.inputs = load_inputs(recipe)
-        self.sampler = EpochSampler(len(self.inputs.data), recipe.data.seed, recipe.data.shuffle)
+        self.inputs: RLInputs | None = None     # read in start(), once the engines are starting
+        self.sampler = None                      # an EpochSampler over inputs.data
         self.kl_ctl = make_kl_controller(k.controller, k.coef, k.target, k.horizon)
         self.old_logprobs_in_update = phases.old_logprobs_in_update(recipe)
         self.step_count = 0
@@ -130,21 +128,27 @@ class RLDriver:
 
     # ---- bring-up ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Ray, the engines (starting while the gangs build), gangs, rewards, the sync group; then
-        resume and the per-run helpers. Each phase is timed (`startup/*`)."""
+        """Ray, the engines (the longest to start: launched first, then the inputs load and the gangs
+        build meanwhile), gangs, rewards, the sync group; then resume and the per-run helpers. Each
+        phase is timed (`startup/*`)."""
         from megarl.launch.placement import build_placement
 
-        r, init, clock = self.recipe, self.inputs.init, self.startup
+        r, clock = self.recipe, self.startup
         pmap = build_placement(r)
         with clock.phase("ray"):
             start_ray(min_cpus=len(pmap.used_slots()))
             self.placement = RayPlacement(pmap, pin_cpus=r.cluster.cpu_pinning)
         print("\n".join(f"[{TAG}] placement: {line}" for line in pmap.lines()), flush=True)
         print(f"[{TAG}] nodes: " + ", ".join(f"{i}={ip}" for i, ip in enumerate(self.placement.node_ips)), flush=True)
-        handoff = handoff_enabled(r, self.placement.gpu)
-        with clock.phase("engines_launch"):
-            # the engines start while the gangs build (unless they must wait for the gangs to leave the GPUs)
-            self.fleet = None if handoff else build_fleet(r, engine_model_dir(r, init), self.placement, wait=False)
+        handoff = handoff_enabled(r, self.placement.gpu)   # then the engines wait for the gangs to leave the GPUs
+        early = not handoff and has_hf_weights(r.model.path)   # else they start from the converted checkpoint
+        if early:
+            self._launch_engines(None)
+        with clock.phase("inputs"):   # tokenizer, data, the starting checkpoint (converted once per content)
+            self._load_inputs()
+        init = self.inputs.init
+        if not handoff and not early:
+            self._launch_engines(init)
         self._start_gangs(pmap, init)
         self.handoff = MemoryHandOff(handoff, [self.actor, self.reference, self.critic],
                                      verify_sync=r.rollout.weight_sync.verify_logprobs)
@@ -165,6 +169,18 @@ class RLDriver:
         if self.producer is not None:
             self.producer.start()
         self._report_startup()
+
+    def _launch_engines(self, init: str | None) -> None:
+        """`init`: the converted starting checkpoint, needed only when model.path holds no HF weights."""
+        with self.startup.phase("engines_launch"):
+            self.fleet = build_fleet(self.recipe, engine_model_dir(self.recipe, init), self.placement, wait=False)
+
+    def _load_inputs(self) -> None:
+        from megarl.data.sampler import EpochSampler
+
+        r = self.recipe
+        self.inputs = load_inputs(r)
+        self.sampler = EpochSampler(len(self.inputs.data), r.data.seed, r.data.shuffle)
 
     def _start_gangs(self, pmap, init: str) -> None:
         from megarl.reward.engine import RewardEngine
