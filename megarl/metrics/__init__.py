@@ -50,13 +50,16 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+SAMPLES_FILE = "samples.jsonl"
+
+
 class SampleWriter:
     """Every `every` steps, a few trajectories to samples.jsonl, for review (`megarl report` shows them):
     the text, the response split into trained and masked segments (tool observations are masked),
     each turn and tool call with its result, rewards per component, finish reason and failures."""
 
     def __init__(self, output_dir: str, every: int, per_step: int = 4):
-        self.path = os.path.join(output_dir, "samples.jsonl")
+        self.path = os.path.join(output_dir, SAMPLES_FILE)
         self.every, self.per_step = every, per_step
 
     def maybe_write(self, step: int, trajectories: list, rewards: list, tokenizer) -> None:

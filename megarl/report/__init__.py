@@ -60,17 +60,25 @@ def write_report(run_dirs: list[str], out_dir: str | None = None) -> Report:
     runs = load_runs(run_dirs)
     figures = figures_for([r.stage for r in runs])
     drawn = draw_all(figures, runs)
-    os.makedirs(os.path.join(out_dir, FIGURE_DIR), exist_ok=True)
-    pngs = []
-    for d in drawn:
-        pngs.append(os.path.join(out_dir, FIGURE_DIR, f"{d.figure.slug}.png"))
-        _write_atomic(pngs[-1], d.png)
+    pngs = _write_figures(os.path.join(out_dir, FIGURE_DIR), drawn)
     trajectories = [e for r in runs for e in viewer_entries(r.name, r.samples, r.notes)]
     html = _render_page(runs, drawn, trajectories, claimed_keys(figures, runs))
     index = os.path.join(out_dir, INDEX)
     _write_atomic(index, html.encode())
     notes = [f"{r.name}: {n}" for r in runs for n in r.notes]
     return Report(index, pngs, len(trajectories), notes, time.perf_counter() - t0)
+
+
+def _write_figures(directory: str, drawn) -> list[str]:
+    """A PNG per figure; those an earlier report wrote for figures this one has not are removed."""
+    os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, f"{d.figure.slug}.png") for d in drawn]
+    for d, path in zip(drawn, paths):
+        _write_atomic(path, d.png)
+    for name in os.listdir(directory):
+        if name.endswith(".png") and os.path.join(directory, name) not in paths:
+            os.remove(os.path.join(directory, name))
+    return paths
 
 
 def _render_page(runs: list[Run], drawn, trajectories: list[dict], claimed: set[str]) -> str:

@@ -18,7 +18,7 @@ import yaml
 
 RECIPE_FILE = "recipe.resolved.yaml"
 METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples.jsonl"
+SAMPLES_FILE = "samples.jsonl"   # metrics.SAMPLES_FILE (the report reads files only: no import of the writers)
 SINK_DIRS = ("tensorboard", "wandb")
 
 

@@ -126,6 +126,17 @@ def test_missing_optional_sinks_and_recipe(tmp_path):
     assert set(figures_on_page(report.index)) == FIGURES["grpo"]
 
 
+def test_a_report_written_again_keeps_only_its_own_figures(tmp_path):
+    """Runs compared into one directory, then a single run there: the first report's extra figures go."""
+    grpo, sft = fabricate_run(str(tmp_path / "grpo"), "grpo"), fabricate_run(str(tmp_path / "sft"), "sft")
+    out = str(tmp_path / "out")
+    write_report([grpo, sft], out)
+    assert "timing.png" in os.listdir(os.path.join(out, "figures"))
+    report = write_report([sft], out)
+    assert os.listdir(os.path.join(out, "figures")) == ["loss.png"] and report.figures == [
+        os.path.join(out, "figures", "loss.png")]
+
+
 def test_a_run_that_has_not_logged_yet(tmp_path):
     empty = tmp_path / "starting"
     empty.mkdir()

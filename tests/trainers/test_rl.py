@@ -130,11 +130,15 @@ def test_resume_is_bitwise_identical(rl_setup, straight):
     first = _train(root, model, out, "--set", "trainer.resume=never", "--set", "trainer.max_steps_this_run=2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert os.path.isdir(out / "checkpoints" / "step_000002") and not os.path.exists(out / "hf")
+    with open(out / "samples.jsonl", "a") as f:   # as if the run had written step 3's samples, then died
+        f.write(json.dumps({"step": 3, "prompt": "stale"}) + "\n")
     second = _train(root, model, out, "--set", "trainer.resume=auto")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from" in second.stdout
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert steps == [0, 1, 2, 3, 4]                      # every step once across the stop and the resume
+    samples = [json.loads(line)["step"] for line in open(out / "samples.jsonl")]
+    assert samples == [2] * 4 + [4] * 4                  # the same for the sample traces
     a, b = load_file(str(straight / "hf" / "model.safetensors")), load_file(str(out / "hf" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     ma, mb = _metrics(straight), _metrics(out)

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from megarl.config.recipe import Recipe
-from megarl.metrics import PhaseTimer
+from megarl.metrics import SAMPLES_FILE, PhaseTimer
 from megarl.trainers.common import critic_hf_dir, has_hf_weights, initial_checkpoint
 from megarl.trainers.rl import step as phases
 from megarl.trainers.rl.ahead import FILE as AHEAD_FILE
@@ -164,7 +164,8 @@ class RLDriver:
         with clock.phase("resume"):
             self._resume()
         self.logger = open_metrics(r, self.step_count)
-        truncate_metrics(os.path.join(r.trainer.output_dir, PROMPTS_FILE), self.step_count)
+        for name in (PROMPTS_FILE, SAMPLES_FILE):   # a fresh run starts them anew, a resumed one drops later steps
+            truncate_metrics(os.path.join(r.trainer.output_dir, name), self.step_count)
         self.verify_seqs = self._verification_sequences()
         if self.producer is not None:
             self.producer.start()
