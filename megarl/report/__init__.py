@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from megarl.report.figures import claimed_keys, draw_all, figures_for
+from megarl.report.figures import draw_all, figures_for
 from megarl.report.runs import Run, RunNotFound, load_runs, recipe_differences
 from megarl.report.trajectories import FAILURE_KINDS, viewer_entries
 
@@ -62,7 +62,7 @@ def write_report(run_dirs: list[str], out_dir: str | None = None) -> Report:
     drawn = draw_all(figures, runs)
     pngs = _write_figures(os.path.join(out_dir, FIGURE_DIR), drawn)
     trajectories = [e for r in runs for e in viewer_entries(r.name, r.samples, r.notes)]
-    html = _render_page(runs, drawn, trajectories, claimed_keys(figures, runs))
+    html = _render_page(runs, drawn, trajectories, {k for d in drawn for k in d.metrics})
     index = os.path.join(out_dir, INDEX)
     _write_atomic(index, html.encode())
     notes = [f"{r.name}: {n}" for r in runs for n in r.notes]
@@ -81,7 +81,7 @@ def _write_figures(directory: str, drawn) -> list[str]:
     return paths
 
 
-def _render_page(runs: list[Run], drawn, trajectories: list[dict], claimed: set[str]) -> str:
+def _render_page(runs: list[Run], drawn, trajectories: list[dict], plotted: set[str]) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
@@ -95,7 +95,7 @@ def _render_page(runs: list[Run], drawn, trajectories: list[dict], claimed: set[
         differences=recipe_differences(runs),
         figures=[{"slug": d.figure.slug, "title": d.figure.title, "metrics": d.metrics,
                   "data": base64.b64encode(d.png).decode()} for d in drawn],
-        other_metrics=_other_metrics(runs, claimed),
+        other_metrics=_other_metrics(runs, plotted),
         trajectories=trajectories, failure_kinds=FAILURE_KINDS,
         recipes=[(r.name, _yaml(r.recipe)) for r in runs if r.recipe])
 
@@ -112,10 +112,11 @@ def _summary(run: Run, headline_names: list[str]) -> dict:
             "wall": _duration(wall) if wall else "—", "headline": headline, "sinks": run.sinks, "notes": run.notes}
 
 
-def _other_metrics(runs: list[Run], claimed: set[str]) -> list[dict]:
+def _other_metrics(runs: list[Run], plotted: set[str]) -> list[dict]:
+    """Every numeric metric on no figure, per run."""
     rows = []
     for run in runs:
-        for key in sorted(set(run.numeric_keys()) - claimed):
+        for key in sorted(set(run.numeric_keys) - plotted):
             _, values = run.series(key)
             if values:
                 rows.append({"key": key, "run": run.name, "count": len(values), "first": _num(values[0]),

@@ -2,7 +2,8 @@
 
 A figure is a row of panels; a panel plots every metric matching its patterns, for every run (one
 run: a colour per metric; several: a colour per run, a line style per metric). Metrics no panel
-claims are listed in the page's "other metrics" table, so nothing logged is left out.
+claims are listed in the page's "other metrics" table (what each `Drawn` plots tells them apart), so
+nothing logged is left out.
 """
 
 from __future__ import annotations
@@ -124,19 +125,6 @@ class Drawn:
     metrics: list[str] = field(default_factory=list)   # what it plots
 
 
-def claimed_keys(figures: tuple[Figure, ...], runs: list[Run]) -> set[str]:
-    """Every metric some figure plots."""
-    claimed: set[str] = set()
-    for run in runs:
-        available = run.numeric_keys()
-        for fig in figures:
-            if fig.stacked_timing:
-                claimed |= {f"timing/{p}_s" for p in (*TIMING_PHASES, "step")} & set(available)
-            for panel in fig.panels:
-                claimed |= set(panel.keys(available))
-    return claimed
-
-
 def draw_all(figures: tuple[Figure, ...], runs: list[Run]) -> list[Drawn]:
     import matplotlib
 
@@ -158,7 +146,7 @@ def draw_panels(fig: Figure, runs: list[Run]) -> Drawn | None:
     panels = []
     used: list[set[str]] = [set() for _ in runs]     # a metric goes on the first panel that claims it
     for p in fig.panels:
-        keys = [[k for k in p.keys(r.numeric_keys()) if k not in u] for r, u in zip(runs, used)]
+        keys = [[k for k in p.keys(r.numeric_keys) if k not in u] for r, u in zip(runs, used)]
         for u, ks in zip(used, keys):
             u.update(ks)
         if any(keys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import yaml
 
@@ -47,7 +48,9 @@ class Run:
                 values.append(float(v))
         return steps, values
 
+    @cached_property
     def numeric_keys(self) -> list[str]:
+        """Every metric logged as a number, in first-logged order (read once: each panel asks)."""
         keys: dict[str, None] = {}
         for row in self.metrics:
             for k, v in row.items():

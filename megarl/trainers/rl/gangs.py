@@ -494,11 +494,12 @@ def build_fleet(recipe: Recipe, engine_dir: str, placement: RayPlacement, wait: 
                                                             for group in placement.map.engines], wait=wait)
 
 
-def engine_model_dir(recipe: Recipe, init_ckpt: str) -> str:
+def engine_model_dir(recipe: Recipe, init_ckpt: str | None) -> str:
     """An HF directory with weights for the engines to start from (the weights are replaced by
     the first sync anyway; the engine needs a complete model to build itself). With
     `rollout.quantization: fp8`, an FP8-serialized copy: the engine then holds the very tensors
-    (float8 weights + scales) each sync sends, and the plan check compares them all."""
+    (float8 weights + scales) each sync sends, and the plan check compares them all. `init_ckpt`
+    (the converted starting checkpoint) is read only when model.path holds no HF weights."""
     hf_dir = recipe.model.path
     if not has_hf_weights(hf_dir):
         from megarl.checkpoint.hf import convert_megatron_to_hf
