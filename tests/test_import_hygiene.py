@@ -36,6 +36,21 @@ def test_validating_a_recipe_imports_no_torch():
     assert out.splitlines()[-1] == "0 False"
 
 
+def test_a_cpu_rank_imports_no_compiler_and_no_wandb():
+    """A megatron rank on CPU starts without torch._dynamo/_inductor (megatron wraps kernels in
+    torch.compile at import; the compile is deferred to a first call that never comes with fusions
+    off) and without wandb (megatron's timers import it for a writer megarl never uses): ~2 s of CPU
+    per rank. Deferred functions still compute, torch.compile is torch's own again afterwards, and
+    wandb imports normally later (the logging rank needs it)."""
+    out = run("import sys, torch; import megarl.runtime.megatron, megarl.workers.actor; "
+              "heavy = sorted(m for m in ('torch._dynamo', 'torch._inductor', 'wandb') if m in sys.modules); "
+              "f = sys.modules['megatron.core.jit'].jit_fuser(lambda x: x * 2, backend='eager'); "
+              "before = 'torch._dynamo' in sys.modules; y = float(f(torch.tensor(3.0))); "
+              "print(heavy, torch.compile.__module__, before, y, 'torch._dynamo' in sys.modules); "
+              "import wandb; print(wandb.__name__)")
+    assert out.splitlines()[-2:] == ["[] torch False 6.0 True", "wandb"], out
+
+
 # ---- megatron has one way in: megarl.runtime.megatron -------------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_EXEMPT = {"megarl/runtime/megatron.py", "megarl/runtime/cpu_compat.py", "tests/runtime/compat_checks.py"}

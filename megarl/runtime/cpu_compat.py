@@ -6,7 +6,9 @@ checkpoint bugs. Each fix below is a `CompatPatch` naming the upstream file it f
 prevents, and the condition under which it is needed; `install()` applies exactly the needed ones,
 once per process, and must run before the first `import megatron.core` (the first patch stubs a
 module that `import megatron.core` itself pulls in): megarl imports megatron only through
-`megarl.runtime.megatron`, which calls it first. On a CUDA machine with TE the device patches are
+`megarl.runtime.megatron`, which calls it first. Two patches only make that import cheaper (COST:
+the compiler and wandb that megatron loads at import, ~2 s of CPU per rank); they hold while
+install() imports megatron.core and are undone after it. On a CUDA machine with TE the device patches are
 skipped, so the same model code runs unchanged on GPUs.
 
 Every patch is exercised by tests/runtime/test_cpu_compat.py; the parallel-equivalence tests in
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import logging
 import os
@@ -72,6 +75,47 @@ def _stub_paged_stash() -> None:
     mod.paged_stash_pop_kernel = _unavailable
     mod.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
     sys.modules[PAGED_STASH] = mod
+
+
+# ---- 1b. import megatron.core lighter: compile deferred on CPU, timers without wandb ------------
+_UNDO_AFTER_IMPORT: list[Callable[[], None]] = []
+"""Import-time patches hold only while install() imports megatron.core; then they are undone."""
+
+
+def _deferred_torch_compile() -> None:
+    # ~30 megatron functions are wrapped by torch.compile at import (jit.py's jit_fuser, the
+    # inference router), which imports torch._dynamo and torch._inductor: 1.6 s of CPU in every
+    # process, on CPU for kernels that never run (every fusion is off: models.impl.kernel_fusions).
+    # While megatron imports, a function is compiled on its first call instead.
+    real = torch.compile
+
+    def deferred(model=None, **options):
+        if model is None:
+            return lambda fn: deferred(fn, **options)
+        if not isinstance(model, types.FunctionType):
+            return real(model, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **options)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    torch.compile = deferred
+    _UNDO_AFTER_IMPORT.append(lambda: setattr(torch, "compile", real))
+
+
+def _timers_without_wandb() -> None:
+    # megatron.core.timers imports wandb (0.6 s of CPU per process) only to write timings to it,
+    # which megarl never asks for; hidden while megatron imports, timers keeps `wandb = None`. A
+    # later `import wandb` (megarl.metrics on the logging rank) is unaffected.
+    if "wandb" not in sys.modules:
+        sys.modules["wandb"] = None  # `import wandb` raises ImportError
+        _UNDO_AFTER_IMPORT.append(lambda: sys.modules.pop("wandb", None))
 
 
 # ---- 2. tensor-parallel RNG tracker on the CPU generator -------------------------------------
@@ -356,6 +400,16 @@ PATCHES: tuple[CompatPatch, ...] = (
         "`import megatron.core` fails: ModuleNotFoundError: No module named 'triton'",
         _no_triton, _stub_paged_stash),
     CompatPatch(
+        "deferred_torch_compile", "jit.py:21 (jit_fuser = torch.compile), transformer/moe/router.py:918",
+        "COST: importing megatron.core imports torch._dynamo and torch._inductor (1.6 s of CPU per "
+        "process) to wrap kernels that never run on CPU",
+        _no_cuda, _deferred_torch_compile),
+    CompatPatch(
+        "timers_without_wandb", "timers.py:13",
+        "COST: importing megatron.core imports wandb (0.6 s of CPU per process) for a timers writer "
+        "megarl never uses",
+        lambda: True, _timers_without_wandb),
+    CompatPatch(
         "rng_tracker_on_cpu", "tensor_parallel/random.py:303",
         "model_parallel_cuda_manual_seed: AssertionError: Torch not compiled with CUDA enabled",
         _no_cuda, _rng_tracker_on_cpu),
@@ -440,6 +494,10 @@ def install() -> tuple[str, ...]:
         if patch.name not in skip and patch.needed():
             patch.apply()
             applied.append(patch.name)
+    import megatron.core  # noqa: F401 - under the import-time patches, which end here
+
+    while _UNDO_AFTER_IMPORT:
+        _UNDO_AFTER_IMPORT.pop()()
     _check_version()
     _applied = tuple(applied)
     log.debug("megatron-core CPU compatibility patches applied: %s", ", ".join(_applied) or "none")

@@ -51,6 +51,7 @@ def run_stage(recipe, tag: str, body: Callable[[], StageResult | None]) -> int:
     on processes that do not report (ranks other than 0 of a launched job)."""
     os.makedirs(recipe.trainer.output_dir, exist_ok=True)
     check_resume_path(recipe)
+    warn_about_emulated_bf16(recipe, tag)
     watch_stop_signals(recipe.trainer.output_dir, tag)
     result = body()
     if result is None:
@@ -66,6 +67,18 @@ def run_stage(recipe, tag: str, body: Callable[[], StageResult | None]) -> int:
         return 0
     export_final(recipe, tag)
     return 0
+
+
+def warn_about_emulated_bf16(recipe, tag: str) -> None:
+    """bf16 on a CPU without bf16 matrix instructions trains, but slower than fp32: say so once
+    (rank 0), with what to set."""
+    from megarl.runtime.device import bf16_on_cpu_warning, select_device
+
+    if os.environ.get("RANK", "0") != "0" or recipe.model.dtype != "bf16":
+        return
+    message = bf16_on_cpu_warning(recipe.model.dtype, select_device(recipe.cluster.device).device_type)
+    if message:
+        warner(tag)(message)
 
 
 def export_final(recipe, tag: str) -> str:

@@ -25,6 +25,22 @@ def _triton_free_import():
         raise AssertionError("the paged-stash stub must refuse to run")
 
 
+def _deferred_torch_compile():
+    import megatron.core.jit as jit
+
+    assert torch.compile.__module__ == "torch", "torch.compile must be torch's own after install()"
+    assert jit.jit_fuser is not torch.compile, "megatron's fuser must be the deferring one"
+    assert "torch._inductor" not in sys.modules, "megatron's import must not load the compiler"
+    fused = jit.jit_fuser(lambda x: x + 1, backend="eager")
+    assert float(fused(torch.tensor(1.0))) == 2.0 and "torch._dynamo" in sys.modules  # compiled at first call
+
+
+def _timers_without_wandb():
+    import megatron.core.timers as timers
+
+    assert timers.wandb is None and sys.modules.get("wandb", "absent") is not None
+
+
 def _rng_tracker_on_cpu():
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
@@ -145,6 +161,8 @@ def _unbatched_p2p_on_gloo():
 
 CHECKS = {
     "triton_free_import": _triton_free_import,
+    "deferred_torch_compile": _deferred_torch_compile,
+    "timers_without_wandb": _timers_without_wandb,
     "rng_tracker_on_cpu": _rng_tracker_on_cpu,
     "current_device_cpu": _current_device_cpu,
     "cuda_placements_to_cpu": _cuda_placements_to_cpu,

@@ -20,7 +20,7 @@ def test_every_patch_has_a_check_and_documentation():
     from tests.runtime.compat_checks import CHECKS
 
     names = [p.name for p in cpu_compat.PATCHES]
-    assert len(names) == len(set(names)) == 14
+    assert len(names) == len(set(names)) == 16
     assert set(CHECKS) == set(names)
     for p in cpu_compat.PATCHES:
         assert p.upstream and p.error, p.name

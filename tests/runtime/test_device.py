@@ -46,3 +46,19 @@ def test_megatron_ranks_on_gpus_keep_one_cuda_queue():
     from megarl.runtime.device import rank_env
 
     assert rank_env(CUDA) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} and rank_env(CPU) == {}
+
+
+def test_bf16_on_a_cpu_without_bf16_matmuls_is_warned_about():
+    from megarl.runtime.device import bf16_on_cpu_warning, cpu_has_bf16_matmul
+
+    epyc = "processor\t: 0\nflags\t\t: fpu sse sse2 avx2 avx512f avx512bw\n"
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert not cpu_has_bf16_matmul(epyc) and cpu_has_bf16_matmul(sapphire)
+    message = bf16_on_cpu_warning("bf16", "cpu", epyc)
+    assert "avx512_bf16" in message and "model.dtype: fp32" in message
+    assert bf16_on_cpu_warning("bf16", "cpu", sapphire) is None      # hardware bf16: nothing to say
+    assert bf16_on_cpu_warning("bf16", "cuda", epyc) is None         # GPUs compute bf16 natively
+    assert bf16_on_cpu_warning("fp32", "cpu", epyc) is None
+    # this machine: the answer follows its own flags
+    flags = open("/proc/cpuinfo").read()
+    assert (bf16_on_cpu_warning("bf16", "cpu") is None) == ("avx512_bf16" in flags or "amx_bf16" in flags)

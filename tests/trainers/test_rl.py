@@ -147,6 +147,32 @@ def test_resume_is_bitwise_identical(rl_setup, straight):
             assert ma[step][key] == mb[step][key], (step, key)
 
 
+def test_bf16_run_keeps_fp32_master_weights_and_the_engines_within_tolerance(rl_setup):
+    """model.dtype bf16: megatron computes in bf16 with fp32 master weights (the checkpoint's optimizer
+    copies), the engines run bf16, and after every sync their log-probs agree with the trainer's
+    within the tolerance the recipe documents for bf16 (5e-2); the difference is real (> fp32's 1e-4),
+    so the check is doing work. A CPU without bf16 matmuls gets a warning saying to use fp32."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megarl.runtime.device import cpu_has_bf16_matmul
+
+    root, model = rl_setup
+    out = root / "bf16"
+    proc = _train(root, model, out, "--set", "model.dtype=bf16", "--set", "trainer.steps=2", *OVERLAP,
+                  "--set", "rollout.weight_sync.logprob_tolerance=5e-2", "--set", "algorithm.kl.coef=0",
+                  "--set", "logging.sinks=[jsonl]")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = _metrics(out)
+    diffs = [m[s]["sync/verify_max_diff"] for s in (1, 2)]
+    assert all(1e-4 < d <= 5e-2 for d in diffs), diffs
+    metadata = FileSystemReader(str(out / "checkpoints" / "step_000002")).read_metadata().state_dict_metadata
+    tensors = {key: str(meta.properties.dtype) for key, meta in metadata.items() if hasattr(meta, "properties")}
+    masters = {dtype for key, dtype in tensors.items() if key.startswith("optimizer.state.param.")}
+    weights = {dtype for key, dtype in tensors.items() if not key.startswith("optimizer.")}
+    assert masters == {"torch.float32"} and weights == {"torch.bfloat16"}, tensors
+    assert ("model.dtype is bf16 but this CPU has no bf16 matrix instructions" in proc.stdout) != cpu_has_bf16_matmul()
+
+
 OVERLAP = ("--set", "trainer.eval_freq=0")
 
 

@@ -40,8 +40,11 @@ def start_ray(min_cpus: int = 0) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, configure_logging=False, runtime_env=job_env)
     else:
+        # No idle workers prestarted for the driver: every megarl actor asks for its own env (threads,
+        # devices) so none could use them, and on a small machine their start (~0.5 s of CPU each)
+        # competes with the engine's and the ranks' bring-up.
         ray.init(num_cpus=max(4, os.cpu_count() or 1, min_cpus), include_dashboard=False, log_to_driver=True,
-                 configure_logging=False, runtime_env=job_env)
+                 configure_logging=False, runtime_env=job_env, _system_config={"prestart_worker_first_driver": False})
 
 
 class RayPlacement:
