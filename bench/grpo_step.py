@@ -9,11 +9,13 @@ Last stdout line: {"step_seconds": T, "step_seconds_vs_before": R, "overhead_fra
 "phases": {...}, "mfu": {phase: fraction}, "padding_fraction": P, "peak_gflops_per_core": {...}}
 (medians over the steps after the first, which pays one-time kernel JIT), "startup_seconds": S,
 "startup_seconds_converting": C, "startup_phases": {...}; R is T over the same run
-with `algorithm.old_logprobs: recompute` (the separate old-log-prob pass every step used to make),
-measured first in the same invocation. MFU of a phase = its model FLOPs (`flops/*` metrics: counted
+with `algorithm.old_logprobs: recompute` (the separate old-log-prob pass every step used to make)
+and `rollout.engine_cpu_threads: 1` (the engine on its slot's one thread while the other core
+idled), measured first in the same invocation. MFU of a phase = its model FLOPs (`flops/*` metrics: counted
 from the architecture and the real token counts, padding excluded; megarl.models.flops) / its
 seconds / the fp32 matrix-multiply peak of one core measured here, times the cores the phase runs
-on (the training ranks' threads; the engine's one OMP thread). The bf16 peak is measured too, for
+on (the training ranks' threads; the engine's OpenMP threads, `rollout/engine_threads`). The bf16
+peak is measured too, for
 when the recipe computes in bf16. S: from the start of `megarl train` to its first step (before
 any evaluation), in the second run, which finds the model converted by the first (C: the first,
 converting it).
@@ -97,9 +99,10 @@ def main() -> None:
         make_tiny_model(model, arch="qwen2", logit_scale=4.0)
         rng = random.Random(0)
         write(os.path.join(work, "rl.jsonl"), (rl_row(rng) for _ in range(args.prompts * args.steps)))
-        # the same run with the separate old-log-prob pass forced (what every step did before)
-        # (its start converts the model; the second run finds the conversion by content)
-        before_all = run_steps(work, model, args, "before", "--set", "algorithm.old_logprobs=recompute")
+        # the same run as before #22's items 1-2: the separate old-log-prob pass forced and the engine
+        # on its slot's one thread (its start converts the model; the second run finds the conversion)
+        before_all = run_steps(work, model, args, "before", "--set", "algorithm.old_logprobs=recompute",
+                               "--set", "rollout.engine_cpu_threads=1")
         rows_all = run_steps(work, model, args, "run")
         before, rows = before_all[1:], rows_all[1:]
         startup = {k.removeprefix("startup/").removesuffix("_s"): round(v, 2) for k, v in rows_all[0].items()
@@ -113,9 +116,10 @@ def main() -> None:
             print(f"{k:>24}: {v:.3f}")
         print(f"{'step, old log-probs recomputed':>24}: {before_s:.3f}")
         world = 2  # configs/tiny: 2 ranks of usable_cpus() // 2 threads each (megarl.trainers.rl.driver)
-        cores = {"update": min(usable_cpus(), world * max(1, usable_cpus() // world)), "rollout": 1}
+        cores = {"update": min(usable_cpus(), world * max(1, usable_cpus() // world)),
+                 "rollout": int(rows_all[0]["rollout/engine_threads"])}   # the engine's OpenMP threads
         cores["old_logprobs"] = cores["ref_logprobs"] = cores["update"]
-        mfu = {**phase_mfu(before, peak["float32"], cores), **phase_mfu(rows, peak["float32"], cores)}
+        mfu = {**phase_mfu(before, peak["float32"], {**cores, "rollout": 1}), **phase_mfu(rows, peak["float32"], cores)}
         padding = statistics.median(r["batch/padding_fraction"] for r in rows)
         print(f"{'mfu (fp32 peak)':>24}: {mfu}; padding {padding:.3f}")
         print(json.dumps({"step_seconds": round(med["timing/step_s"], 3),

@@ -146,6 +146,10 @@ class RolloutConfig:
     """Fraction of an engine GPU vLLM may use (weights + KV cache)."""
     kv_cache_bytes: int | None = None
     """Explicit KV-cache budget per engine (CPU engines need one)."""
+    engine_cpu_threads: int | None = None
+    """OpenMP threads of each CPU engine. Unset: with synchronous rollouts (the training ranks wait
+    while the engines generate) the engines share their node's cores; when rollouts overlap
+    training, or with cluster.cpu_pinning, each keeps its slot's share (PlacementMap.engine_cpu_threads)."""
     quantization: Literal["fp8"] | None = None
     """fp8: the engines run FP8 linear layers; the trainer quantizes weights while syncing (GPUs)."""
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)

@@ -517,6 +517,7 @@ RANGES: tuple[tuple[str, _Range], ...] = (
     ("rollout.max_prompt_length", AT_LEAST_1), ("rollout.max_response_length", AT_LEAST_1),
     ("rollout.gpu_memory_utilization", FRACTION),
     ("rollout.kv_cache_bytes", AT_LEAST_1.explain("bytes; null: gpu_memory_utilization sizes the cache")),
+    ("rollout.engine_cpu_threads", AT_LEAST_1.explain("null: from the placement and the rollout mode")),
     ("rollout.weight_sync.bucket_mb", AT_LEAST_1.explain("MiB")),
     ("rollout.weight_sync.logprob_tolerance", POSITIVE), ("rollout.weight_sync.timeout_s", POSITIVE),
     ("rollout.multi_turn.max_turns", AT_LEAST_1), ("rollout.multi_turn.max_total_tokens", AT_LEAST_1),

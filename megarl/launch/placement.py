@@ -73,6 +73,17 @@ class PlacementMap:
     def used_slots(self) -> list[Slot]:
         return [s for s in self.slots if self.residents(s)]
 
+    def engine_cpu_threads(self, engine: int, alone: bool, cores_per_slot: int) -> int | None:
+        """OpenMP threads of CPU engine `engine` (one rank), or None to keep its share of its slot
+        (Ray's default). `alone`: no training rank computes while the engines generate
+        (synchronous rollouts), so every core of the engine's node is free then, shared out among
+        that node's engines; rollouts that overlap training keep the slot's share."""
+        group = self.engines[engine]
+        if self.accelerator != "cpu" or not alone or len(group) != 1:
+            return None
+        neighbours = sum(g[0].node == group[0].node for g in self.engines)
+        return max(1, self.per_node * cores_per_slot // neighbours)
+
     def lines(self) -> list[str]:
         """The map as printed by `megarl plan`, `launch --dry-run` and the run."""
         unit = "GPU" if self.accelerator == "gpu" else "CPU slot"

@@ -61,6 +61,10 @@ class EngineActorImpl:
 
         return os.getpid()
 
+    def threads(self) -> int:
+        """The OpenMP threads the engine computes with (its slot's share, or its node's cores)."""
+        return self.engine.threads
+
 
 TURNS_PER_ENGINE = 1024   # concurrent `turn` calls an engine actor takes (vLLM batches them)
 
@@ -94,7 +98,8 @@ class RolloutFleet:
         self._actor_cls = ray.remote(max_concurrency=TURNS_PER_ENGINE)(EngineActorImpl)
         self._options = engine_options or [{"num_cpus": cpus_per_engine}] * num_engines
         self.actors = [self._new_actor(e) for e in range(num_engines)]
-        self._starting = [a.pid.remote() for a in self.actors]
+        self._starting = [a.threads.remote() for a in self.actors]
+        self.threads: list[int] = []   # each engine's OpenMP threads, once ready
         if wait:
             self.wait_ready()
         self.weight_version = 0
@@ -110,7 +115,7 @@ class RolloutFleet:
         import ray
 
         if self._starting:
-            ray.get(self._starting)
+            self.threads = ray.get(self._starting)
             self._starting = []
 
     @property

@@ -38,6 +38,8 @@ CASES = [
     ("clip_ratio_low_above_one", GRPO, ["algorithm.clip_ratio_low=1.5"], "algorithm.clip_ratio_low", "got 1.5"),
     ("clip_ratio_high_below_low", GRPO, ["algorithm.clip_ratio_low=0.2", "algorithm.clip_ratio_high=0.1"],
      "algorithm.clip_ratio_high", "expected clip_ratio_high >= clip_ratio_low (0.2), got 0.1"),
+    ("engine_cpu_threads_zero", GRPO, ["rollout.engine_cpu_threads=0"], "rollout.engine_cpu_threads",
+     "expected >= 1 or null (null: from the placement and the rollout mode), got 0"),
     ("kv_cache_bytes_negative", GRPO, ["rollout.kv_cache_bytes=-1"], "rollout.kv_cache_bytes",
      "expected >= 1 or null (bytes"),
     ("kl_horizon_zero", GRPO, ["algorithm.kl.horizon=0"], "algorithm.kl.horizon", "expected >= 1 (steps), got 0"),

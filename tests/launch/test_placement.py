@@ -21,6 +21,20 @@ def test_tiny_cpu_recipe_colocates_the_engine_with_actor_rank_0():
                               "  node 0: 0:A+E 1:A"]
 
 
+def test_cpu_engines_take_their_nodes_cores_only_while_training_waits():
+    """Synchronous rollouts: no training rank computes while the engines generate, so a CPU engine
+    takes every core of its node (shared among that node's engines); overlapping rollouts, GPUs and
+    engine tensor parallelism keep the slot's share (None: Ray's default)."""
+    m = placed("configs/tiny/grpo_cpu.yaml")   # 2 slots, engine colocated with actor rank 0
+    assert m.engine_cpu_threads(0, alone=True, cores_per_slot=1) == 2
+    assert m.engine_cpu_threads(0, alone=True, cores_per_slot=4) == 8
+    assert m.engine_cpu_threads(0, alone=False, cores_per_slot=1) is None
+    two = placed("configs/tiny/grpo_cpu.yaml", "cluster.gpus_per_node=4", "rollout.engines=2")
+    assert [two.engine_cpu_threads(e, alone=True, cores_per_slot=1) for e in (0, 1)] == [2, 2]
+    gpu = placed("configs/grpo_70b.yaml")
+    assert gpu.engine_cpu_threads(0, alone=True, cores_per_slot=1) is None
+
+
 def test_separate_pools_on_two_nodes():
     m = placed("configs/ppo_8b.yaml")  # 2 nodes × 8, 4 rollout GPUs: training ranks 0-11
     train = [Slot(n, d) for n in (0, 1) for d in range(8)][:12]

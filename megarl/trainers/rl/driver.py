@@ -156,6 +156,8 @@ class RLDriver:
             self.fleet = self.fleet or self.handoff.start_engines(
                 lambda: build_fleet(r, engine_model_dir(r, init), self.placement))
             self.fleet.wait_ready()
+        threads = "/".join(map(str, sorted(set(self.fleet.threads))))
+        print(f"[{TAG}] engines: {threads} OpenMP thread(s) each", flush=True)
         with clock.phase("sync_setup"):
             self.sync = WeightSync(r, self.actor, self.fleet, self.inputs.hf_cfg)
         self.agent = self._agent_loop(self.fleet)
@@ -307,8 +309,10 @@ class RLDriver:
         first = True
         while self.step_count < t.steps:
             metrics, rollouts = self.step()
-            if first:   # the bring-up's phases (startup/*), logged once
+            if first:   # the bring-up's phases (startup/*) and the engines' threads, logged once
                 metrics.update(self.startup.seconds)
+                if self.fleet.threads:
+                    metrics["rollout/engine_threads"] = float(min(self.fleet.threads))
                 first = False
             if t.eval_freq and (self.step_count % t.eval_freq == 0 or self.step_count == t.steps):
                 with self._engines():
