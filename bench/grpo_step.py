@@ -3,7 +3,10 @@ multi-turn tools, weight sync) on the tiny model, with the time per phase and th
 step spent outside model compute (vLLM generation + megatron forward/backward, each measured inside
 its process): agent loop, tools, rewards, batching, Ray transfers, weight sync, metrics.
 
-    python bench/grpo_step.py [--steps 6] [--prompts 8] [--n 4]
+    python bench/grpo_step.py [--steps 6] [--prompts 8] [--n 4] [--shape demo|20m]
+
+`--shape 20m`: #22's side-by-side shape (a ~20M-parameter Qwen2, 16 prompts x 8 samples, 64 new
+tokens, fp32, one update per rollout, KL off) instead of the demo's model.
 
 Last stdout line: {"step_seconds": T, "step_seconds_vs_before": R, "overhead_fraction": F,
 "phases": {...}, "mfu": {phase: fraction}, "padding_fraction": P, "peak_gflops_per_core": {...}}
@@ -35,6 +38,14 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+SHAPES = {
+    "demo": {"model": {}, "set": ()},
+    # #22's side-by-side shape: ~20M parameters, 16 prompts x 8 samples, 64 new tokens, KL off
+    "20m": {"model": dict(hidden=384, layers=9, heads=6, kv_heads=2, ffn=1536), "prompts": 16, "n": 8,
+            "set": ("--set", "rollout.max_response_length=64", "--set", "algorithm.kl.coef=0")},
+}
 
 
 def run_steps(work: str, model: str, args, name: str, *extra: str) -> list[dict]:
@@ -85,7 +96,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="demo",
+                        help="demo: the demo's model; 20m: a 20M-parameter Qwen2 shape with #22's batch "
+                             "(16 prompts x 8 samples, 64 new tokens) unless --prompts/--n are given")
     args = parser.parse_args()
+    shape = SHAPES[args.shape]
+    if args.shape != "demo":
+        defaults = parser.parse_args([])
+        args.prompts = shape["prompts"] if args.prompts == defaults.prompts else args.prompts
+        args.n = shape["n"] if args.n == defaults.n else args.n
     from examples.tool_math import rl_row, write
     from megarl.runtime.device import usable_cpus
 
@@ -96,14 +115,16 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="megarl-bench-grpo-")
     try:
         model = os.path.join(work, "model")
-        make_tiny_model(model, arch="qwen2", logit_scale=4.0)
+        made = make_tiny_model(model, arch="qwen2", logit_scale=4.0, **shape["model"])
+        print(f"model: {args.shape}, {made['params'] / 1e6:.1f}M parameters; {args.prompts} prompts x {args.n}",
+              flush=True)
         rng = random.Random(0)
         write(os.path.join(work, "rl.jsonl"), (rl_row(rng) for _ in range(args.prompts * args.steps)))
         # the same run as before #22's items 1-2: the separate old-log-prob pass forced and the engine
         # on its slot's one thread (its start converts the model; the second run finds the conversion)
-        before_all = run_steps(work, model, args, "before", "--set", "algorithm.old_logprobs=recompute",
+        before_all = run_steps(work, model, args, "before", *shape["set"], "--set", "algorithm.old_logprobs=recompute",
                                "--set", "rollout.engine_cpu_threads=1")
-        rows_all = run_steps(work, model, args, "run")
+        rows_all = run_steps(work, model, args, "run", *shape["set"])
         before, rows = before_all[1:], rows_all[1:]
         startup = {k.removeprefix("startup/").removesuffix("_s"): round(v, 2) for k, v in rows_all[0].items()
                    if k.startswith("startup/")}
@@ -122,7 +143,7 @@ def main() -> None:
         mfu = {**phase_mfu(before, peak["float32"], {**cores, "rollout": 1}), **phase_mfu(rows, peak["float32"], cores)}
         padding = statistics.median(r["batch/padding_fraction"] for r in rows)
         print(f"{'mfu (fp32 peak)':>24}: {mfu}; padding {padding:.3f}")
-        print(json.dumps({"step_seconds": round(med["timing/step_s"], 3),
+        print(json.dumps({"shape": args.shape, "step_seconds": round(med["timing/step_s"], 3),
                           "step_seconds_vs_before": round(med["timing/step_s"] / before_s, 3),
                           "overhead_fraction": round(med["timing/overhead_fraction"], 3), "phases": phases,
                           "samples_per_step": args.prompts * args.n, "steps_measured": len(rows),
