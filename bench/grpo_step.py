@@ -17,7 +17,7 @@ and `rollout.engine_cpu_threads: 1` (the engine on its slot's one thread while t
 idled), measured first in the same invocation. MFU of a phase = its model FLOPs (`flops/*` metrics: counted
 from the architecture and the real token counts, padding excluded; megarl.models.flops) / its
 seconds / the fp32 matrix-multiply peak of one core measured here, times the cores the phase runs
-on (the training ranks' threads; the engine's OpenMP threads, `rollout/engine_threads`). The bf16
+on (the training ranks' threads; the engine's OpenMP threads, `startup/engine_threads`). The bf16
 peak is measured too, for
 when the recipe computes in bf16. S: from the start of `megarl train` to its first step (before
 any evaluation), in the second run, which finds the model converted by the first (C: the first,
@@ -127,7 +127,7 @@ def main() -> None:
         rows_all = run_steps(work, model, args, "run", *shape["set"])
         before, rows = before_all[1:], rows_all[1:]
         startup = {k.removeprefix("startup/").removesuffix("_s"): round(v, 2) for k, v in rows_all[0].items()
-                   if k.startswith("startup/")}
+                   if k.startswith("startup/") and k.endswith("_s")}
         print(f"{'startup (converted before)':>24}: {startup}")
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith("timing/")}
         before_s = statistics.median(r["timing/step_s"] for r in before)
@@ -138,7 +138,7 @@ def main() -> None:
         print(f"{'step, old log-probs recomputed':>24}: {before_s:.3f}")
         world = 2  # configs/tiny: 2 ranks of usable_cpus() // 2 threads each (megarl.trainers.rl.driver)
         cores = {"update": min(usable_cpus(), world * max(1, usable_cpus() // world)),
-                 "rollout": int(rows_all[0]["rollout/engine_threads"])}   # the engine's OpenMP threads
+                 "rollout": int(rows_all[0]["startup/engine_threads"])}   # the engine's OpenMP threads
         cores["old_logprobs"] = cores["ref_logprobs"] = cores["update"]
         mfu = {**phase_mfu(before, peak["float32"], {**cores, "rollout": 1}), **phase_mfu(rows, peak["float32"], cores)}
         padding = statistics.median(r["batch/padding_fraction"] for r in rows)

@@ -85,8 +85,9 @@ def _leftovers(job_id: str) -> list[str]:
 
 
 def _deterministic(metrics: dict) -> dict:
-    """A step's metrics without wall-clock figures (timings, rates, overhead shares)."""
-    return {k: v for k, v in metrics.items() if not (k.startswith(("timing/", "throughput/"))
+    """A step's metrics without wall-clock figures (timings, rates, overhead shares) and the bring-up's
+    (startup/*: logged with the first step each process runs, so a requeued job logs them again)."""
+    return {k: v for k, v in metrics.items() if not (k.startswith(("timing/", "throughput/", "startup/"))
                                                      or k.endswith(("_s", "seconds")) or "overhead" in k)}
 
 

@@ -111,7 +111,7 @@ def test_grpo_runs_logs_checkpoints_and_exports(straight):
     assert phases.index("engines_launch") < phases.index("inputs") < phases.index("gangs_launch"), phases
     assert os.path.isfile(straight / "hf" / "model.safetensors")
     # synchronous rollouts: the training ranks wait while the engine generates, so it takes both slots' cores
-    assert m[1]["rollout/engine_threads"] == 2 * max(1, len(os.sched_getaffinity(0)) // 2)
+    assert m[1]["startup/engine_threads"] == 2 * max(1, len(os.sched_getaffinity(0)) // 2)
     assert os.path.isdir(straight / "tensorboard") and os.path.isdir(straight / "wandb")
     samples = [json.loads(line) for line in open(straight / "samples.jsonl")]
     assert {s["step"] for s in samples} == {2, 4} and all("reward" in s and "response" in s for s in samples)
@@ -214,7 +214,7 @@ def test_one_step_off_is_one_version_old_and_resumes_without_losing_a_prompt(rl_
     assert all(m[s]["async/staleness_min"] == m[s]["async/staleness_max"] for s in m)
     assert [m[s]["async/generated_ahead"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
     assert all(m[s]["sync/verify_max_diff"] <= 1e-4 for s in m)
-    assert m[1]["rollout/engine_threads"] == 1   # generation overlaps training: the engine keeps its share
+    assert m[1]["startup/engine_threads"] == 1   # generation overlaps training: the engine keeps its share
     prompts = [json.loads(line) for line in open(straight / "prompts.jsonl")]
     assert [p["weight_versions"] for p in prompts] == [[0] * 4, [0] * 4, [1] * 4, [2] * 4]
     rows = [r for p in prompts for r in p["rows"]]

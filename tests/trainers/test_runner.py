@@ -14,7 +14,8 @@ from megarl.trainers import runner
 def fake_recipe(tmp_path, **trainer):
     t = {"steps": 10, "save_freq": 4, "max_steps_this_run": None, "output_dir": str(tmp_path), "resume": "auto",
          **trainer}
-    return SimpleNamespace(trainer=SimpleNamespace(**t))
+    return SimpleNamespace(trainer=SimpleNamespace(**t), model=SimpleNamespace(dtype="fp32"),
+                           cluster=SimpleNamespace(device="cpu"))
 
 
 def test_policy_saves_at_freq_and_last_step_and_stops_on_budget(tmp_path):

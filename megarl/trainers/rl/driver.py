@@ -309,10 +309,10 @@ class RLDriver:
         first = True
         while self.step_count < t.steps:
             metrics, rollouts = self.step()
-            if first:   # the bring-up's phases (startup/*) and the engines' threads, logged once
+            if first:   # the bring-up's phases and the engines' threads (startup/*), logged once per process
                 metrics.update(self.startup.seconds)
                 if self.fleet.threads:
-                    metrics["rollout/engine_threads"] = float(min(self.fleet.threads))
+                    metrics["startup/engine_threads"] = float(min(self.fleet.threads))
                 first = False
             if t.eval_freq and (self.step_count % t.eval_freq == 0 or self.step_count == t.steps):
                 with self._engines():
