@@ -72,11 +72,15 @@ def run_stage(recipe, tag: str, body: Callable[[], StageResult | None]) -> int:
 def warn_about_emulated_bf16(recipe, tag: str) -> None:
     """bf16 on a CPU without bf16 matrix instructions trains, but slower than fp32: say so once
     (rank 0), with what to set."""
-    from megarl.runtime.device import bf16_on_cpu_warning, select_device
+    from megarl.config.recipe import RL_STAGES
+    from megarl.runtime.device import bf16_on_cpu_warning, nvidia_gpus_present
 
     if os.environ.get("RANK", "0") != "0" or recipe.model.dtype != "bf16":
         return
-    message = bf16_on_cpu_warning(recipe.model.dtype, select_device(recipe.cluster.device).device_type)
+    device = recipe.cluster.device
+    if device == "auto":   # RL places its workers on GPUs unless told cpu; other stages compute right here
+        device = "cuda" if recipe.stage in RL_STAGES or nvidia_gpus_present() else "cpu"
+    message = bf16_on_cpu_warning(recipe.model.dtype, device)
     if message:
         warner(tag)(message)
 

@@ -498,12 +498,12 @@ def build_fleet(recipe: Recipe, engine_dir: str, placement: RayPlacement, wait: 
                           gpu_memory_utilization=ro.gpu_memory_utilization, seed=recipe.trainer.seed,
                           quantization=ro.quantization, device="cuda" if placement.gpu else "cpu",
                           sleep_mode=handoff_enabled(recipe, placement.gpu))
-    threads = engine_threads(recipe, placement)
+    threads = engine_thread_counts(recipe, placement)
     options = [placement.engine_options(group, config, threads[e]) for e, group in enumerate(placement.map.engines)]
     return RolloutFleet(config, ro.engines, engine_options=options, wait=wait)
 
 
-def engine_threads(recipe: Recipe, placement: RayPlacement) -> list[int | None]:
+def engine_thread_counts(recipe: Recipe, placement: RayPlacement) -> list[int | None]:
     """Each engine's OpenMP threads on CPU: rollout.engine_cpu_threads when set; else with
     synchronous rollouts the training ranks wait while the engines generate, so the engines take
     their node's cores (a pinned process keeps its core)."""
