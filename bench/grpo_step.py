@@ -18,10 +18,9 @@ idled), measured first in the same invocation. MFU of a phase = its model FLOPs 
 from the architecture and the real token counts, padding excluded; megarl.models.flops) / its
 seconds / the fp32 matrix-multiply peak of one core measured here, times the cores the phase runs
 on (the training ranks' threads; the engine's OpenMP threads, `startup/engine_threads`). The bf16
-peak is measured too, for
-when the recipe computes in bf16. S: from the start of `megarl train` to its first step (before
-any evaluation), in the second run, which finds the model converted by the first (C: the first,
-converting it).
+peak is measured too, for when the recipe computes in bf16. S: from the start of `megarl train`
+to its first step (before any evaluation), in the second run, which finds the model converted by
+the first (C: the first, converting it).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ sys.path.insert(0, ROOT)
 
 
 SHAPES = {
-    "demo": {"model": {}, "set": ()},
+    "demo": {"model": {}, "prompts": 8, "n": 4, "set": ()},
     # #22's side-by-side shape: ~20M parameters, 16 prompts x 8 samples, 64 new tokens, KL off
     "20m": {"model": dict(hidden=384, layers=9, heads=6, kv_heads=2, ffn=1536), "prompts": 16, "n": 8,
             "set": ("--set", "rollout.max_response_length=64", "--set", "algorithm.kl.coef=0")},
@@ -94,17 +93,15 @@ def phase_mfu(rows: list[dict], peak_per_core: float, cores: dict[str, int]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=None, help="default: the shape's (demo 8, 20m 16)")
+    parser.add_argument("--n", type=int, default=None, help="default: the shape's (demo 4, 20m 8)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="demo",
                         help="demo: the demo's model; 20m: a 20M-parameter Qwen2 shape with #22's batch "
-                             "(16 prompts x 8 samples, 64 new tokens) unless --prompts/--n are given")
+                             "(16 prompts x 8 samples, 64 new tokens)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
-    if args.shape != "demo":
-        defaults = parser.parse_args([])
-        args.prompts = shape["prompts"] if args.prompts == defaults.prompts else args.prompts
-        args.n = shape["n"] if args.n == defaults.n else args.n
+    args.prompts = args.prompts or shape["prompts"]
+    args.n = args.n or shape["n"]
     from examples.tool_math import rl_row, write
     from megarl.runtime.device import usable_cpus
 
@@ -140,7 +137,7 @@ def main() -> None:
         cores = {"update": min(usable_cpus(), world * max(1, usable_cpus() // world)),
                  "rollout": int(rows_all[0]["startup/engine_threads"])}   # the engine's OpenMP threads
         cores["old_logprobs"] = cores["ref_logprobs"] = cores["update"]
-        mfu = {**phase_mfu(before, peak["float32"], {**cores, "rollout": 1}), **phase_mfu(rows, peak["float32"], cores)}
+        mfu = {**phase_mfu(before, peak["float32"], cores), **phase_mfu(rows, peak["float32"], cores)}
         padding = statistics.median(r["batch/padding_fraction"] for r in rows)
         print(f"{'mfu (fp32 peak)':>24}: {mfu}; padding {padding:.3f}")
         print(json.dumps({"shape": args.shape, "step_seconds": round(med["timing/step_s"], 3),
